@@ -1,0 +1,95 @@
+"""The ``robustcnn`` Typer application and its error handling.
+
+Every failure ends as one line on stderr and an exit code: 2 for usage errors (bad option or value),
+1 for runtime errors (missing file, corrupt checkpoint, dataset not found), 130 for Ctrl-C. No tracebacks,
+unless ``ROBUSTCNN_DEBUG=1`` asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+import robustcnn
+from cli import output
+from robustcnn.errors import RobustCNNError
+
+try:  # Typer >= 0.20 vendors Click; older releases use the click package
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - depends on the installed Typer
+    from click import exceptions as _cx
+
+
+def _fail(message: str, code: int) -> None:
+    output.stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class _Group(TyperGroup):
+    """Runs the commands with Click's standalone mode off, so errors become one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "robustcnn", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except _cx.NoArgsIsHelpError:  # a bare command: its help was already printed
+            sys.exit(0)
+        except _cx.UsageError as exc:
+            where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            _fail(f"{where}{exc.format_message()}", 2)
+        except _cx.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except (_cx.Abort, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        except RobustCNNError as exc:
+            _fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
+        except Exception as exc:  # a bug: still one line, but say how to see more
+            if os.environ.get("ROBUSTCNN_DEBUG"):
+                raise
+            _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with ROBUSTCNN_DEBUG=1 for the traceback", 1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="robustcnn",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Train CNNs and find out, honestly and fast, how much of their accuracy survives an attacker.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"robustcnn {robustcnn.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """Train CNNs and find out, honestly and fast, how much of their accuracy survives an attacker."""
+
+
+def _register() -> None:
+    """Import each command module; each adds its command(s) to ``app``."""
+    from cli.commands import train as _train  # noqa: F401
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+_register()

@@ -1,0 +1,1 @@
+"""`robustcnn train` and `robustcnn eval` (placeholder until the training core lands)."""

@@ -1,0 +1,74 @@
+"""Option types shared by every command, so ``--device``, ``--seed``, ``--batch-size`` and ``--json`` behave alike."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from robustcnn.errors import UsageError
+
+COMMON = "Common options"
+
+Device = Annotated[
+    str,
+    typer.Option("--device", help="Where to run: auto (CUDA if present, else CPU), cpu or cuda.", rich_help_panel=COMMON),
+]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Seed for every random choice; same seed + same device = same result.", rich_help_panel=COMMON)
+]
+BatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size",
+        help="Images per batch. Default: measured per device (CPU 128 train / 250 eval, GPU 512 / 1024).",
+        rich_help_panel=COMMON,
+    ),
+]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print exactly one JSON document on stdout and nothing else.", rich_help_panel=COMMON)
+]
+DataDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--data-dir",
+        help="Folder holding the dataset files (also $ROBUSTCNN_DATA). Default: search cache, Debian path, download.",
+        rich_help_panel=COMMON,
+    ),
+]
+Checkpoint = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="Model checkpoint (.pt). Default: the newest run of `robustcnn train`."),
+]
+
+
+def parse_eps(text: str) -> float:
+    """Parse one budget: a decimal (``0.005``) or a fraction (``8/255``), in [0, 1] pixel units."""
+    raw = text.strip()
+    try:
+        value = float(Fraction(raw)) if "/" in raw else float(raw)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"invalid eps {text!r}: write a number such as 0.03 or a fraction such as 8/255") from None
+    if not value == value or value in (float("inf"), float("-inf")):
+        raise UsageError(f"invalid eps {text!r}: must be a finite number")
+    if value < 0:
+        raise UsageError(f"invalid eps {text!r}: must be >= 0")
+    if value > 1:
+        raise UsageError(f"invalid eps {text!r}: budgets are in [0, 1] pixel units, so eps must be <= 1")
+    return value
+
+
+def parse_eps_list(text: str) -> list[float]:
+    """Parse ``0.01,0.02,8/255`` into a list of budgets (at least one)."""
+    parts = [p for p in (s.strip() for s in text.split(",")) if p]
+    if not parts:
+        raise UsageError(f"invalid eps list {text!r}: give at least one value, e.g. 0.01,0.02,8/255")
+    return [parse_eps(p) for p in parts]
+
+
+def positive(name: str, value: float | int | None) -> None:
+    """Refuse a non-positive number for option ``name`` (None means 'use the default')."""
+    if value is not None and not value > 0:
+        raise UsageError(f"{name} must be > 0, got {value}")

@@ -1,0 +1,28 @@
+"""Errors the training core raises on purpose.
+
+The CLI maps them to exit codes: :class:`UsageError` -> 2 (the user asked for something invalid),
+any other :class:`RobustCNNError` -> 1 (the request was valid but could not be carried out: a missing file,
+a corrupt checkpoint, a dataset that cannot be found).
+"""
+
+from __future__ import annotations
+
+
+class RobustCNNError(Exception):
+    """Base class of every error the library raises deliberately. Exit code 1 in the CLI."""
+
+    exit_code = 1
+
+
+class UsageError(RobustCNNError, ValueError):
+    """An invalid option or value (unknown model, non-positive epochs, ...). Exit code 2 in the CLI."""
+
+    exit_code = 2
+
+
+class DataNotFoundError(RobustCNNError):
+    """A dataset's files were found nowhere and could not be downloaded."""
+
+
+class CheckpointError(RobustCNNError):
+    """A checkpoint is missing, truncated, not a robustcnn checkpoint, or does not match the request."""
