@@ -1,0 +1,27 @@
+"""robustcnn's attack library: every attack family behind one contract, usable on any PyTorch classifier.
+
+>>> import attacks
+>>> res = attacks.PGD(eps=8/255, steps=10)(model, x, y)
+>>> res.success.float().mean()              # attack success rate on this batch
+>>> attacks.available("white-box")          # registered attacks of one kind
+>>> attacks.get("pgd").build(eps=0.1)       # build by name, as the CLI does
+
+The model must map images in [0, 1] to logits (normalization inside the model). Attacks never modify the model or
+``x``; see :mod:`attacks.base` for the full contract.
+"""
+
+from attacks.base import DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, NonFiniteOutputError
+from attacks.registry import AttackSpec, available, build, get, register
+
+# importing the attack modules registers them
+from attacks.fgsm import FGSM  # noqa: E402  (isort: skip)
+from attacks.pgd import PGD  # noqa: E402
+from attacks.bim import BIM  # noqa: E402
+from attacks.mifgsm import MIFGSM  # noqa: E402
+from attacks.eotpgd import EOTPGD  # noqa: E402
+
+__all__ = [
+    "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context",
+    "NonFiniteOutputError", "available", "build", "get", "register",
+    "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD",
+]

@@ -1,0 +1,309 @@
+"""The attack contract: stateless, keyword-only attacks called as ``atk(model, x, y, target=None, generator=None)``.
+
+An :class:`Attack` holds only hyperparameters, validated when it is built (``ValueError`` at once). The model is
+passed on every call. :meth:`Attack.__call__` is final: it checks the inputs, runs the attack's :meth:`Attack._run`
+through a :class:`Context` that counts every forward and backward pass per sample, enforces the box and the budget
+on the way out, and builds the :class:`AttackResult`.
+
+Guarantees of every call (the contract tests check them for every registered attack):
+
+* the model's mode, parameters, parameter ``.grad`` and device are left as they were; ``x`` is not modified;
+* ``x_adv`` has ``x``'s shape, dtype and device, lies in [0, 1] and inside the budget;
+* ``success`` equals the model's re-prediction on ``x_adv`` (``!= y``, or ``== target`` when targeted);
+* the same ``generator`` seed gives the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from attacks.norms import Norm, get_norm
+
+KINDS = ("white-box", "score", "decision", "patch", "pixel")
+
+#: Budget used when an attack is built without ``eps``: 8/255 under Linf, 0.5 under L2 (pixel units of [0, 1]).
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
+
+
+class NonFiniteOutputError(ValueError):
+    """The model produced NaN or infinite logits. Raised instead of silently zeroing them."""
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack returns; every field is per sample.
+
+    Attributes:
+        x_adv: adversarial inputs, same shape/dtype/device as ``x``, in [0, 1] and inside the budget.
+        success: ``model(x_adv).argmax(1) != y`` (untargeted) or ``== target`` (targeted).
+        queries: forward passes of the model spent on each sample (white-box attacks count too).
+        gradients: backward passes (input gradients) spent on each sample; 0 for black-box attacks.
+        norms: size of ``x_adv - x`` in the attack's own measure (Linf, L2, L0 pixels, patch area).
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    queries: Tensor
+    norms: Tensor
+    gradients: Tensor
+
+    def __len__(self) -> int:
+        return self.success.shape[0]
+
+
+class Context:
+    """The only door from an attack to the model: runs it, checks outputs, counts passes per sample.
+
+    ``idx`` arguments are positions in the batch the attack was called with; they say which samples a sub-batch
+    holds, so an attack that works only on still-unfooled samples is charged only for those.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, target: Optional[Tensor], generator: torch.Generator):
+        self.model = model
+        self.x = x
+        self.y = y
+        self.target = target
+        self.generator = generator
+        self.queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.gradients = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    @property
+    def targeted(self) -> bool:
+        return self.target is not None
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def label_of(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """True labels and targets (or None) of the samples at ``idx``."""
+        return self.y[idx], (None if self.target is None else self.target[idx])
+
+    def _check(self, logits: Tensor) -> Tensor:
+        if logits.dim() != 2:
+            raise ValueError(f"the model must return logits of shape (N, classes), got {tuple(logits.shape)}")
+        if not torch.isfinite(logits).all():
+            raise NonFiniteOutputError(
+                "the model returned non-finite logits (NaN or inf); refusing to attack it (fix the model or inputs)"
+            )
+        return logits
+
+    def logits(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Model outputs without gradient; counts one query for each sample in ``idx``."""
+        with torch.no_grad():
+            out = self._check(self.model(x))
+        self.queries.index_add_(0, idx, torch.ones_like(idx))
+        return out
+
+    def value_and_grad(self, x: Tensor, idx: Tensor, objective) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward + backward to the input only: returns ``(logits, objective per sample, d objective / d x)``.
+
+        Uses ``torch.autograd.grad`` with respect to the input, never ``backward()``, so parameter gradients are
+        neither computed nor accumulated.
+        """
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._check(self.model(xg))
+            y, t = self.label_of(idx)
+            value = objective(logits, y, t)
+            (grad,) = torch.autograd.grad(value.sum(), xg)
+        ones = torch.ones_like(idx)
+        self.queries.index_add_(0, idx, ones)
+        self.gradients.index_add_(0, idx, ones)
+        return logits.detach(), value.detach(), grad
+
+    def is_adversarial(self, logits: Tensor, idx: Tensor) -> Tensor:
+        """Whether predictions from ``logits`` meet the goal for the samples at ``idx``."""
+        pred = logits.argmax(dim=1)
+        y, t = self.label_of(idx)
+        return pred.ne(y) if t is None else pred.eq(t)
+
+
+def _check_model_device(model: nn.Module, x: Tensor) -> None:
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.device != x.device:
+        raise ValueError(f"model is on {p.device} but x is on {x.device}: move one of them first")
+
+
+def _snapshot_training_flags(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attack:
+    """Base class of every attack. Subclasses are frozen keyword-only dataclasses that implement ``_run``.
+
+    Class attributes every attack declares (the registry reads them):
+        name: registry name, e.g. ``"pgd"``.
+        kind: one of ``white-box``, ``score``, ``decision``, ``patch``, ``pixel``.
+        supported_norms: norms the attack can bound or minimize.
+        targeted_ok: whether a ``target`` may be passed.
+        description: one line for ``robustcnn attacks``.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "white-box"
+    supported_norms: ClassVar[tuple[str, ...]] = ("linf",)
+    targeted_ok: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- hooks for subclasses --------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        """Raise ``ValueError`` for invalid hyperparameters. Called by ``__init__``."""
+
+    def _run(self, ctx: Context) -> tuple[Tensor, Optional[Tensor]]:
+        """Return ``(x_adv, logits of x_adv)`` for the whole batch in ``ctx``.
+
+        Return ``None`` for the logits when the attack does not have them (a decision-based attack sees labels
+        only): ``__call__`` then runs one verification pass, which sets ``success`` and is *not* counted in
+        ``queries`` (it is the referee's pass, not the attacker's). Returned logits must be the model's outputs on
+        exactly the returned ``x_adv``.
+        """
+        raise NotImplementedError
+
+    def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """Make ``x_adv`` valid: inside [0, 1] (and, in bounded attacks, inside the budget)."""
+        return x_adv.clamp(0.0, 1.0)
+
+    def _measure(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        """Perturbation size in the attack's own measure."""
+        return self.norm_obj.measure(x_adv - x)
+
+    @property
+    def norm_obj(self) -> Norm:
+        return get_norm(getattr(self, "norm", self.supported_norms[0]))
+
+    def config(self) -> dict:
+        """The attack's name and hyperparameters as a plain dict (for reports)."""
+        return {"attack": self.name, **dataclasses.asdict(self)}
+
+    # -- the final public call ---------------------------------------------------------------------------------
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Optional[Tensor | int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> AttackResult:
+        """Attack ``model`` on the batch ``(x, y)``.
+
+        Args:
+            model: any classifier ``nn.Module`` mapping images in [0, 1] of shape (N, C, H, W) to logits (N, K).
+            x: inputs in [0, 1], floating point. Never modified.
+            y: true labels, integers of shape (N,).
+            target: desired classes for a targeted attack (an int for all samples, or shape (N,)); None = untargeted.
+            generator: a ``torch.Generator`` (CPU or the inputs' device) for every random draw. None means a
+                generator seeded with 0, so calls are reproducible by default.
+        """
+        x, y, target = self._check_inputs(model, x, y, target)
+        if model.training:
+            warnings.warn(
+                f"{self.name}: the model is in training mode (dropout/batch-norm statistics change its outputs); "
+                "call model.eval() before attacking it",
+                stacklevel=2,
+            )
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        flags = _snapshot_training_flags(model)
+        ctx = Context(model, x, y, target, generator)
+        try:
+            x_adv, logits = self._run(ctx)
+        finally:
+            for m, f in zip(model.modules(), flags):
+                m.training = f
+        x_adv = self._enforce(x, x_adv.detach().to(x.dtype))
+        if logits is None:  # the referee's pass: sets `success`, not charged to the attacker's queries
+            with torch.no_grad():
+                logits = ctx._check(model(x_adv))
+        success = ctx.is_adversarial(logits, torch.arange(ctx.n, device=x.device))
+        return AttackResult(
+            x_adv=x_adv,
+            success=success,
+            queries=ctx.queries,
+            norms=self._measure(x, x_adv),
+            gradients=ctx.gradients,
+        )
+
+    def _check_inputs(self, model, x, y, target):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError("x must be a floating-point tensor of images in [0, 1]")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise ValueError("x must lie in [0, 1]: put normalization inside the model, not on the inputs")
+        y = torch.as_tensor(y, device=x.device)
+        if y.shape != (x.shape[0],) or y.is_floating_point():
+            raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {tuple(y.shape)} {y.dtype}")
+        y = y.long()
+        if target is not None:
+            if not self.targeted_ok:
+                raise ValueError(f"{self.name} has no targeted mode")
+            target = torch.as_tensor(target, device=x.device)
+            if target.dim() == 0:
+                target = target.expand(x.shape[0])
+            if target.shape != (x.shape[0],) or target.is_floating_point():
+                raise ValueError(f"target must be an int or integer labels of shape ({x.shape[0]},)")
+            target = target.long()
+        _check_model_device(model, x)
+        return x, y, target
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundedAttack(Attack):
+    """An attack that stays inside an Lp ball of radius ``eps`` around ``x``."""
+
+    eps: Optional[float] = None
+    norm: str = "linf"
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_norm(self, self.norm)
+        if self.eps is None:  # the budget most papers use for this norm on [0, 1] images
+            object.__setattr__(self, "eps", DEFAULT_EPS[self.norm])
+        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
+
+    def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        delta = self.norm_obj.project(x_adv - x, self.eps)
+        return (x + delta).clamp(0.0, 1.0)
+
+
+# -- validation helpers shared by every attack (clear ValueErrors, never asserts) -------------------------------
+def check_range(name: str, value, *, low=None, high=None, low_inclusive=False, high_inclusive=True) -> None:
+    """Refuse a number outside ``[low, high]`` (bounds optional, inclusivity configurable)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+
+
+def check_int(name: str, value, *, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_norm(attack: Attack, norm: str) -> None:
+    if norm not in attack.supported_norms:
+        raise ValueError(
+            f"{attack.name} does not support norm {norm!r}: it supports {', '.join(attack.supported_norms)}"
+        )

@@ -1,0 +1,46 @@
+"""BIM / I-FGSM — the Basic Iterative Method.
+
+Kurakin, Goodfellow & Bengio, "Adversarial examples in the physical world", ICLR workshop 2017.
+FGSM repeated with a small step, clipping to the eps-ball after each step, starting at ``x`` (no random start).
+Paper defaults (Linf): ``alpha = 1/255`` and ``steps = min(255*eps + 4, 1.25 * 255*eps)``. Under L2 the defaults
+are 10 steps of ``1.25 * eps / steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from attacks.iterative import gradient_ascent
+from attacks.losses import get_loss
+from attacks.pgd import IterativeAttack
+from attacks.registry import register
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class BIM(IterativeAttack):
+    """``steps=None``/``alpha=None`` follow the paper's rules for the given eps."""
+
+    name = "bim"
+    supported_norms = ("linf", "l2")
+    description = "Basic Iterative Method / I-FGSM: repeated small FGSM steps from x (Kurakin et al. 2017)"
+
+    steps: Optional[int] = None  # type: ignore[assignment]
+
+    def _validate(self) -> None:
+        if self.steps is None:
+            rule = min(255 * self.eps + 4, 1.25 * 255 * self.eps) if self.norm == "linf" and self.eps else 10
+            object.__setattr__(self, "steps", max(1, math.ceil(rule)) if self.eps is not None else 10)
+        super()._validate()
+
+    @property
+    def step_size(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return 1 / 255 if self.norm == "linf" else 1.25 * self.eps / self.steps
+
+    def _run(self, ctx):
+        return gradient_ascent(ctx, norm=self.norm_obj, eps=self.eps, alpha=self.step_size, steps=self.steps,
+                               objective=get_loss(self.loss), early_stop=self.early_stop)

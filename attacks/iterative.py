@@ -1,0 +1,138 @@
+"""The one gradient-ascent loop behind FGSM, BIM, PGD, MI-FGSM and EOT-PGD.
+
+The attacks differ only in their settings: one step or many, a random start or not, momentum, restarts, an
+average over the model's randomness (EOT). Norm maths comes from :mod:`attacks.norms`.
+
+Work tracking: the loop keeps its state *compacted* to the samples it still works on. With ``early_stop=True``
+(the default, right for measuring robust accuracy) a sample leaves the working set as soon as one iterate fools
+the model, and that iterate is its result; every later pass runs on fewer samples. With ``early_stop=False``
+every sample takes every step and the last iterate is returned (classic PGD, right for adversarial training).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attacks.base import Context
+from attacks.losses import Objective
+from attacks.norms import Norm
+
+
+def _value_and_grad(ctx: Context, x: Tensor, ids: Tensor, objective: Objective, eot_samples: int):
+    """Logits and input gradient, averaged over ``eot_samples`` passes when the model is random (EOT)."""
+    logits, _, grad = ctx.value_and_grad(x, ids, objective)
+    for _ in range(eot_samples - 1):
+        more_logits, _, more_grad = ctx.value_and_grad(x, ids, objective)
+        logits, grad = logits + more_logits, grad + more_grad
+    if eot_samples > 1:
+        logits, grad = logits / eot_samples, grad / eot_samples
+    return logits, grad
+
+
+def _l1_normalized(g: Tensor) -> Tensor:
+    return g / g.abs().reshape(g.shape[0], -1).sum(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (g.dim() - 1)))
+
+
+def _single_run(
+    ctx: Context,
+    idx: Tensor,
+    *,
+    norm: Norm,
+    eps: float,
+    alpha: float,
+    steps: int,
+    objective: Objective,
+    random_start: bool,
+    momentum: Optional[float],
+    eot_samples: int,
+    early_stop: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One run from one start over the samples at ``idx``: returns (x_adv, logits, fooled) for those samples."""
+    x0 = ctx.x[idx]
+    out_x = x0.clone()
+    out_logits: Optional[Tensor] = None
+    fooled = torch.zeros(idx.numel(), dtype=torch.bool, device=x0.device)
+
+    pos = torch.arange(idx.numel(), device=x0.device)  # positions (in idx) of the samples still worked on
+    base = x0
+    cur = x0
+    if random_start:
+        start = norm.random(x0.shape, eps, ctx.generator).to(x0)
+        cur = (x0 + start).clamp(0.0, 1.0)
+    velocity = torch.zeros_like(x0) if momentum is not None else None
+
+    for t in range(steps + 1):
+        ids = idx[pos]
+        last = t == steps
+        if last:
+            logits, grad = ctx.logits(cur, ids), None
+        else:
+            logits, grad = _value_and_grad(ctx, cur, ids, objective, eot_samples)
+        if out_logits is None:
+            out_logits = logits.new_empty(idx.numel(), logits.shape[1])
+
+        adv = ctx.is_adversarial(logits, ids)
+        if early_stop or last:
+            take = adv if not last else torch.ones_like(adv)
+            if take.any():
+                where = pos[take]
+                out_x[where], out_logits[where], fooled[where] = cur[take], logits[take], adv[take]
+            if last:
+                break
+            if adv.any():  # compact the state to the samples that still resist
+                keep = ~adv
+                pos, base, cur, grad = pos[keep], base[keep], cur[keep], grad[keep]
+                velocity = velocity[keep] if velocity is not None else None
+                if pos.numel() == 0:
+                    break
+
+        if velocity is not None:
+            velocity = momentum * velocity + _l1_normalized(grad)
+            grad = velocity
+        stepped = cur + alpha * norm.steepest(grad)
+        cur = (base + norm.project(stepped - base, eps)).clamp(0.0, 1.0)
+
+    return out_x, out_logits, fooled
+
+
+def gradient_ascent(
+    ctx: Context,
+    *,
+    norm: Norm,
+    eps: float,
+    alpha: float,
+    steps: int,
+    objective: Objective,
+    random_start: bool = False,
+    restarts: int = 1,
+    momentum: Optional[float] = None,
+    eot_samples: int = 1,
+    early_stop: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Maximize ``objective`` inside the ``eps``-ball of ``norm`` around ``ctx.x``; returns (x_adv, logits).
+
+    Restarts after the first run only the samples not yet fooled, so more restarts can only lower accuracy.
+    """
+    n = ctx.n
+    out_x = ctx.x.clone()
+    out_logits: Optional[Tensor] = None
+    done = torch.zeros(n, dtype=torch.bool, device=ctx.x.device)
+    for r in range(restarts):
+        idx = torch.arange(n, device=ctx.x.device) if r == 0 else (~done).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        x_r, logits_r, fooled_r = _single_run(
+            ctx, idx, norm=norm, eps=eps, alpha=alpha, steps=steps, objective=objective,
+            random_start=random_start, momentum=momentum, eot_samples=eot_samples, early_stop=early_stop,
+        )
+        if out_logits is None:
+            out_logits = logits_r
+            out_x = x_r
+        else:
+            won = idx[fooled_r]
+            out_x[won], out_logits[won] = x_r[fooled_r], logits_r[fooled_r]
+        done[idx[fooled_r]] = True
+    return out_x, out_logits
