@@ -10,7 +10,9 @@ The model must map images in [0, 1] to logits (normalization inside the model). 
 ``x``; see :mod:`attacks.base` for the full contract.
 """
 
-from attacks.base import DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, NonFiniteOutputError
+from attacks.base import (
+    DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, MinNormAttack, NonFiniteOutputError,
+)
 from attacks.registry import AttackSpec, available, build, get, register
 
 # importing the attack modules registers them
@@ -19,9 +21,12 @@ from attacks.pgd import PGD  # noqa: E402
 from attacks.bim import BIM  # noqa: E402
 from attacks.mifgsm import MIFGSM  # noqa: E402
 from attacks.eotpgd import EOTPGD  # noqa: E402
+from attacks.apgd import APGD, APGDT  # noqa: E402
+from attacks.cw import CarliniWagner  # noqa: E402
+from attacks.deepfool import DeepFool  # noqa: E402
 
 __all__ = [
-    "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context",
+    "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
     "NonFiniteOutputError", "available", "build", "get", "register",
-    "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD",
+    "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
 ]
