@@ -14,6 +14,7 @@ from attacks.base import (
     DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, MinNormAttack, NonFiniteOutputError,
 )
 from attacks.registry import AttackSpec, available, build, get, register
+from attacks.evaluate import AttackStats, Report, evaluate
 
 # importing the attack modules registers them
 from attacks.fgsm import FGSM  # noqa: E402  (isort: skip)
@@ -27,6 +28,6 @@ from attacks.deepfool import DeepFool  # noqa: E402
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
-    "NonFiniteOutputError", "available", "build", "get", "register",
+    "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
 ]
