@@ -134,7 +134,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
                         raise KeyboardInterrupt
                     stage = run_stage(model, x, y, robust.nonzero().squeeze(1), atk, atk.name,
                                       batch_size=batch_size, device=device, seed=request.seed,
-                                      stream=1000 * ei + ai, keep_examples=ei == _gallery_index(request.eps),
+                                      keep_examples=ei == _gallery_index(request.eps),
                                       progress=progress)
                     state["stages"][key] = {
                         "idx": stage.idx, "fooled": stage.fooled, "norms": stage.norms, "queries": stage.queries,
@@ -191,7 +191,7 @@ def _other_threat_models(model, x, y, request, state, saver, clean, device, batc
         key = f"other:{ai}"
         if key not in state["stages"]:
             stage = run_stage(model, x, y, clean.nonzero().squeeze(1), atk, atk.name, batch_size=batch_size,
-                              device=device, seed=request.seed, stream=999_000 + ai, progress=progress)
+                              device=device, seed=request.seed, progress=progress)
             state["stages"][key] = {"stats": {**stage.stats.to_dict(), "kind": atk.kind},
                                     "accuracy": (clean.sum() - stage.fooled.sum()).item() / len(y)}
             saver.save()
