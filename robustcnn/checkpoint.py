@@ -14,6 +14,7 @@ is recorded in ``$ROBUSTCNN_HOME/latest.json`` (default ``~/.robustcnn``).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -33,12 +34,14 @@ VERSION = 1
 
 def versions() -> dict[str, str]:
     """Versions of the packages that produced a checkpoint."""
-    import torchvision
-
     import robustcnn
 
-    return {"robustcnn": str(robustcnn.__version__), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+    try:  # the installed distribution's version; importing torchvision just for this takes seconds
+        vision = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        vision = "none"
+    return {"robustcnn": str(robustcnn.__version__), "torch": str(torch.__version__), "torchvision": vision,
+            "python": platform.python_version()}
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any],
