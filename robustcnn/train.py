@@ -31,7 +31,7 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 
 #: A hook that turns a clean training batch into the batch the model is trained on (e.g. adversarial examples):
 #: ``make_batch(model, x, y) -> (x', y')`` with x in [0, 1] on the training device.
-BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)

@@ -3,24 +3,45 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import robustcnn.train as train_module
+from robustcnn.checkpoint import read_checkpoint
 from train_fixtures import assert_one_line_error, isolated, offline, run_cli  # noqa: F401  (fixtures)
 
 QUICK = ("--dataset", "shapes", "--model", "lenet5", "--limit", "256", "--epochs", "2", "--batch-size", "64",
          "--device", "cpu")
 
 
-@pytest.fixture
-def trained(isolated):
-    """One quick CLI run: (its JSON document, the checkpoint path, the run record path)."""
-    result = run_cli("train", *QUICK, "--out", str(isolated / "runs"), "--json")
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One quick CLI run shared by this module: (its JSON document, checkpoint path, run record path, env)."""
+    root = tmp_path_factory.mktemp("cli")
+    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        result = run_cli("train", *QUICK, "--out", str(root / "runs"), "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)  # exactly one JSON document on stdout
-    return doc, isolated / "runs" / "shapes-lenet5.pt", isolated / "home" / "latest.json"
+    return doc, root / "runs" / "shapes-lenet5.pt", root / "home" / "latest.json", env
+
+
+@pytest.fixture
+def trained(trained_once, isolated, monkeypatch):
+    """The shared run, with this test's environment pointing at it."""
+    *paths, env = trained_once
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return tuple(paths)
 
 
 def test_train_json_is_one_document_and_the_run_is_recorded(trained):
@@ -149,3 +170,22 @@ def test_interrupted_training_keeps_its_last_epoch_and_resume_finishes_it(isolat
     resumed = run_cli("train", *quick, "--out", str(isolated / "part"), "--resume", "--json")
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads(resumed.stdout)["metrics"] == json.loads(whole.stdout)["metrics"]
+
+
+def test_sigterm_stops_training_cleanly_and_keeps_the_last_checkpoint(isolated):
+    """A real process, a real SIGTERM: exit 130, one line, and a loadable checkpoint of the last full epoch."""
+    checkpoint = isolated / "runs" / "shapes-lenet5.pt"
+    args = [*QUICK[:7], "200", *QUICK[8:], "--out", str(isolated / "runs")]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "train", *args], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().startswith("error: interrupted") and len(err.strip().splitlines()) == 1 and out == ""
+    epochs = read_checkpoint(checkpoint)["resume"]["epoch"]
+    assert 1 <= epochs < 200
