@@ -10,7 +10,6 @@ import torch
 import attacks
 from robustcnn.report import ReportRequest, run_report
 from train_fixtures import assert_one_line_error, isolated, run_cli  # noqa: F401  (fixtures)
-from test_cli_attack import model_env, newest  # noqa: F401  (fixtures: one quick model for the module)
 
 
 def _report(tmp_path, *extra):
