@@ -219,11 +219,11 @@ def _consistency_warnings(results: list[dict], n: int) -> list[str]:
 
 
 def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, device: torch.device,
-                  seed: int, batch_size: int) -> list[str]:
-    """Two probes for gradient masking on a small slice: more PGD steps must not help the model, and an
-    unbounded PGD (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
+                  seed: int, batch_size: int, probe_n: int = 200) -> list[str]:
+    """Two probes for gradient masking on the first ``probe_n`` samples: more PGD steps must not help the model,
+    and an unbounded PGD (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
     out = []
-    xs, ys = x[:200], y[:200]
+    xs, ys = x[:probe_n], y[:probe_n]
 
     def acc(atk):
         return attacks.evaluate(model, (xs, ys), [atk], batch_size=batch_size, device=device, seed=seed).robust_accuracy
