@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-import attacks
+import _common  # noqa: F401  (puts the repo on sys.path)
+import attacks  # noqa: E402
 from robustcnn.adversarial import attack_batches
 from robustcnn.data import load_dataset
 from robustcnn.report import ReportRequest, file_sha256, run_report

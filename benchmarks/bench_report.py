@@ -15,8 +15,9 @@ import time
 
 import torch
 
-import attacks
-from _common import load_trained
+from _common import load_trained  # noqa: I001  (first: puts the repo on sys.path)
+
+import attacks  # noqa: E402
 
 
 def main() -> None:
