@@ -27,6 +27,7 @@ from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.errors import CheckpointError, UsageError
+from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
 BLACK_BOX = ("score", "decision")
@@ -244,7 +245,7 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
     """Write report.json, report.md, accuracy_vs_eps.png (and gallery.png) into ``out``; then drop the state."""
     from robustcnn.plots import save_curves
 
-    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(_json_safe(doc), indent=1)))
+    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(json_safe(doc), indent=1)))
     _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(render_markdown(doc)))
     ordered = sorted(doc["results"], key=lambda r: r["eps"])
     eps = [r["eps"] for r in ordered]
@@ -262,16 +263,6 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
     state = out / STATE
     if state.exists():
         state.unlink()
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _pct(v) -> str:
