@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.errors import CheckpointError, UsageError
+from robustcnn.fsutil import atomic_write
 from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
@@ -57,17 +56,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def prepare_folder(out: Path, request: ReportRequest) -> dict:
     """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report)."""
     if out.exists() and not out.is_dir():
@@ -94,7 +82,7 @@ class _Saver:
         self.path, self.state = out / STATE, state
 
     def save(self) -> None:
-        _atomic_write(self.path, lambda tmp: torch.save(self.state, tmp))
+        atomic_write(self.path, lambda f: torch.save(self.state, f))
 
 
 def _stage_key(eps_i: int, attack_i: int) -> str:
@@ -245,8 +233,8 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
     """Write report.json, report.md, accuracy_vs_eps.png (and gallery.png) into ``out``; then drop the state."""
     from robustcnn.plots import save_curves
 
-    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(json_safe(doc), indent=1)))
-    _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(render_markdown(doc)))
+    atomic_write(out / "report.json", lambda f: f.write(json.dumps(json_safe(doc), indent=1).encode()))
+    atomic_write(out / "report.md", lambda f: f.write(render_markdown(doc).encode()))
     ordered = sorted(doc["results"], key=lambda r: r["eps"])
     eps = [r["eps"] for r in ordered]
     curves = {}
