@@ -20,10 +20,15 @@ from attacks.bim import BIM  # noqa: E402
 from attacks.mifgsm import MIFGSM  # noqa: E402
 from attacks.eotpgd import EOTPGD  # noqa: E402
 from attacks.square import Square  # noqa: E402
+from attacks.simba import SimBA  # noqa: E402
+from attacks.nes import NES  # noqa: E402
+from attacks.spsa import SPSA  # noqa: E402
+from attacks.hopskipjump import HopSkipJump  # noqa: E402
+from attacks.boundary import Boundary  # noqa: E402
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context",
     "NonFiniteOutputError", "available", "build", "get", "register",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD",
-    "Square",
+    "Square", "SimBA", "NES", "SPSA", "HopSkipJump", "Boundary",
 ]

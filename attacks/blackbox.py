@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, BoundedAttack, Context, check_choice, check_int, check_norm, check_range
-from attacks.losses import LOSSES, Objective, get_loss
+from attacks.losses import LOSSES, Objective
 from attacks.norms import Norm
 from attacks.oracle import QueryOracle
 
@@ -80,7 +80,11 @@ class ScoreAttack(BoundedAttack):
         super()._validate()
         check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
-        check_choice("loss", self.loss, LOSSES)
+        check_choice("loss", self.loss, self._objectives())
+
+    def _objectives(self) -> dict[str, Objective]:
+        """The objectives ``loss`` may name."""
+        return LOSSES
 
     def _iteration_cost(self) -> int:
         """Queries one iteration needs per sample; a sample with fewer left stops."""
@@ -95,7 +99,8 @@ class ScoreAttack(BoundedAttack):
         raise NotImplementedError
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        search = ScoreSearch(QueryOracle(ctx, "score", self.max_queries), get_loss(self.loss), self.norm_obj, self.eps)
+        oracle = QueryOracle(ctx, "score", self.max_queries)
+        search = ScoreSearch(oracle, self._objectives()[self.loss], self.norm_obj, self.eps)
         state = self._start(search)
         it = 0
         while True:
@@ -132,19 +137,21 @@ class ScoreSearch:
         logits, value, fooled = self.evaluate(x, ids)
         return {"ids": ids, "x": x, "logits": logits, "value": value, "fooled": fooled, **extra}
 
-    def accept(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> State:
+    def accept(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Query ``cand`` for the samples where ``mask`` holds (all by default) and keep it where it improves the
-        objective or fools the model (greedy random search). Updates ``state`` in place and returns it."""
-        pos = torch.arange(state["ids"].numel(), device=cand.device) if mask is None else mask.nonzero()[:, 0]
+        objective or fools the model (greedy random search). Updates ``state`` in place; returns where it moved."""
+        moved = torch.zeros_like(state["fooled"])
+        pos = torch.arange(moved.numel(), device=cand.device) if mask is None else mask.nonzero()[:, 0]
         if pos.numel() == 0:
-            return state
+            return moved
         logits, value, fooled = self.evaluate(cand[pos], state["ids"][pos])
         take = (value > state["value"][pos]) | fooled
         won = pos[take]
         for key, new in (("x", cand[pos]), ("logits", logits), ("value", value)):
             state[key][won] = new[take]
         state["fooled"][pos] |= fooled
-        return state
+        moved[won] = True
+        return moved
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -151,7 +151,8 @@ class Square(ScoreAttack):
             cand = self._linf_candidate(search, state["x"], x0, win)
         else:
             cand = self._l2_candidate(search, state["x"], x0, win)
-        return search.accept(state, cand)
+        search.accept(state, cand)
+        return state
 
     def _linf_candidate(self, search: ScoreSearch, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
         """Set each image's window to ``x0 +- eps`` (a sign per channel), redrawing signs that would change nothing."""

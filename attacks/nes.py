@@ -1,0 +1,52 @@
+"""NES — projected gradient ascent on a gradient estimated with Natural Evolution Strategies.
+
+Ilyas, Engstrom, Athalye & Lin, "Black-box Adversarial Attacks with Limited Queries and Information", ICML 2018.
+Each iteration estimates the gradient of the loss from ``samples`` queries at ``x +- sigma u`` with Gaussian ``u``
+(antithetic pairs), takes a steepest-ascent step of size ``alpha`` (the sign of the estimate under Linf, its
+normalized direction under L2) and projects onto the ``eps``-ball and the [0, 1] box; one more query checks the new
+iterate. Cost: ``samples + 1`` queries per sample per iteration.
+
+Defaults are the paper's: 50 samples per estimate, ``sigma = 0.001``, step ``alpha = eps / 5`` (0.01 at their
+eps of 0.05), cross-entropy loss.
+
+>>> NES(eps=0.1, max_queries=1000)(model, x, y)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attacks.base import check_range
+from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
+from attacks.registry import register
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class NES(EstimatedGradientAttack):
+    """``samples`` (even), ``sigma``: the estimator; ``alpha``: step size (None: ``eps / 5``)."""
+
+    name = "nes"
+    description = "NES gradient estimation + projected sign steps, scores only (Ilyas et al. 2018)"
+
+    loss: str = "ce"
+    alpha: Optional[float] = None
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.alpha is not None:
+            check_range("alpha", self.alpha, low=0.0)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else self.eps / 5
+
+    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        return torch.randn(shape, generator=generator, device=generator.device)
+
+    def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
+        return state["x"] + self.step_size * search.norm.steepest(grad), state
