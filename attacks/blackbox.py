@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Attack, BoundedAttack, Context, check_choice, check_int, check_norm, check_range
+from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective
 from attacks.norms import Norm
 from attacks.oracle import QueryOracle
@@ -222,33 +222,25 @@ INIT_TRIES = 100
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecisionAttack(Attack):
+class DecisionAttack(MinNormAttack):
     """Base of the decision-based (label-only) attacks, which minimize the perturbation.
 
-    ``eps=None``: minimize for the whole budget and report the norm reached. ``eps`` given: success means an
-    adversarial point within ``eps``; a sample stops as soon as it has one, and an unsuccessful sample's best point
-    is projected onto the ball on the way out.
+    ``eps=None``: minimize for the whole budget and report the norm reached. ``eps`` given (> 0): success means an
+    adversarial point within ``eps``; a sample stops as soon as it has one, and a sample that ends with a larger
+    perturbation is discarded (``x_adv = x``), as in every :class:`~attacks.base.MinNormAttack`.
     """
 
     kind: ClassVar[str] = "decision"
     supported_norms: ClassVar[tuple[str, ...]] = ("l2",)
     targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
 
-    eps: Optional[float] = None
-    norm: str = "l2"
     max_queries: int = 1000
 
     def _validate(self) -> None:
         super()._validate()
-        check_norm(self, self.norm)
         if self.eps is not None:
             check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
-
-    def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
-        if self.eps is not None:
-            x_adv = x + self.norm_obj.project(x_adv - x, self.eps)
-        return x_adv.clamp(0.0, 1.0)
 
     def _minimize(self, search: "DecisionSearch", state: State) -> State:
         """Shrink the perturbation of every sample in the work set; return what is left of it."""
