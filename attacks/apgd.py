@@ -32,7 +32,7 @@ def checkpoints(steps: int) -> set[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return {math.ceil(q * steps) for q in p[1:] if q <= 1}
+    return {math.ceil(round(q * steps, 6)) for q in p[1:] if q <= 1}  # round: 0.57 * 100 must give 57
 
 
 def _per(v: Tensor, like: Tensor) -> Tensor:
