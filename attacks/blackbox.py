@@ -158,13 +158,14 @@ class ScoreSearch:
 class EstimatedGradientAttack(ScoreAttack):
     """Projected ascent on a gradient estimated from ``samples`` queries (antithetic pairs ``x +- sigma * u``).
 
-    Subclasses choose the noise ``u`` (``_noise``) and how an estimate moves the iterate (``_update``). Each iteration
-    costs ``samples + 1`` queries per sample: the estimate, then one query of the new iterate, which tells whether
-    it fools the model.
+    Subclasses choose the noise ``u`` (``_noise``) and how an estimate moves the iterate (``_update``), with step size
+    ``alpha`` (see :attr:`step_size`). Each iteration costs ``samples + 1`` queries per sample: the estimate, then
+    one query of the new iterate, which tells whether it fools the model. The starting point (``x``) costs one.
     """
 
     samples: int = 50
     sigma: float = 1e-3
+    alpha: Optional[float] = None
 
     def _validate(self) -> None:
         super()._validate()
@@ -172,9 +173,19 @@ class EstimatedGradientAttack(ScoreAttack):
         if self.samples % 2:
             raise ValueError(f"samples must be even (antithetic pairs), got {self.samples}")
         check_range("sigma", self.sigma, low=0.0, high=1.0)
+        if self.alpha is not None:
+            check_range("alpha", self.alpha, low=0.0)
 
     def _iteration_cost(self) -> int:
         return self.samples + 1
+
+    @property
+    def step_size(self) -> float:
+        """``alpha``, or PGD's rule ``2.5 eps / iterations`` for the iterations the budget pays for (so the walk
+        can cross the ball whatever the budget)."""
+        if self.alpha is not None:
+            return self.alpha
+        return 2.5 * self.eps / max(1, (self.max_queries - 1) // self._iteration_cost())
 
     def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         raise NotImplementedError

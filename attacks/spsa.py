@@ -6,8 +6,10 @@ ICML 2018 (after Spall 1992). Each iteration estimates the gradient of the margi
 ``alpha``, and projects onto the ``eps``-ball and the [0, 1] box; one more query checks the new iterate. Cost:
 ``samples + 1`` queries per sample per iteration.
 
-Defaults are the paper's: ``delta`` (field ``sigma``) 0.01, Adam learning rate 0.01, 128 samples per estimate,
-margin loss. SPSA was made to check defenses with many queries; at a budget of 1000 it takes only 7 steps.
+Defaults are the reference implementation's — ``delta`` (field ``sigma``) 0.01, 128 samples per estimate, margin
+loss — except Adam's learning rate: its fixed 0.01 assumes many thousands of queries, so here it follows PGD's
+rule ``2.5 eps / iterations`` for the iterations ``max_queries`` pays for (7 at 1000 queries). SPSA was made to
+check defenses with large budgets; it is the least query-efficient attack of the family.
 
 >>> SPSA(eps=0.1, max_queries=5000)(model, x, y)
 """
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.base import check_range
 from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
 from attacks.registry import register
 from attacks.square import rademacher
@@ -31,18 +32,14 @@ _ADAM_EPS = 1e-8
 @register
 @dataclass(frozen=True, kw_only=True)
 class SPSA(EstimatedGradientAttack):
-    """``samples`` (even), ``sigma`` (the paper's delta): the estimator; ``alpha``: Adam's learning rate."""
+    """``samples`` (even), ``sigma`` (the paper's delta): the estimator; ``alpha``: Adam's learning rate (None:
+    ``2.5 eps / iterations``)."""
 
     name = "spsa"
     description = "SPSA gradient estimation + Adam, projected, scores only (Uesato et al. 2018)"
 
     samples: int = 128
     sigma: float = 0.01
-    alpha: float = 0.01
-
-    def _validate(self) -> None:
-        super()._validate()
-        check_range("alpha", self.alpha, low=0.0)
 
     def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         return rademacher(shape, generator)
@@ -58,4 +55,4 @@ class SPSA(EstimatedGradientAttack):
         state["v"] = b2 * state["v"] + (1 - b2) * grad * grad
         m_hat = state["m"] / (1 - b1 ** (it + 1))
         v_hat = state["v"] / (1 - b2 ** (it + 1))
-        return state["x"] + self.alpha * m_hat / (v_hat.sqrt() + _ADAM_EPS), state
+        return state["x"] + self.step_size * m_hat / (v_hat.sqrt() + _ADAM_EPS), state
