@@ -201,30 +201,52 @@ class EstimatedGradientAttack(ScoreAttack):
     def _step(self, search: ScoreSearch, state: State, it: int) -> State:
         grad = self._estimate(search, state)
         nxt, state = self._update(search, state, grad, it)
-        x0 = search.oracle.x[state["ids"]]
-        state["x"] = search.project(x0, nxt)
-        state["logits"], state["value"], state["fooled"] = search.evaluate(state["x"], state["ids"])
+        pos = (~state["fooled"]).nonzero()[:, 0]  # samples a probe of the estimate has not fooled already
+        if pos.numel():
+            ids = state["ids"][pos]
+            new = search.project(search.oracle.x[ids], nxt[pos])
+            logits, value, fooled = search.evaluate(new, ids)
+            for key, val in (("x", new), ("logits", logits), ("value", value), ("fooled", fooled)):
+                state[key][pos] = val
         return state
 
     def _estimate(self, search: ScoreSearch, state: State) -> Tensor:
-        """``mean_u [f(x + sigma u) - f(x - sigma u)] u / (2 sigma)`` over ``samples / 2`` pairs, candidates clamped
-        to the [0, 1] box (the oracle takes images only)."""
+        """``mean_u [f(x + sigma u) - f(x - sigma u)] u / (2 sigma)`` over ``samples / 2`` pairs.
+
+        Probes are projected onto the ball and the box, so every query is a valid candidate: a probe that fools the
+        model becomes its sample's result at once (``state`` is updated in place) and the sample gets no further
+        queries.
+        """
         x, ids = state["x"], state["ids"]
         n, pairs = x.shape[0], self.samples // 2
-        y, t = search.oracle.label_of(ids)
         grad = torch.zeros_like(x)
         per_call = max(1, MAX_ROWS // (2 * n))
         for first in range(0, pairs, per_call):
-            k = min(per_call, pairs - first)
-            u = self._noise((n, k, *x.shape[1:]), search.oracle.generator).to(x)
-            cand = torch.cat([x[:, None] + self.sigma * u, x[:, None] - self.sigma * u], dim=1).clamp(0.0, 1.0)
-            rows = ids.repeat_interleave(2 * k)
-            logits = search.oracle.scores(cand.flatten(0, 1), rows)
-            rep = lambda v: None if v is None else v.repeat_interleave(2 * k)  # noqa: E731
-            f = search.objective(logits, rep(y), rep(t)).reshape(n, 2 * k)
-            diff = (f[:, :k] - f[:, k:]).reshape(n, k, *([1] * (x.dim() - 1)))
-            grad += (diff * u).sum(dim=1)
+            pos = (~state["fooled"]).nonzero()[:, 0]
+            if pos.numel() == 0:
+                break
+            m, k = pos.numel(), min(per_call, pairs - first)
+            u = self._noise((m, k, *x.shape[1:]), search.oracle.generator).to(x)
+            probes = torch.cat([x[pos, None] + self.sigma * u, x[pos, None] - self.sigma * u], dim=1).flatten(0, 1)
+            rows = ids[pos].repeat_interleave(2 * k)
+            probes = search.project(search.oracle.x[rows], probes)
+            logits, f, fooled = search.evaluate(probes, rows)
+            f = f.reshape(m, 2 * k)
+            diff = (f[:, :k] - f[:, k:]).reshape(m, k, *([1] * (x.dim() - 1)))
+            grad[pos] += (diff * u).sum(dim=1)
+            self._adopt(state, pos, fooled.reshape(m, 2 * k), probes, logits, f.flatten())
         return grad / (2 * self.sigma * pairs)
+
+    @staticmethod
+    def _adopt(state: State, pos: Tensor, fooled: Tensor, probes: Tensor, logits: Tensor, values: Tensor) -> None:
+        """Make the first fooling probe of each sample at ``pos`` (rows of ``fooled``) that sample's result."""
+        hit = fooled.any(dim=1)
+        if not bool(hit.any()):
+            return
+        row = (torch.arange(pos.numel(), device=pos.device) * fooled.shape[1] + fooled.to(torch.int8).argmax(dim=1))[hit]
+        won = pos[hit]
+        state["x"][won], state["logits"][won], state["value"][won] = probes[row], logits[row], values[row]
+        state["fooled"][won] = True
 
 
 # -- decision-based ----------------------------------------------------------------------------------------------
