@@ -51,13 +51,14 @@ class Results:
 
     def retire(self, state: State, mask: Tensor, key: str = "x") -> State:
         """Record the samples of ``state`` where ``mask`` holds (their ``state[key]`` and logits) and drop them."""
-        if bool(mask.any()):
-            ids = state["ids"][mask]
-            self.x_adv[ids] = state[key][mask]
-            if "logits" in state:
-                if self.logits is None:
-                    self.logits = state["logits"].new_empty(self.x_adv.shape[0], state["logits"].shape[1])
-                self.logits[ids] = state["logits"][mask]
+        if not bool(mask.any()):
+            return state
+        ids = state["ids"][mask]
+        self.x_adv[ids] = state[key][mask]
+        if "logits" in state:
+            if self.logits is None:
+                self.logits = state["logits"].new_empty(self.x_adv.shape[0], state["logits"].shape[1])
+            self.logits[ids] = state["logits"][mask]
         return subset(state, ~mask)
 
 

@@ -98,8 +98,8 @@ class QueryOracle:
 
     def meets_goal(self, labels: Tensor, idx: Tensor) -> Tensor:
         """Whether predicted ``labels`` meet the goal of the samples at ``idx`` (no query)."""
-        y, t = self.label_of(idx)
-        return labels.ne(y) if t is None else labels.eq(t)
+        ctx = self._ctx
+        return labels.ne(ctx.y[idx]) if ctx.target is None else labels.eq(ctx.target[idx])
 
     def _query(self, x: Tensor, idx: Tensor) -> Tensor:
         if x.shape[0] != idx.shape[0]:

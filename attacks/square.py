@@ -158,13 +158,16 @@ class Square(ScoreAttack):
         """Set each image's window to ``x0 +- eps`` (a sign per channel), redrawing signs that would change nothing."""
         n, c = x0.shape[:2]
         g = search.oracle.generator
-        signs = rademacher((n, c, 1, 1), g).to(x0)
+        cand = cur.clone()
+        pos = torch.arange(n, device=x0.device)
         for _ in range(_RESAMPLES):
-            cand = torch.where(win.mask, (x0 + self.eps * signs).clamp(0.0, 1.0), cur)
-            same = ((cand - cur).abs() * win.mask).flatten(1).amax(dim=1) < 1e-7
-            if not bool(same.any()):
+            signs = rademacher((pos.numel(), c, 1, 1), g).to(x0)
+            mask = win.mask[pos]
+            cand[pos] = torch.where(mask, (x0[pos] + self.eps * signs).clamp(0.0, 1.0), cur[pos])
+            same = ((cand[pos] - cur[pos]).abs() * mask).flatten(1).amax(dim=1) < 1e-7
+            pos = pos[same]
+            if pos.numel() == 0:
                 break
-            signs = torch.where(expand(same, signs), rademacher((n, c, 1, 1), g).to(x0), signs)
         return cand
 
     def _l2_candidate(self, search: ScoreSearch, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
