@@ -1,7 +1,9 @@
 """Black-box attacks on a trained model: queries to success, and the cost of a query (issue 4).
 
     python benchmarks/bench_blackbox.py [--checkpoint PATH] [--n 1000] [--n-decision 200] [--eps 0.1]
-                                        [--queries 1000] [--batch-size 250]
+                                        [--queries 1000] [--batch-size 250] [--threads N]
+
+On a shared machine run it under the CPU lock; with other processes on the cores, one thread gives steadier ratios.
 
 1. Score-based attacks at Linf ``eps`` with ``queries`` per image, on the test images the model classifies
    correctly, next to white-box PGD-20: success rate, and the distribution of queries to success (median, mean,
@@ -87,6 +89,8 @@ def score_section(model, x, y, eps: float, queries: int, batch_size: int, t_fwd_
 
 
 def decision_section(model, x, y, queries: int, batch_size: int) -> None:
+    if len(y) == 0:
+        return
     print(f"\n2) decision-based, unbounded, {queries} queries/image, on {len(y)} correctly classified images")
     print(f"   {'attack':<16} {'found':>7} {'median':>8} {'mean':>8} {'p90':>8} {'time':>8}")
     for label, atk in (("hopskipjump-l2", attacks.HopSkipJump(max_queries=queries)),
@@ -107,7 +111,10 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, x, y, path = load_trained(args.checkpoint, max(args.n, args.n_decision))
     report(model, x, y, args, source=str(path))
 
