@@ -21,13 +21,15 @@ from attacks.registry import register
 @register
 @dataclass(frozen=True, kw_only=True)
 class FGSM(BoundedAttack):
-    """Single-step attack. ``loss``: ``ce`` (paper) or ``dlr``/``margin``."""
+    """Single-step attack. ``loss``: ``ce`` (paper) or ``dlr``/``margin``. ``early_stop=False`` steps every sample,
+    including those already misclassified (what adversarial training wants)."""
 
     name = "fgsm"
     supported_norms = ("linf", "l2")
     description = "Fast Gradient Sign Method: one gradient-sign step of size eps (Goodfellow et al. 2015)"
 
     loss: str = "ce"
+    early_stop: bool = True
 
     def _validate(self) -> None:
         super()._validate()
@@ -35,4 +37,4 @@ class FGSM(BoundedAttack):
 
     def _run(self, ctx):
         return gradient_ascent(ctx, norm=self.norm_obj, eps=self.eps, alpha=self.eps, steps=1,
-                               objective=get_loss(self.loss))
+                               objective=get_loss(self.loss), early_stop=self.early_stop)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+# Run from a checkout without installing: make the repository's packages importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def load_trained(checkpoint: Optional[str], n: int, device: str = "cpu"):

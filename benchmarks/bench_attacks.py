@@ -14,8 +14,9 @@ import time
 
 import torch
 
-import attacks
-from _common import best_time, load_trained
+from _common import best_time, load_trained  # noqa: I001  (first: puts the repo on sys.path)
+
+import attacks  # noqa: E402
 
 
 def forward_backward(model, x, y):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import attacks
-from _common import load_trained
+from _common import load_trained  # noqa: I001  (first: puts the repo on sys.path)
+
+import attacks  # noqa: E402
 
 
 def acc(model, x, y, atk, seed=0):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from robustcnn.jsonutil import json_safe
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -23,20 +24,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: write them as null so every parser accepts the document."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def emit_json(doc: Any) -> None:
     """Print exactly one JSON document on stdout (and nothing else)."""
-    sys.stdout.write(json.dumps(_finite(doc), default=_json_default, indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_safe(doc), default=_json_default, indent=2) + "\n")
     sys.stdout.flush()
 
 

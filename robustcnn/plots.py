@@ -5,13 +5,12 @@ matplotlib (Agg backend, no display needed) is imported lazily, only when a pict
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from robustcnn.errors import UsageError
+from robustcnn.fsutil import atomic_write
 
 
 def _pyplot():
@@ -34,18 +33,11 @@ def check_png_path(path: Path, option: str) -> Path:
 
 
 def _save(fig, path: Path) -> None:
-    """Save a figure atomically: a temp file in the same folder, then a rename."""
-    plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Save a figure as PNG, atomically."""
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _pyplot().close(fig)
 
 
 def save_grid(path: Path, x: torch.Tensor, x_adv: torch.Tensor, labels, model, classes, device,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.errors import CheckpointError, UsageError
+from robustcnn.fsutil import atomic_write
+from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
 BLACK_BOX = ("score", "decision")
@@ -56,17 +56,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def prepare_folder(out: Path, request: ReportRequest) -> dict:
     """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report)."""
     if out.exists() and not out.is_dir():
@@ -93,7 +82,7 @@ class _Saver:
         self.path, self.state = out / STATE, state
 
     def save(self) -> None:
-        _atomic_write(self.path, lambda tmp: torch.save(self.state, tmp))
+        atomic_write(self.path, lambda f: torch.save(self.state, f))
 
 
 def _stage_key(eps_i: int, attack_i: int) -> str:
@@ -134,7 +123,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
                         raise KeyboardInterrupt
                     stage = run_stage(model, x, y, robust.nonzero().squeeze(1), atk, atk.name,
                                       batch_size=batch_size, device=device, seed=request.seed,
-                                      stream=1000 * ei + ai, keep_examples=ei == _gallery_index(request.eps),
+                                      keep_examples=ei == _gallery_index(request.eps),
                                       progress=progress)
                     state["stages"][key] = {
                         "idx": stage.idx, "fooled": stage.fooled, "norms": stage.norms, "queries": stage.queries,
@@ -191,7 +180,7 @@ def _other_threat_models(model, x, y, request, state, saver, clean, device, batc
         key = f"other:{ai}"
         if key not in state["stages"]:
             stage = run_stage(model, x, y, clean.nonzero().squeeze(1), atk, atk.name, batch_size=batch_size,
-                              device=device, seed=request.seed, stream=999_000 + ai, progress=progress)
+                              device=device, seed=request.seed, progress=progress)
             state["stages"][key] = {"stats": {**stage.stats.to_dict(), "kind": atk.kind},
                                     "accuracy": (clean.sum() - stage.fooled.sum()).item() / len(y)}
             saver.save()
@@ -219,11 +208,11 @@ def _consistency_warnings(results: list[dict], n: int) -> list[str]:
 
 
 def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, device: torch.device,
-                  seed: int, batch_size: int) -> list[str]:
-    """Two probes for gradient masking on a small slice: more PGD steps must not help the model, and an
-    unbounded PGD (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
+                  seed: int, batch_size: int, probe_n: int = 200) -> list[str]:
+    """Two probes for gradient masking on the first ``probe_n`` samples: more PGD steps must not help the model,
+    and an unbounded PGD (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
     out = []
-    xs, ys = x[:200], y[:200]
+    xs, ys = x[:probe_n], y[:probe_n]
 
     def acc(atk):
         return attacks.evaluate(model, (xs, ys), [atk], batch_size=batch_size, device=device, seed=seed).robust_accuracy
@@ -244,8 +233,8 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
     """Write report.json, report.md, accuracy_vs_eps.png (and gallery.png) into ``out``; then drop the state."""
     from robustcnn.plots import save_curves
 
-    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(_json_safe(doc), indent=1)))
-    _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(render_markdown(doc)))
+    atomic_write(out / "report.json", lambda f: f.write(json.dumps(json_safe(doc), indent=1).encode()))
+    atomic_write(out / "report.md", lambda f: f.write(render_markdown(doc).encode()))
     ordered = sorted(doc["results"], key=lambda r: r["eps"])
     eps = [r["eps"] for r in ordered]
     curves = {}
@@ -262,16 +251,6 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
     state = out / STATE
     if state.exists():
         state.unlink()
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _pct(v) -> str:

@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny CNN trained in about a second on a synthetic task, so attacks have something to break."""
+"""Shared fixtures: a tiny CNN trained in about a second on a synthetic task, so attacks have something to break,
+and one quick CLI-trained shapes model for the command tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+
+from train_fixtures import isolated  # noqa: F401  (fixture used by `newest`)
 
 
 def make_blobs(n: int, seed: int, classes: int = 4, size: int = 8):
@@ -49,3 +52,32 @@ def trained():
         acc = (model(xt).argmax(1) == yt).float().mean().item()
     assert acc >= 0.95, f"fixture model only {acc:.2f} accurate"
     return model, xt, yt
+
+
+#: A quick model that really learns the shapes task (about 90 % test accuracy), for CLI attack/report tests.
+QUICK_TRAIN = ("--dataset", "shapes", "--model", "simple", "--limit", "2048", "--epochs", "3", "--optimizer", "adam",
+               "--batch-size", "64", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def model_env(tmp_path_factory):
+    """Train QUICK_TRAIN once per session through the CLI; returns (root folder, environment variables)."""
+    from train_fixtures import run_cli
+
+    root = tmp_path_factory.mktemp("quick-model")
+    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        result = run_cli("train", *QUICK_TRAIN, "--out", str(root / "runs"), "--json")
+    assert result.exit_code == 0, result.stderr
+    return root, env
+
+
+@pytest.fixture
+def newest(model_env, isolated, monkeypatch):
+    """This test's environment points at the session's quick model (the newest run)."""
+    root, env = model_env
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return root

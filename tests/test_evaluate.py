@@ -88,3 +88,15 @@ def test_device_mismatch_is_refused(trained):
     model, x, y = trained
     with pytest.raises(ValueError, match="move it"):
         attacks.evaluate(model, (x, y), [attacks.FGSM()], device="meta")
+
+
+def test_outcomes_do_not_depend_on_batching_or_cascade_position(trained):
+    model, x, y = trained
+    pgd = attacks.PGD(eps=0.14, steps=5)
+    small = attacks.evaluate(model, (x, y), [pgd], batch_size=7, seed=5)
+    large = attacks.evaluate(model, (x, y), [pgd], batch_size=64, seed=5)
+    assert 0 < small.robust_accuracy < small.clean_accuracy
+    assert torch.equal(small.robust, large.robust)
+    # inside a cascade, PGD meets each surviving sample with the same random start as when it runs alone
+    cascade = attacks.evaluate(model, (x, y), [attacks.FGSM(eps=0.14), pgd], batch_size=16, seed=5)
+    assert not (cascade.robust & ~small.robust).any()

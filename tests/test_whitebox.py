@@ -10,6 +10,7 @@ import torch
 import attacks
 from attacks.apgd import checkpoints
 from attacks.norms import get_norm
+from attacks.rng import SampleRNG, sample_keys
 
 
 def _acc(model, res, y):
@@ -131,8 +132,7 @@ def test_eot_averages_over_a_random_model(trained):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_norm_maths(norm):
     nm = get_norm(norm)
-    g = torch.Generator().manual_seed(0)
-    d = nm.random(torch.Size([200, 3, 4, 4]), 0.3, g)
+    d = nm.random(SampleRNG(sample_keys(0, torch.arange(200))), torch.arange(200), (3, 4, 4), 0.3)
     assert (nm.measure(d) <= 0.3 + 1e-6).all()
     big = torch.randn(5, 3, 4, 4)
     assert torch.allclose(nm.measure(nm.project(big, 0.2)), torch.full((5,), 0.2), atol=1e-5)

@@ -83,14 +83,14 @@ def _fmt(v: float, digits: int = 4) -> str:
 
 
 def _table(method: str, rows: list[dict], targeted: bool) -> Table:
-    t = Table(title=f"{method} on {rows[0]['n']} test images", title_justify="left")
-    for col in ("eps", "clean acc", "acc under attack" if not targeted else "target missed", "success rate",
-                "mean norm", "max norm", "fwd/sample", "bwd/sample", "time"):
-        t.add_column(col, justify="right")
+    t = Table(title=f"{method} on {rows[0]['n']} test images — accuracy clean and under attack"
+                    + (" (targeted: 'robust' = target not reached)" if targeted else ""), title_justify="left")
+    for col in ("eps", "clean", "robust", "success", "mean norm", "max norm", "fwd/img", "bwd/img", "time"):
+        t.add_column(col, justify="right", min_width=min(len(col), 7))
     for r in rows:
         a = r["attacks"][method] if method in r["attacks"] else next(iter(r["attacks"].values()))
-        t.add_row(_fmt(r["eps"]), f"{r['clean_accuracy']:.2%}", f"{r['robust_accuracy']:.2%}",
-                  f"{a['success_rate']:.2%}" if a["seen"] else "-", _fmt(a["mean_norm"]), _fmt(a["max_norm"]),
+        t.add_row(_fmt(r["eps"], 3), f"{r['clean_accuracy']:.1%}", f"{r['robust_accuracy']:.1%}",
+                  f"{a['success_rate']:.1%}" if a["seen"] else "-", _fmt(a["mean_norm"], 3), _fmt(a["max_norm"], 3),
                   _fmt(a["queries_mean"], 3), _fmt(a["gradients_mean"], 3), f"{r['seconds']:.1f}s")
     return t
 
