@@ -24,12 +24,14 @@ from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, ch
 from attacks.losses import LOSSES, Objective
 from attacks.norms import Norm
 from attacks.oracle import QueryOracle
+from attacks.rng import SampleRNG
 
 State = dict[str, Tensor]
 
-#: Rows per model call in the bulk queries of the gradient estimators (bounds memory; still one call per chunk
-#: for all samples of the work set).
-MAX_ROWS = 8192
+#: Probes per sample in one model call of the estimators (NES/SPSA pairs, HopSkipJump's boundary samples): one call
+#: serves every sample of the work set. Fixed, not derived from the batch size, so that each sample's random draws
+#: (and its result) are the same whatever batch it is attacked in; it also bounds memory.
+PROBES_PER_CALL = 32
 
 
 def subset(state: State, mask: Tensor) -> State:
@@ -188,7 +190,8 @@ class EstimatedGradientAttack(ScoreAttack):
             return self.alpha
         return 2.5 * self.eps / max(1, (self.max_queries - 1) // self._iteration_cost())
 
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Probe directions of shape ``(len(idx), *shape)`` from the streams of the samples at ``idx``."""
         raise NotImplementedError
 
     def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
@@ -219,15 +222,15 @@ class EstimatedGradientAttack(ScoreAttack):
         queries.
         """
         x, ids = state["x"], state["ids"]
-        n, pairs = x.shape[0], self.samples // 2
+        pairs = self.samples // 2
         grad = torch.zeros_like(x)
-        per_call = max(1, MAX_ROWS // (2 * n))
+        per_call = PROBES_PER_CALL // 2
         for first in range(0, pairs, per_call):
             pos = (~state["fooled"]).nonzero()[:, 0]
             if pos.numel() == 0:
                 break
             m, k = pos.numel(), min(per_call, pairs - first)
-            u = self._noise((m, k, *x.shape[1:]), search.oracle.generator).to(x)
+            u = self._noise(search.oracle.rng, ids[pos], (k, *x.shape[1:])).to(x)
             probes = torch.cat([x[pos, None] + self.sigma * u, x[pos, None] - self.sigma * u], dim=1).flatten(0, 1)
             rows = ids[pos].repeat_interleave(2 * k)
             probes = search.project(search.oracle.x[rows], probes)
@@ -323,8 +326,7 @@ class DecisionSearch:
             pos = ((~found) & (self.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
             if pos.numel() == 0:
                 break
-            draw = torch.rand((pos.numel(), *x0.shape[1:]), generator=self.oracle.generator,
-                              device=self.oracle.generator.device).to(x0)
+            draw = self.oracle.rng.uniform(ids[pos], x0.shape[1:]).to(x0)
             adv = self.oracle.is_adversarial(draw, ids[pos])
             noise[pos[adv]] = draw[adv]
             found[pos[adv]] = True

@@ -67,11 +67,10 @@ class Boundary(DecisionAttack):
         """One orthogonal step, and a step towards the clean input where the orthogonal point is adversarial."""
         ids, cur = state["ids"], state["best"]
         x0 = search.oracle.x[ids]
-        g = search.oracle.generator
         to_x = x0 - cur
         dist = to_x.flatten(1).norm(dim=1)
         unit = to_x / expand(dist.clamp_min(1e-12), to_x)
-        eta = torch.randn(cur.shape, generator=g, device=g.device).to(cur)
+        eta = search.oracle.rng.normal(ids, cur.shape[1:]).to(cur)
         eta = eta - expand((eta * unit).flatten(1).sum(dim=1), eta) * unit
         eta = eta * expand(state["spherical"] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12), eta)
         sphere = (x0 + (cur + eta - x0) / expand((1 + state["spherical"] ** 2).sqrt(), eta)).clamp(0.0, 1.0)

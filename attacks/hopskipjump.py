@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import check_int, check_range
-from attacks.blackbox import MAX_ROWS, DecisionAttack, DecisionSearch, State, expand
+from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch, State, expand
 from attacks.registry import register
 
 _MAX_HALVINGS = 30  # geometric step search: give up (stay on the boundary point) after this many halvings
@@ -78,18 +78,17 @@ class HopSkipJump(DecisionAttack):
         """Monte-Carlo estimate of the boundary normal at ``state["x"]``, ``evals[i]`` labels for sample ``i``."""
         cur, ids = state["x"], state["ids"]
         n = cur.shape[0]
-        g = search.oracle.generator
+        rng = search.oracle.rng
         sums = {k: torch.zeros_like(cur) for k in ("rv", "phi_rv")}
         phi_sum = torch.zeros(n, dtype=cur.dtype, device=cur.device)
-        per_call = max(1, MAX_ROWS // n)
-        for first in range(0, int(evals.max()), per_call):
-            k = min(per_call, int(evals.max()) - first)
-            valid = torch.arange(first, first + k, device=cur.device)[None, :] < evals[:, None]  # (n, k)
-            pos = torch.arange(n, device=cur.device)[:, None].expand(n, k)[valid]
-            shape = (int(valid.sum()), *cur.shape[1:])
-            rv = torch.randn(shape, generator=g, device=g.device) if self.norm == "l2" else \
-                torch.rand(shape, generator=g, device=g.device) * 2 - 1
-            rv = rv.to(cur)
+        for first in range(0, int(evals.max()), PROBES_PER_CALL):
+            k = min(PROBES_PER_CALL, int(evals.max()) - first)
+            need = (evals > first).nonzero()[:, 0]  # samples drawing in this call
+            valid = torch.arange(first, first + k, device=cur.device)[None, :] < evals[need, None]  # (len(need), k)
+            pos = need[:, None].expand(-1, k)[valid]
+            shape = (k, *cur.shape[1:])
+            rv = rng.normal(ids[need], shape) if self.norm == "l2" else rng.uniform(ids[need], shape) * 2 - 1
+            rv = rv.to(cur)[valid]
             rv = rv / expand(rv.flatten(1).norm(dim=1).clamp_min(1e-12), rv)
             step = expand(delta[pos], rv)
             probe = (cur[pos] + step * rv).clamp(0.0, 1.0)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
 from attacks.registry import register
+from attacks.rng import SampleRNG
 
 
 @register
@@ -34,8 +35,8 @@ class NES(EstimatedGradientAttack):
 
     loss: str = "ce"
 
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        return torch.randn(shape, generator=generator, device=generator.device)
+    def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return rng.normal(idx, shape)
 
     def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
         return state["x"] + self.step_size * search.norm.steepest(grad), state

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Context, check_choice, check_int
+from attacks.rng import SampleRNG
 
 ORACLE_KINDS = ("score", "decision")
 
@@ -39,7 +40,7 @@ class QueryOracle:
     """Query access to ``ctx.model`` for one attack call: scores or labels, counted per sample, under a budget.
 
     Args:
-        ctx: the attack call's context (model, inputs, labels, generator, per-sample query counters).
+        ctx: the attack call's context (model, inputs, labels, per-sample random streams and query counters).
         kind: ``"score"`` (logits are visible) or ``"decision"`` (only the top label is).
         max_queries: the most queries any one sample may receive during this call.
     """
@@ -65,8 +66,9 @@ class QueryOracle:
         return self._ctx.targeted
 
     @property
-    def generator(self) -> torch.Generator:
-        return self._ctx.generator
+    def rng(self) -> SampleRNG:
+        """Per-sample random streams: draw with ``rng.uniform(idx, shape)`` etc. for the samples at ``idx``."""
+        return self._ctx.rng
 
     def label_of(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """True labels and targets (or None) of the samples at ``idx``."""

@@ -83,14 +83,14 @@ class SimBA(ScoreAttack):
     def _start(self, search: ScoreSearch) -> State:
         x0 = search.oracle.x
         n, c, h, w = x0.shape
-        g = search.oracle.generator
-        key = torch.rand(n, c * h * w, generator=g, device=g.device)
+        ids = torch.arange(n, device=x0.device)
+        key = search.oracle.rng.uniform(ids, (c * h * w,))
         if self.basis == "dct":  # low-frequency rings first, random inside a ring
-            u = torch.arange(h, device=g.device)[:, None]
-            v = torch.arange(w, device=g.device)[None, :]
+            u = torch.arange(h, device=key.device)[:, None]
+            v = torch.arange(w, device=key.device)[None, :]
             key = key + torch.maximum(u, v).flatten().repeat(c)
         order = key.argsort(dim=1).to(x0.device)
-        return search.start(x0.clone(), torch.arange(n, device=x0.device), order=order)
+        return search.start(x0.clone(), ids, order=order)
 
     def _direction(self, coord: Tensor, like: Tensor) -> Tensor:
         """Basis images for the flat coordinates ``coord`` (one per sample), ``step_size`` long in the norm."""

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
 from attacks.registry import register
+from attacks.rng import SampleRNG
 from attacks.square import rademacher
 
 _BETAS = (0.9, 0.999)  # Adam's defaults
@@ -41,8 +42,8 @@ class SPSA(EstimatedGradientAttack):
     samples: int = 128
     sigma: float = 0.01
 
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        return rademacher(shape, generator)
+    def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return rademacher(rng, idx, shape)
 
     def _start(self, search: ScoreSearch) -> State:
         state = super()._start(search)

@@ -28,6 +28,7 @@ from torch import Tensor
 from attacks.base import check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch, State, expand
 from attacks.registry import register
+from attacks.rng import SampleRNG
 
 #: (end of the phase in queries out of 10,000, divisor of p_init) — the paper's schedule.
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -43,10 +44,9 @@ def p_schedule(p_init: float, it: int, budget: int) -> float:
     return p_init / 512
 
 
-def rademacher(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """Independent +-1 entries (float32, on the generator's device)."""
-    bits = torch.randint(0, 2, shape, generator=generator, device=generator.device)
-    return bits.to(torch.float32) * 2 - 1
+def rademacher(rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Independent +-1 entries of shape ``(len(idx), *shape)`` from the streams of the samples at ``idx``."""
+    return (rng.uniform(idx, shape) < 0.5).to(torch.float32) * 2 - 1
 
 
 def _bump(a: int, b: int) -> Tensor:
@@ -69,15 +69,11 @@ def _twin_bump(s: int) -> Tensor:
 class _Windows:
     """One random ``s x s`` window per image (top-left corner uniform over the valid positions)."""
 
-    def __init__(self, n: int, s: int, h: int, w: int, generator: torch.Generator, device: torch.device):
+    def __init__(self, rng: SampleRNG, ids: Tensor, s: int, h: int, w: int):
         self.s = s
-        self.rows, in_rows = self._offsets(self._corner(n, h - s, generator, device), s, h)
-        self.cols, in_cols = self._offsets(self._corner(n, w - s, generator, device), s, w)
+        self.rows, in_rows = self._offsets(rng.integers(ids, h - s + 1), s, h)
+        self.cols, in_cols = self._offsets(rng.integers(ids, w - s + 1), s, w)
         self.mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (n, 1, h, w)
-
-    @staticmethod
-    def _corner(n: int, last: int, generator: torch.Generator, device: torch.device) -> Tensor:
-        return torch.randint(0, last + 1, (n,), generator=generator, device=generator.device).to(device)
 
     @staticmethod
     def _offsets(start: Tensor, s: int, size: int) -> tuple[Tensor, Tensor]:
@@ -114,69 +110,68 @@ class Square(ScoreAttack):
     # -- start --------------------------------------------------------------------------------------------------
     def _start(self, search: ScoreSearch) -> State:
         x0 = search.oracle.x
-        g = search.oracle.generator
         n, c, h, w = x0.shape
+        ids = torch.arange(n, device=x0.device)
         if self.norm == "linf":  # vertical stripes of +-eps
-            delta = self.eps * rademacher((n, c, 1, w), g).to(x0)
+            delta = self.eps * rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0)
         else:
-            delta = self._bump_grid(n, c, h, w, g).to(x0)
+            delta = self._bump_grid(search.oracle.rng, ids, c, h, w).to(x0)
             delta = delta * expand(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
-        return search.start((x0 + delta).clamp(0.0, 1.0), torch.arange(n, device=x0.device))
+        return search.start((x0 + delta).clamp(0.0, 1.0), ids)
 
     @staticmethod
-    def _bump_grid(n: int, c: int, h: int, w: int, g: torch.Generator) -> Tensor:
+    def _bump_grid(rng: SampleRNG, ids: Tensor, c: int, h: int, w: int) -> Tensor:
         """The L2 start: a grid of ``h // 5``-sized twin bumps, each with a random sign per image and channel."""
         t = max(min(h, w) // 5, 1)
         nh, nw = h // t, w // t
-        signs = rademacher((n, c, nh, nw), g).cpu()
+        signs = rademacher(rng, ids, (c, nh, nw)).cpu()
         tiles = signs.repeat_interleave(t, dim=2).repeat_interleave(t, dim=3) * _twin_bump(t).repeat(nh, nw)
-        out = torch.zeros(n, c, h, w)
+        out = torch.zeros(len(ids), c, h, w)
         top, left = (h - t * nh) // 2, (w - t * nw) // 2
         out[:, :, top:top + t * nh, left:left + t * nw] = tiles
         return out
 
     # -- one iteration ------------------------------------------------------------------------------------------
     def _step(self, search: ScoreSearch, state: State, it: int) -> State:
-        x0 = search.oracle.x[state["ids"]]
-        n, _, h, w = x0.shape
-        win = _Windows(n, self._side(it, h, w), h, w, search.oracle.generator, x0.device)
+        ids = state["ids"]
+        x0 = search.oracle.x[ids]
+        h, w = x0.shape[2:]
+        win = _Windows(search.oracle.rng, ids, self._side(it, h, w), h, w)
         if self.norm == "linf":
-            cand = self._linf_candidate(search, state["x"], x0, win)
+            cand = self._linf_candidate(search.oracle.rng, ids, state["x"], x0, win)
         else:
-            cand = self._l2_candidate(search, state["x"], x0, win)
+            cand = self._l2_candidate(search.oracle.rng, ids, state["x"], x0, win)
         search.accept(state, cand)
         return state
 
-    def _linf_candidate(self, search: ScoreSearch, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
+    def _linf_candidate(self, rng: SampleRNG, ids: Tensor, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
         """Set each image's window to ``x0 +- eps`` (a random sign per channel), redrawing the signs of a proposal
         that would change nothing (rejection sampling on the signs alone: which sign moves which channel is known)."""
-        n, c = x0.shape[:2]
-        g = search.oracle.generator
+        c = x0.shape[1]
         up, down = (x0 + self.eps).clamp(max=1.0), (x0 - self.eps).clamp(min=0.0)
         moves_up = (((up - cur).abs() > 1e-7) & win.mask).flatten(2).any(dim=2)  # (n, c)
         moves_down = (((down - cur).abs() > 1e-7) & win.mask).flatten(2).any(dim=2)
-        signs = rademacher((n, c), g).to(x0.device) > 0
+        signs = rademacher(rng, ids, (c,)) > 0
         for _ in range(_RESAMPLES):
             idle = ~torch.where(signs, moves_up, moves_down).any(dim=1)
             if not bool(idle.any()):
                 break
-            signs[idle] = rademacher((int(idle.sum()), c), g).to(x0.device) > 0
+            signs[idle] = rademacher(rng, ids[idle], (c,)) > 0
         return torch.where(win.mask, torch.where(signs[:, :, None, None], up, down), cur)
 
-    def _l2_candidate(self, search: ScoreSearch, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
+    def _l2_candidate(self, rng: SampleRNG, ids: Tensor, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
         """Move the mass of a second window into the first, add a fresh bump there, and rescale to norm ``eps``."""
-        n, c, h, w = x0.shape
-        g = search.oracle.generator
-        other = _Windows(n, win.s, h, w, g, x0.device)
+        c, h, w = x0.shape[1:]
+        other = _Windows(rng, ids, win.s, h, w)
         delta = cur - x0
         m1, both = win.mask.to(x0), (win.mask | other.mask).to(x0)
         window_norm = (delta * m1).flatten(2).norm(dim=2)[..., None, None]  # (n, c, 1, 1)
         union_norm = (delta * both).flatten(2).norm(dim=2)[..., None, None]
         total_sq = delta.flatten(1).pow(2).sum(dim=1)
         bump = _twin_bump(win.s).to(x0)
-        flip = torch.rand(n, generator=g, device=g.device).to(x0.device) < 0.5
-        patterns = torch.where(flip[:, None, None], bump.t(), bump)
-        fresh = win.place(patterns) * rademacher((n, c, 1, 1), g).to(x0)
+        flip = rng.uniform(ids, (1, 1)) < 0.5
+        patterns = torch.where(flip, bump.t(), bump)
+        fresh = win.place(patterns) * rademacher(rng, ids, (c, 1, 1)).to(x0)
         fresh = fresh + delta * m1 / (window_norm + 1e-10)
         budget = ((self.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
         fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()

@@ -11,6 +11,7 @@ import attacks
 from attacks.base import Context
 from attacks.norms import get_norm
 from attacks.oracle import QueryBudgetError, QueryOracle, ScoresUnavailableError
+from attacks.rng import SampleRNG, sample_keys
 from attacks.simba import dct_matrix
 from attacks.square import p_schedule
 
@@ -79,7 +80,7 @@ def run_recorded(monkeypatch, atk, model, x, y, **kw):
 # -- the oracle ---------------------------------------------------------------------------------------------------
 def _oracle(trained, kind="score", budget=3):
     model, x, y = trained
-    ctx = Context(model, x[:4], y[:4], None, gen())
+    ctx = Context(model, x[:4], y[:4], None, SampleRNG(sample_keys(0, torch.arange(4))))
     return ctx, QueryOracle(ctx, kind, budget)
 
 
@@ -181,6 +182,17 @@ def test_each_query_is_charged_to_its_own_sample_and_fooled_samples_stop(name, t
     assert res.success[hit].all() and res.success.sum() >= 4
 
 
+@pytest.mark.parametrize("name", BLACK_BOX)
+def test_a_samples_result_does_not_depend_on_its_batch(name, trained):
+    """With per-sample seeds, each image gets the same result and spends the same queries alone or in a batch."""
+    model, x, y = trained
+    atk = build(name, max_queries=150)
+    keys = sample_keys(5, torch.arange(24))
+    whole = atk(model, x[:24], y[:24], generator=keys)
+    part = atk(model, x[10:15], y[10:15], generator=keys[10:15])
+    assert torch.equal(whole.x_adv[10:15], part.x_adv) and torch.equal(whole.queries[10:15], part.queries)
+
+
 def _rescaled(model: nn.Module) -> nn.Module:
     """Same top label as ``model`` on every input, different scores (a positive per-row scale and shift)."""
 
@@ -249,7 +261,8 @@ def test_square_beats_uniform_noise_of_the_same_size(norm, trained):
     model, x, y = trained
     eps = 0.2 if norm == "linf" else 1.6
     res = attacks.Square(eps=eps, norm=norm, max_queries=300)(model, x, y, generator=gen())
-    noise = get_norm(norm).random(x.shape, eps, gen())
+    idx = torch.arange(len(x))
+    noise = get_norm(norm).random(SampleRNG(sample_keys(0, idx)), idx, x.shape[1:], eps)
     with torch.no_grad():
         noise_rate = (model((x + noise).clamp(0, 1)).argmax(1) != y).float().mean()
     assert res.success.float().mean() >= noise_rate + 0.3
