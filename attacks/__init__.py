@@ -26,9 +26,16 @@ from attacks.eotpgd import EOTPGD  # noqa: E402
 from attacks.apgd import APGD, APGDT  # noqa: E402
 from attacks.cw import CarliniWagner  # noqa: E402
 from attacks.deepfool import DeepFool  # noqa: E402
+from attacks.square import Square  # noqa: E402
+from attacks.simba import SimBA  # noqa: E402
+from attacks.nes import NES  # noqa: E402
+from attacks.spsa import SPSA  # noqa: E402
+from attacks.hopskipjump import HopSkipJump  # noqa: E402
+from attacks.boundary import Boundary  # noqa: E402
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
     "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
+    "Square", "SimBA", "NES", "SPSA", "HopSkipJump", "Boundary",
 ]

@@ -1,0 +1,376 @@
+"""What the black-box attacks share: their base classes, the work-set bookkeeping, and the common search steps.
+
+* :class:`ScoreAttack` — sees scores through a :class:`~attacks.oracle.QueryOracle`, stays inside an Lp ball of
+  radius ``eps``, at most ``max_queries`` queries per sample. Subclasses write ``_start`` (the first query) and
+  ``_step`` (one iteration); :meth:`ScoreAttack._run` is the one loop that drops a sample as soon as it is fooled or
+  cannot pay for another iteration.
+* :class:`DecisionAttack` — sees labels only and *minimizes* the perturbation from an adversarial starting point.
+  With ``eps=None`` it spends its budget shrinking the perturbation and reports the norm reached; with ``eps`` a
+  sample stops as soon as an adversarial point within ``eps`` is found (and counts as a success only then).
+* Work sets are dicts of tensors whose first dimension runs over the samples still worked on (``"ids"`` holds
+  their batch positions); :func:`subset` compacts all of them at once, so every model call serves exactly the
+  samples that still need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range
+from attacks.losses import LOSSES, Objective
+from attacks.norms import Norm
+from attacks.oracle import QueryOracle
+from attacks.rng import SampleRNG
+
+State = dict[str, Tensor]
+
+#: Probes per sample in one model call of the estimators (NES/SPSA pairs, HopSkipJump's boundary samples): one call
+#: serves every sample of the work set. Fixed, not derived from the batch size, so that each sample's random draws
+#: (and its result) are the same whatever batch it is attacked in; it also bounds memory.
+PROBES_PER_CALL = 32
+
+
+def subset(state: State, mask: Tensor) -> State:
+    """The rows of every tensor in ``state`` where ``mask`` holds."""
+    return {k: v[mask] for k, v in state.items()}
+
+
+def expand(t: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample ``(N,)`` tensor to broadcast against ``like`` of shape ``(N, ...)``."""
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Results:
+    """The per-sample outcome of a black-box run, filled in as samples leave the work set."""
+
+    def __init__(self, x: Tensor):
+        self.x_adv = x.clone()
+        self.logits: Optional[Tensor] = None
+
+    def retire(self, state: State, mask: Tensor, key: str = "x") -> State:
+        """Record the samples of ``state`` where ``mask`` holds (their ``state[key]`` and logits) and drop them."""
+        if not bool(mask.any()):
+            return state
+        ids = state["ids"][mask]
+        self.x_adv[ids] = state[key][mask]
+        if "logits" in state:
+            if self.logits is None:
+                self.logits = state["logits"].new_empty(self.x_adv.shape[0], state["logits"].shape[1])
+            self.logits[ids] = state["logits"][mask]
+        return subset(state, ~mask)
+
+
+# -- score-based -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ScoreAttack(BoundedAttack):
+    """Base of the score-based attacks: ``eps`` (> 0) bounds the perturbation, ``max_queries`` the queries per sample.
+
+    ``loss`` is the objective the search maximizes (``margin`` by default: it is positive exactly when the sample is
+    fooled).
+    """
+
+    kind: ClassVar[str] = "score"
+    supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    max_queries: int = 1000
+    loss: str = "margin"
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
+        check_int("max_queries", self.max_queries)
+        check_choice("loss", self.loss, self._objectives())
+
+    def _objectives(self) -> dict[str, Objective]:
+        """The objectives ``loss`` may name."""
+        return LOSSES
+
+    def _iteration_cost(self) -> int:
+        """Queries one iteration needs per sample; a sample with fewer left stops."""
+        return 1
+
+    def _start(self, search: "ScoreSearch") -> State:
+        """Query the starting points; return the work set (``ids``, ``x``, ``logits``, ``value``, ``fooled``)."""
+        raise NotImplementedError
+
+    def _step(self, search: "ScoreSearch", state: State, it: int) -> State:
+        """One iteration over the work set; must refresh ``fooled``."""
+        raise NotImplementedError
+
+    def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        oracle = QueryOracle(ctx, "score", self.max_queries)
+        search = ScoreSearch(oracle, self._objectives()[self.loss], self.norm_obj, self.eps)
+        state = self._start(search)
+        it = 0
+        while True:
+            state = search.results.retire(state, state["fooled"])
+            state = search.results.retire(state, search.oracle.remaining(state["ids"]) < self._iteration_cost())
+            if state["ids"].numel() == 0:
+                return search.results.x_adv, search.results.logits
+            state = self._step(search, state, it)
+            it += 1
+
+
+class ScoreSearch:
+    """The tools of one score-based run: the oracle, the objective, projection onto the ball, and the results."""
+
+    def __init__(self, oracle: QueryOracle, objective: Objective, norm: Norm, eps: float):
+        self.oracle = oracle
+        self.objective = objective
+        self.norm = norm
+        self.eps = eps
+        self.results = Results(oracle.x)
+
+    def project(self, x0: Tensor, x: Tensor) -> Tensor:
+        """The point of the ball around ``x0`` and of the [0, 1] box closest to ``x`` (projection, then clamp)."""
+        return (x0 + self.norm.project(x - x0, self.eps)).clamp(0.0, 1.0)
+
+    def evaluate(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query ``x`` (one row per sample at ``ids``): returns (logits, objective value, fooled)."""
+        logits = self.oracle.scores(x, ids)
+        y, t = self.oracle.label_of(ids)
+        return logits, self.objective(logits, y, t), self.oracle.meets_goal(logits.argmax(dim=1), ids)
+
+    def start(self, x: Tensor, ids: Tensor, **extra: Tensor) -> State:
+        """A work set starting at ``x`` (one query per sample)."""
+        logits, value, fooled = self.evaluate(x, ids)
+        return {"ids": ids, "x": x, "logits": logits, "value": value, "fooled": fooled, **extra}
+
+    def accept(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Query ``cand`` for the samples where ``mask`` holds (all by default) and keep it where it improves the
+        objective or fools the model (greedy random search). Updates ``state`` in place; returns where it moved."""
+        moved = torch.zeros_like(state["fooled"])
+        pos = torch.arange(moved.numel(), device=cand.device) if mask is None else mask.nonzero()[:, 0]
+        if pos.numel() == 0:
+            return moved
+        logits, value, fooled = self.evaluate(cand[pos], state["ids"][pos])
+        take = (value > state["value"][pos]) | fooled
+        won = pos[take]
+        for key, new in (("x", cand[pos]), ("logits", logits), ("value", value)):
+            state[key][won] = new[take]
+        state["fooled"][pos] |= fooled
+        moved[won] = True
+        return moved
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimatedGradientAttack(ScoreAttack):
+    """Projected ascent on a gradient estimated from ``samples`` queries (antithetic pairs ``x +- sigma * u``).
+
+    Subclasses choose the noise ``u`` (``_noise``) and how an estimate moves the iterate (``_update``), with step size
+    ``alpha`` (see :attr:`step_size`). Each iteration costs ``samples + 1`` queries per sample: the estimate, then
+    one query of the new iterate, which tells whether it fools the model. The starting point (``x``) costs one.
+    """
+
+    samples: int = 50
+    sigma: float = 1e-3
+    alpha: Optional[float] = None
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_int("samples", self.samples, low=2)
+        if self.samples % 2:
+            raise ValueError(f"samples must be even (antithetic pairs), got {self.samples}")
+        check_range("sigma", self.sigma, low=0.0, high=1.0)
+        if self.alpha is not None:
+            check_range("alpha", self.alpha, low=0.0)
+
+    def _iteration_cost(self) -> int:
+        return self.samples + 1
+
+    @property
+    def step_size(self) -> float:
+        """``alpha``, or PGD's rule ``2.5 eps / iterations`` for the iterations the budget pays for (so the walk
+        can cross the ball whatever the budget)."""
+        if self.alpha is not None:
+            return self.alpha
+        return 2.5 * self.eps / max(1, (self.max_queries - 1) // self._iteration_cost())
+
+    def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Probe directions of shape ``(len(idx), *shape)`` from the streams of the samples at ``idx``."""
+        raise NotImplementedError
+
+    def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
+        """The next iterate (before projection) and the state with any optimizer memory updated."""
+        raise NotImplementedError
+
+    def _start(self, search: ScoreSearch) -> State:
+        x = search.oracle.x
+        return search.start(x.clone(), torch.arange(x.shape[0], device=x.device))
+
+    def _step(self, search: ScoreSearch, state: State, it: int) -> State:
+        grad = self._estimate(search, state)
+        nxt, state = self._update(search, state, grad, it)
+        pos = (~state["fooled"]).nonzero()[:, 0]  # samples a probe of the estimate has not fooled already
+        if pos.numel():
+            ids = state["ids"][pos]
+            new = search.project(search.oracle.x[ids], nxt[pos])
+            logits, value, fooled = search.evaluate(new, ids)
+            for key, val in (("x", new), ("logits", logits), ("value", value), ("fooled", fooled)):
+                state[key][pos] = val
+        return state
+
+    def _estimate(self, search: ScoreSearch, state: State) -> Tensor:
+        """``mean_u [f(x + sigma u) - f(x - sigma u)] u / (2 sigma)`` over ``samples / 2`` pairs.
+
+        Probes are projected onto the ball and the box, so every query is a valid candidate: a probe that fools the
+        model becomes its sample's result at once (``state`` is updated in place) and the sample gets no further
+        queries.
+        """
+        x, ids = state["x"], state["ids"]
+        pairs = self.samples // 2
+        grad = torch.zeros_like(x)
+        per_call = PROBES_PER_CALL // 2
+        for first in range(0, pairs, per_call):
+            pos = (~state["fooled"]).nonzero()[:, 0]
+            if pos.numel() == 0:
+                break
+            m, k = pos.numel(), min(per_call, pairs - first)
+            u = self._noise(search.oracle.rng, ids[pos], (k, *x.shape[1:])).to(x)
+            probes = torch.cat([x[pos, None] + self.sigma * u, x[pos, None] - self.sigma * u], dim=1).flatten(0, 1)
+            rows = ids[pos].repeat_interleave(2 * k)
+            probes = search.project(search.oracle.x[rows], probes)
+            logits, f, fooled = search.evaluate(probes, rows)
+            f = f.reshape(m, 2 * k)
+            diff = (f[:, :k] - f[:, k:]).reshape(m, k, *([1] * (x.dim() - 1)))
+            grad[pos] += (diff * u).sum(dim=1)
+            self._adopt(state, pos, fooled.reshape(m, 2 * k), probes, logits, f.flatten())
+        return grad / (2 * self.sigma * pairs)
+
+    @staticmethod
+    def _adopt(state: State, pos: Tensor, fooled: Tensor, probes: Tensor, logits: Tensor, values: Tensor) -> None:
+        """Make the first fooling probe of each sample at ``pos`` (rows of ``fooled``) that sample's result."""
+        hit = fooled.any(dim=1)
+        if not bool(hit.any()):
+            return
+        row = (torch.arange(pos.numel(), device=pos.device) * fooled.shape[1] + fooled.to(torch.int8).argmax(dim=1))[hit]
+        won = pos[hit]
+        state["x"][won], state["logits"][won], state["value"][won] = probes[row], logits[row], values[row]
+        state["fooled"][won] = True
+
+
+# -- decision-based ----------------------------------------------------------------------------------------------
+#: Uniform-noise draws per sample when looking for an adversarial starting point.
+INIT_TRIES = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecisionAttack(MinNormAttack):
+    """Base of the decision-based (label-only) attacks, which minimize the perturbation.
+
+    ``eps=None``: minimize for the whole budget and report the norm reached. ``eps`` given (> 0): success means an
+    adversarial point within ``eps``; a sample stops as soon as it has one, and a sample that ends with a larger
+    perturbation is discarded (``x_adv = x``), as in every :class:`~attacks.base.MinNormAttack`.
+    """
+
+    kind: ClassVar[str] = "decision"
+    supported_norms: ClassVar[tuple[str, ...]] = ("l2",)
+    targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
+
+    max_queries: int = 1000
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.eps is not None:
+            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
+        check_int("max_queries", self.max_queries)
+
+    def _minimize(self, search: "DecisionSearch", state: State) -> State:
+        """Shrink the perturbation of every sample in the work set; return what is left of it."""
+        raise NotImplementedError
+
+    def _run(self, ctx: Context) -> tuple[Tensor, None]:
+        search = DecisionSearch(QueryOracle(ctx, "decision", self.max_queries), self.norm_obj, self.eps)
+        state = search.start()
+        state = self._minimize(search, state)
+        search.results.retire(state, torch.ones_like(state["ids"], dtype=torch.bool), key="best")
+        return search.results.x_adv, None
+
+
+class DecisionSearch:
+    """The tools of one decision-based run: oracle, distances, the common start, bisection and the best points."""
+
+    def __init__(self, oracle: QueryOracle, norm: Norm, eps: Optional[float]):
+        self.oracle = oracle
+        self.norm = norm
+        self.eps = eps
+        self.results = Results(oracle.x)
+
+    def distance(self, x: Tensor, ids: Tensor) -> Tensor:
+        return self.norm.measure(x - self.oracle.x[ids])
+
+    def start(self) -> State:
+        """Blended uniform noise: per sample, uniform noise until one is adversarial, then the blend
+        ``(1 - a) x + a noise`` with the smallest ``a`` found by bisection. Samples without an adversarial start keep
+        ``x`` (they fail). Returns the work set with ``x`` and ``best`` (the start) and ``dist`` (its norm)."""
+        x0 = self.oracle.x
+        ids = torch.arange(x0.shape[0], device=x0.device)
+        noise, found = self._uniform_adversarial(ids)
+        state = self.results.retire({"ids": ids, "x": x0.clone()}, ~found)
+        noise = noise[found]
+        ones = torch.ones(state["ids"].numel(), device=x0.device, dtype=x0.dtype)
+        a = self.bisect(state["ids"], lambda pos, t: self.blend(state["ids"][pos], noise[pos], t),
+                        high=ones, tol=ones * 1e-3)
+        state["x"] = self.blend(state["ids"], noise, a)
+        return self.offer(state, state["x"])
+
+    def _uniform_adversarial(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        x0 = self.oracle.x[ids]
+        noise = x0.clone()
+        found = torch.zeros(ids.numel(), dtype=torch.bool, device=x0.device)
+        for _ in range(INIT_TRIES):
+            pos = ((~found) & (self.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
+            if pos.numel() == 0:
+                break
+            draw = self.oracle.rng.uniform(ids[pos], x0.shape[1:]).to(x0)
+            adv = self.oracle.is_adversarial(draw, ids[pos])
+            noise[pos[adv]] = draw[adv]
+            found[pos[adv]] = True
+        return noise, found
+
+    def blend(self, ids: Tensor, adv: Tensor, a: Tensor) -> Tensor:
+        """``(1 - a) x + a adv`` per sample: the segment from the clean input to ``adv``."""
+        x0 = self.oracle.x[ids]
+        return x0 + expand(a, x0) * (adv - x0)
+
+    def bisect(self, ids: Tensor, point: Callable[[Tensor, Tensor], Tensor], high: Tensor, tol: Tensor) -> Tensor:
+        """Smallest ``t`` in ``[0, high]`` (per sample) for which ``point(pos, t)`` is adversarial, to within ``tol``.
+
+        ``point(high)`` must be adversarial and ``point(0)`` is the clean input. Each round queries only the samples
+        whose interval is still wider than ``tol`` and that have budget left; the returned ``t`` is always on the
+        adversarial side."""
+        low = torch.zeros_like(high)
+        high = high.clone()
+        while True:
+            pos = ((high - low > tol) & (self.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
+            if pos.numel() == 0:
+                return high
+            mid = (low[pos] + high[pos]) / 2
+            adv = self.oracle.is_adversarial(point(pos, mid).clamp(0.0, 1.0), ids[pos])
+            high[pos] = torch.where(adv, mid, high[pos])
+            low[pos] = torch.where(adv, low[pos], mid)
+
+    def offer(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> State:
+        """Make the known-adversarial ``cand`` each sample's ``best`` where it is closer (and ``mask`` holds)."""
+        dist = self.distance(cand, state["ids"])
+        if "best" not in state:
+            return {**state, "best": cand.clone(), "dist": dist}
+        better = dist < state["dist"]
+        if mask is not None:
+            better &= mask
+        state = dict(state)
+        state["best"] = torch.where(expand(better, cand), cand, state["best"])
+        state["dist"] = torch.where(better, dist, state["dist"])
+        return state
+
+    def settle(self, state: State, spend_at_least: int = 1) -> State:
+        """Retire the samples that are done: within ``eps`` (when given) or without ``spend_at_least`` queries left."""
+        done = self.oracle.remaining(state["ids"]) < spend_at_least
+        if self.eps is not None:
+            done |= state["dist"] <= self.eps
+        return self.results.retire(state, done, key="best")
+

@@ -1,0 +1,103 @@
+"""Boundary attack — decision-based random walk along the decision boundary (L2).
+
+Brendel, Rauber & Bethge, "Decision-Based Adversarial Attacks: Reliable Attacks Against Black-Box Machine Learning
+Models", ICLR 2018. From an adversarial start (blended uniform noise), each step draws a Gaussian direction
+orthogonal to ``x - x_adv``, moves ``spherical_step * dist`` along it and back onto the sphere of radius ``dist``
+around ``x`` (the orthogonal step), then ``source_step * dist`` towards ``x``; the result is kept if it is still
+adversarial. The orthogonal point is queried first and the full step only when it is adversarial (one or two
+queries per step). Every ``adapt_every`` steps the step sizes adapt by ``step_adaptation``: both grow when more than
+half of the orthogonal points were adversarial and shrink below 20 %; the source step alone grows when more than
+25 % of the full steps succeeded and shrinks below 10 % (the thresholds of the reference implementation; the source
+step is capped at 0.5 so a step never overshoots ``x``). A sample stops when its source step falls below 1e-7.
+
+Defaults are the paper's: both steps 0.01, adaptation factor 1.5.
+
+>>> Boundary(max_queries=1000)(model, x, y).norms.median()          # L2 reached; pass eps= for a success rate
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attacks.base import check_int, check_range
+from attacks.blackbox import DecisionAttack, DecisionSearch, State, expand
+from attacks.registry import register
+
+_CONVERGED = 1e-7
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Boundary(DecisionAttack):
+    """``spherical_step``, ``source_step``: relative step sizes; ``step_adaptation``, ``adapt_every``: their tuning."""
+
+    name = "boundary"
+    description = "Boundary attack: random walk along the decision boundary, minimum L2 (Brendel et al. 2018)"
+
+    spherical_step: float = 0.01
+    source_step: float = 0.01
+    step_adaptation: float = 1.5
+    adapt_every: int = 10
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_range("spherical_step", self.spherical_step, low=0.0)
+        check_range("source_step", self.source_step, low=0.0, high=1.0, high_inclusive=False)
+        check_range("step_adaptation", self.step_adaptation, low=1.0)
+        check_int("adapt_every", self.adapt_every)
+
+    def _minimize(self, search: DecisionSearch, state: State) -> State:
+        like = state["dist"]
+        state.update(spherical=torch.full_like(like, self.spherical_step), source=torch.full_like(like, self.source_step),
+                     trials=torch.zeros_like(like), sph_ok=torch.zeros_like(like), src_ok=torch.zeros_like(like))
+        step = 0
+        while True:
+            state = search.settle(state)
+            state = search.results.retire(state, state["source"] < _CONVERGED, key="best")
+            if state["ids"].numel() == 0:
+                return state
+            self._walk(search, state)
+            step += 1
+            if step % self.adapt_every == 0:
+                self._adapt(state)
+
+    def _walk(self, search: DecisionSearch, state: State) -> None:
+        """One orthogonal step, and a step towards the clean input where the orthogonal point is adversarial."""
+        ids, cur = state["ids"], state["best"]
+        x0 = search.oracle.x[ids]
+        to_x = x0 - cur
+        dist = to_x.flatten(1).norm(dim=1)
+        unit = to_x / expand(dist.clamp_min(1e-12), to_x)
+        eta = search.oracle.rng.normal(ids, cur.shape[1:]).to(cur)
+        eta = eta - expand((eta * unit).flatten(1).sum(dim=1), eta) * unit
+        eta = eta * expand(state["spherical"] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12), eta)
+        sphere = (x0 + (cur + eta - x0) / expand((1 + state["spherical"] ** 2).sqrt(), eta)).clamp(0.0, 1.0)
+        sph_adv = search.oracle.is_adversarial(sphere, ids)
+
+        back = x0 - sphere
+        back_norm = back.flatten(1).norm(dim=1).clamp_min(1e-12)
+        length = (state["source"] * dist + back_norm - dist).clamp_min(0.0)  # corrects for leaving the sphere
+        cand = (sphere + expand(length / back_norm, back) * back).clamp(0.0, 1.0)
+        pos = (sph_adv & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
+        adv = torch.zeros_like(sph_adv)
+        if pos.numel():
+            adv[pos] = search.oracle.is_adversarial(cand[pos], ids[pos])
+        state.update(search.offer(state, cand, mask=adv))
+        state["trials"] += 1
+        state["sph_ok"] += sph_adv.to(cur.dtype)
+        state["src_ok"] += adv.to(cur.dtype)
+
+    def _adapt(self, state: State) -> None:
+        """Tune the step sizes from the success rates since the last adaptation, then reset the counts."""
+        f = self.step_adaptation
+        sph_rate = state["sph_ok"] / state["trials"].clamp_min(1)
+        src_rate = state["src_ok"] / state["trials"].clamp_min(1)
+        both = torch.where(sph_rate > 0.5, f, torch.where(sph_rate < 0.2, 1 / f, 1.0))
+        source = torch.where(src_rate > 0.25, f, torch.where(src_rate < 0.1, 1 / f, 1.0))
+        state["spherical"] = state["spherical"] * both
+        state["source"] = (state["source"] * both * source).clamp(max=0.5)
+        for key in ("trials", "sph_ok", "src_ok"):
+            state[key] = torch.zeros_like(state[key])
+

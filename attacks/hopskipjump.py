@@ -1,0 +1,132 @@
+"""HopSkipJump — decision-based attack that estimates the boundary's normal from labels alone.
+
+Chen, Jordan & Wainwright, "HopSkipJumpAttack: A Query-Efficient Decision-Based Attack", IEEE S&P 2020. From an
+adversarial start (blended uniform noise), each iteration ``t``:
+
+1. estimates the normal of the decision boundary at the current boundary point from ``init_evals * sqrt(t)``
+   (at most ``max_evals``) labels at random points ``delta`` away (Monte-Carlo, with the paper's baseline);
+2. steps along it (its sign under Linf) by ``dist / sqrt(t)``, halving the step until the point is adversarial
+   (geometric progression);
+3. bisects back to the boundary over the radius of the ball around the clean input onto which the point is
+   projected (under L2: along the segment to the clean input), to within ``theta`` times the distance (L2,
+   ``theta = gamma / d^1.5``) or ``min(theta, theta * distance)`` (Linf, ``theta = gamma / d^2``).
+
+``delta`` is 0.1 at ``t = 1``, then ``sqrt(d) theta dist`` (L2) or ``d theta dist`` (Linf), as in the paper. Under a
+query budget each sample's estimate is cut so the step and the bisection still fit; a sample stops when even a
+one-query estimate would not. Defaults are the paper's (100 initial evaluations, at most 10,000, gamma 1).
+
+>>> HopSkipJump(max_queries=1000)(model, x, y).norms.median()       # L2 reached; pass eps= for a success rate
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attacks.base import check_int, check_range
+from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch, State, expand
+from attacks.registry import register
+
+_MAX_HALVINGS = 30  # geometric step search: give up (stay on the boundary point) after this many halvings
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class HopSkipJump(DecisionAttack):
+    """``init_evals``/``max_evals``: boundary-normal estimate sizes; ``gamma``: bisection precision factor."""
+
+    name = "hopskipjump"
+    supported_norms = ("l2", "linf")
+    description = "HopSkipJump: boundary-normal estimates from labels, minimum norm (Chen et al. 2020)"
+
+    init_evals: int = 100
+    max_evals: int = 10000
+    gamma: float = 1.0
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_int("init_evals", self.init_evals)
+        check_int("max_evals", self.max_evals, low=self.init_evals)
+        check_range("gamma", self.gamma, low=0.0)
+
+    def _theta(self, d: int) -> float:
+        return self.gamma / (d * math.sqrt(d)) if self.norm == "l2" else self.gamma / d ** 2
+
+    def _minimize(self, search: DecisionSearch, state: State) -> State:
+        d = search.oracle.x[0].numel()
+        theta = self._theta(d)
+        reserve = math.ceil(math.log2(1 / theta)) + 1  # a full bisection and one step query
+        state["post"] = state["dist"]
+        t = 1
+        while True:
+            state = search.settle(state, spend_at_least=reserve + 1)
+            if state["ids"].numel() == 0:
+                return state
+            scale = math.sqrt(d) if self.norm == "l2" else d
+            delta = torch.full_like(state["post"], 0.1) if t == 1 else scale * theta * state["post"]
+            evals = (search.oracle.remaining(state["ids"]) - reserve).clamp(
+                max=min(int(self.init_evals * math.sqrt(t)), self.max_evals))
+            update = self._normal(search, state, delta, evals)
+            state = self._jump(search, state, update, t, theta)
+            t += 1
+
+    # -- 1. the boundary normal ----------------------------------------------------------------------------------
+    def _normal(self, search: DecisionSearch, state: State, delta: Tensor, evals: Tensor) -> Tensor:
+        """Monte-Carlo estimate of the boundary normal at ``state["x"]``, ``evals[i]`` labels for sample ``i``."""
+        cur, ids = state["x"], state["ids"]
+        n = cur.shape[0]
+        rng = search.oracle.rng
+        sums = {k: torch.zeros_like(cur) for k in ("rv", "phi_rv")}
+        phi_sum = torch.zeros(n, dtype=cur.dtype, device=cur.device)
+        for first in range(0, int(evals.max()), PROBES_PER_CALL):
+            k = min(PROBES_PER_CALL, int(evals.max()) - first)
+            need = (evals > first).nonzero()[:, 0]  # samples drawing in this call
+            valid = torch.arange(first, first + k, device=cur.device)[None, :] < evals[need, None]  # (len(need), k)
+            pos = need[:, None].expand(-1, k)[valid]
+            shape = (k, *cur.shape[1:])
+            rv = rng.normal(ids[need], shape) if self.norm == "l2" else rng.uniform(ids[need], shape) * 2 - 1
+            rv = rv.to(cur)[valid]
+            rv = rv / expand(rv.flatten(1).norm(dim=1).clamp_min(1e-12), rv)
+            step = expand(delta[pos], rv)
+            probe = (cur[pos] + step * rv).clamp(0.0, 1.0)
+            rv = (probe - cur[pos]) / step
+            phi = search.oracle.is_adversarial(probe, ids[pos]).to(cur.dtype) * 2 - 1
+            phi_sum.index_add_(0, pos, phi)
+            sums["rv"].index_add_(0, pos, rv)
+            sums["phi_rv"].index_add_(0, pos, expand(phi, rv) * rv)
+        count = evals.clamp_min(1).to(cur.dtype)
+        mean_phi = expand(phi_sum / count, cur)
+        mean_rv = sums["rv"] / expand(count, cur)
+        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / expand(count, cur) - mean_phi * mean_rv)
+        if self.norm == "linf":
+            return grad.sign()
+        return grad / expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+
+    # -- 2. the step and 3. the bisection back to the boundary ----------------------------------------------------
+    def _jump(self, search: DecisionSearch, state: State, update: Tensor, t: int, theta: float) -> State:
+        ids, cur = state["ids"], state["x"]
+        size = search.distance(cur, ids) / math.sqrt(t)
+        moved = torch.zeros_like(size, dtype=torch.bool)
+        for _ in range(_MAX_HALVINGS):
+            pos = ((~moved) & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
+            if pos.numel() == 0:
+                break
+            cand = (cur[pos] + expand(size[pos], update) * update[pos]).clamp(0.0, 1.0)
+            adv = search.oracle.is_adversarial(cand, ids[pos])
+            cur[pos[adv]] = cand[adv]
+            moved[pos[adv]] = True
+            size[pos[~adv]] /= 2
+        state = search.offer(state, cur)
+        # back to the boundary: the smallest ball around x0 whose projection of `cur` is still adversarial
+        # (under L2 that projection is the segment from x0 to `cur`)
+        x0 = search.oracle.x[ids]
+        radius = search.distance(cur, ids)
+        tol = theta * radius if self.norm == "l2" else (theta * radius).clamp(max=theta)
+        point = lambda pos, r: x0[pos] + search.norm.project(cur[pos] - x0[pos], r)  # noqa: E731
+        found = search.bisect(ids, point, high=radius, tol=tol)
+        state["post"] = radius
+        state["x"] = point(torch.arange(ids.numel(), device=cur.device), found).clamp(0.0, 1.0)
+        return search.offer(state, state["x"])

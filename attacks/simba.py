@@ -1,0 +1,115 @@
+"""SimBA — Simple Black-box Attack.
+
+Guo, Gardner, You, Wilson & Weinberger, "Simple Black-box Adversarial Attacks", ICML 2019. Walk through an
+orthonormal basis in random order; for each direction ``q`` try ``x - step q`` and, if that does not lower the
+true-class probability, ``x + step q``; keep whichever lowers it (one or two queries per sample per iteration).
+
+* ``basis="pixel"``: single pixels (one channel of one location), in random order (SimBA).
+* ``basis="dct"``: 2-D DCT basis images, low frequencies first (rings ``max(u, v)`` in increasing order, random
+  inside a ring), which finds adversarial examples in far fewer queries on natural images (SimBA-DCT).
+
+The paper's attack is unbounded with step 0.2 (L2 units); here each step is ``step`` long in the attack's norm
+(None: ``eps`` under Linf — a full step to the edge of the ball —, ``min(0.2, eps)`` under L2) and every iterate
+is projected onto the ``eps``-ball and the [0, 1] box. The objective is the paper's probability of the true class
+(``loss="prob"``: lowered untargeted, target probability raised when targeted); the margin, CE and DLR losses
+are accepted too.
+
+>>> SimBA(eps=0.1, basis="dct", max_queries=1000)(model, x, y)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attacks.base import check_choice, check_range
+from attacks.blackbox import ScoreAttack, ScoreSearch, State, expand
+from attacks.losses import LOSSES, Objective
+from attacks.registry import register
+
+BASES = ("pixel", "dct")
+
+
+def probability(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+    """The paper's objective, to maximize: minus the true-class probability, or the target-class probability."""
+    p = logits.softmax(dim=1)
+    if target is None:
+        return -p.gather(1, y[:, None])[:, 0]
+    return p.gather(1, target[:, None])[:, 0]
+
+
+@lru_cache(maxsize=8)
+def dct_matrix(size: int) -> Tensor:
+    """The orthonormal DCT-II matrix (CPU, cached): row ``k`` is the ``k``-th cosine basis vector of length ``size``."""
+    i = torch.arange(size, dtype=torch.float64)
+    k = i[:, None]
+    m = torch.cos(math.pi * (2 * i[None, :] + 1) * k / (2 * size)) * math.sqrt(2.0 / size)
+    m[0] /= math.sqrt(2.0)
+    return m.to(torch.float32)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class SimBA(ScoreAttack):
+    """``basis``: ``pixel`` or ``dct``; ``step``: length of one step in the attack's norm (None: see above)."""
+
+    name = "simba"
+    description = "SimBA: +-step along random pixel or low-frequency DCT directions, scores only (Guo et al. 2019)"
+
+    basis: str = "dct"
+    step: Optional[float] = None
+    loss: str = "prob"
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_choice("basis", self.basis, BASES)
+        if self.step is not None:
+            check_range("step", self.step, low=0.0)
+
+    def _objectives(self) -> dict[str, Objective]:
+        return {"prob": probability, **LOSSES}
+
+    @property
+    def step_size(self) -> float:
+        if self.step is not None:
+            return self.step
+        return self.eps if self.norm == "linf" else min(0.2, self.eps)
+
+    def _start(self, search: ScoreSearch) -> State:
+        x0 = search.oracle.x
+        n, c, h, w = x0.shape
+        ids = torch.arange(n, device=x0.device)
+        key = search.oracle.rng.uniform(ids, (c * h * w,))
+        if self.basis == "dct":  # low-frequency rings first, random inside a ring
+            u = torch.arange(h, device=key.device)[:, None]
+            v = torch.arange(w, device=key.device)[None, :]
+            key = key + torch.maximum(u, v).flatten().repeat(c)
+        order = key.argsort(dim=1).to(x0.device)
+        return search.start(x0.clone(), ids, order=order)
+
+    def _direction(self, coord: Tensor, like: Tensor) -> Tensor:
+        """Basis images for the flat coordinates ``coord`` (one per sample), ``step_size`` long in the norm."""
+        n, c, h, w = like.shape
+        if self.basis == "pixel":
+            return torch.zeros(n, c * h * w, dtype=like.dtype, device=like.device).scatter_(
+                1, coord[:, None], self.step_size).reshape(like.shape)
+        ch, u, v = coord // (h * w), (coord // w) % h, coord % w
+        rows, cols = dct_matrix(h).to(like)[u], dct_matrix(w).to(like)[v]
+        image = rows[:, :, None] * cols[:, None, :]
+        out = torch.zeros_like(like)
+        out[torch.arange(n, device=like.device), ch] = image
+        return out * expand(self.step_size / self.norm_obj.measure(out), out)
+
+    def _step(self, search: ScoreSearch, state: State, it: int) -> State:
+        x0 = search.oracle.x[state["ids"]]
+        order = state["order"]
+        q = self._direction(order[:, it % order.shape[1]], x0)
+        moved = search.accept(state, search.project(x0, state["x"] - q))
+        retry = ~moved & ~state["fooled"] & (search.oracle.remaining(state["ids"]) >= 1)
+        search.accept(state, search.project(x0, state["x"] + q), retry)
+        return state
