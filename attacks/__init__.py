@@ -19,9 +19,13 @@ from attacks.pgd import PGD  # noqa: E402
 from attacks.bim import BIM  # noqa: E402
 from attacks.mifgsm import MIFGSM  # noqa: E402
 from attacks.eotpgd import EOTPGD  # noqa: E402
+from attacks.patch import LocalizedPatch, UniversalPatch  # noqa: E402
+from attacks.onepixel import OnePixel  # noqa: E402
+from attacks.greedyl0 import GreedyL0  # noqa: E402
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context",
     "NonFiniteOutputError", "available", "build", "get", "register",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD",
+    "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0",
 ]
