@@ -10,8 +10,11 @@ The model must map images in [0, 1] to logits (normalization inside the model). 
 ``x``; see :mod:`attacks.base` for the full contract.
 """
 
-from attacks.base import DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, NonFiniteOutputError
+from attacks.base import (
+    DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, MinNormAttack, NonFiniteOutputError,
+)
 from attacks.registry import AttackSpec, available, build, get, register
+from attacks.evaluate import AttackStats, Report, evaluate
 
 # importing the attack modules registers them
 from attacks.fgsm import FGSM  # noqa: E402  (isort: skip)
@@ -19,13 +22,16 @@ from attacks.pgd import PGD  # noqa: E402
 from attacks.bim import BIM  # noqa: E402
 from attacks.mifgsm import MIFGSM  # noqa: E402
 from attacks.eotpgd import EOTPGD  # noqa: E402
+from attacks.apgd import APGD, APGDT  # noqa: E402
+from attacks.cw import CarliniWagner  # noqa: E402
+from attacks.deepfool import DeepFool  # noqa: E402
 from attacks.patch import LocalizedPatch, UniversalPatch  # noqa: E402
 from attacks.onepixel import OnePixel  # noqa: E402
 from attacks.greedyl0 import GreedyL0  # noqa: E402
 
 __all__ = [
-    "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context",
-    "NonFiniteOutputError", "available", "build", "get", "register",
-    "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD",
+    "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
+    "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate",
+    "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
     "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0",
 ]

@@ -15,6 +15,7 @@ Guarantees of every call (the contract tests check them for every registered att
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -70,8 +71,18 @@ class Context:
         self.y = y
         self.target = target
         self.generator = generator
+        self.aim = target  # the class the objectives aim at; may differ from the goal (see `retarget`)
         self.queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.gradients = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def retarget(self, aim: Tensor) -> "Context":
+        """A view whose objectives aim at ``aim`` while success keeps the original goal (and the same counters).
+
+        Used by attacks that reach an untargeted goal through targeted losses (APGD-T).
+        """
+        view = copy.copy(self)
+        view.aim = aim
+        return view
 
     @property
     def targeted(self) -> bool:
@@ -82,8 +93,8 @@ class Context:
         return self.x.shape[0]
 
     def label_of(self, idx: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """True labels and targets (or None) of the samples at ``idx``."""
-        return self.y[idx], (None if self.target is None else self.target[idx])
+        """True labels and the classes aimed at (None when untargeted) of the samples at ``idx``."""
+        return self.y[idx], (None if self.aim is None else self.aim[idx])
 
     def _check(self, logits: Tensor) -> Tensor:
         if logits.dim() != 2:
@@ -100,6 +111,17 @@ class Context:
             out = self._check(self.model(x))
         self.queries.index_add_(0, idx, torch.ones_like(idx))
         return out
+
+    def forward_graph(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Logits *with* the autograd graph, for attacks that differentiate through a reparametrization of the
+        input (CW) or take several gradients per pass (DeepFool). Counts one query per sample; the caller charges
+        each input gradient it takes with :meth:`charge_gradients`."""
+        logits = self._check(self.model(x))
+        self.queries.index_add_(0, idx, torch.ones_like(idx))
+        return logits
+
+    def charge_gradients(self, idx: Tensor, count: int = 1) -> None:
+        self.gradients.index_add_(0, idx, torch.full_like(idx, count))
 
     def value_and_grad(self, x: Tensor, idx: Tensor, objective) -> tuple[Tensor, Tensor, Tensor]:
         """Forward + backward to the input only: returns ``(logits, objective per sample, d objective / d x)``.
@@ -121,8 +143,7 @@ class Context:
     def is_adversarial(self, logits: Tensor, idx: Tensor) -> Tensor:
         """Whether predictions from ``logits`` meet the goal for the samples at ``idx``."""
         pred = logits.argmax(dim=1)
-        y, t = self.label_of(idx)
-        return pred.ne(y) if t is None else pred.eq(t)
+        return pred.ne(self.y[idx]) if self.target is None else pred.eq(self.target[idx])
 
 
 def _check_model_device(model: nn.Module, x: Tensor) -> None:
@@ -221,10 +242,18 @@ class Attack:
         finally:
             for m, f in zip(model.modules(), flags):
                 m.training = f
-        x_adv = self._enforce(x, x_adv.detach().to(x.dtype))
-        if logits is None:  # the referee's pass: sets `success`, not charged to the attacker's queries
+        raw = x_adv.detach().to(x.dtype)
+        x_adv = self._enforce(x, raw)
+        # The referee's pass sets `success`; it is not charged to the attacker's queries. It runs on every sample
+        # when the attack returned no logits, and on the samples `_enforce` had to change otherwise.
+        redo = None if logits is None else (x_adv != raw).reshape(ctx.n, -1).any(dim=1)
+        if logits is None or redo.any():
             with torch.no_grad():
-                logits = ctx._check(model(x_adv))
+                if logits is None:
+                    logits = ctx._check(model(x_adv))
+                else:
+                    logits = logits.clone()
+                    logits[redo] = ctx._check(model(x_adv[redo]))
         success = ctx.is_adversarial(logits, torch.arange(ctx.n, device=x.device))
         return AttackResult(
             x_adv=x_adv,
@@ -307,3 +336,28 @@ def check_norm(attack: Attack, norm: str) -> None:
         raise ValueError(
             f"{attack.name} does not support norm {norm!r}: it supports {', '.join(attack.supported_norms)}"
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MinNormAttack(Attack):
+    """An attack that searches for the *smallest* adversarial perturbation (DeepFool, CW, decision attacks).
+
+    ``eps=None`` leaves it unbounded: ``norms`` then report the size it needed. With ``eps`` set, a sample counts as
+    fooled only if its perturbation fits the budget; larger ones are discarded (``x_adv = x``).
+    """
+
+    eps: Optional[float] = None
+    norm: str = "l2"
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_norm(self, self.norm)
+        if self.eps is not None:
+            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
+
+    def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        x_adv = x_adv.clamp(0.0, 1.0)
+        if self.eps is None:
+            return x_adv
+        too_big = self.norm_obj.measure(x_adv - x) > self.eps * (1 + 1e-6)
+        return torch.where(too_big.reshape(-1, *([1] * (x.dim() - 1))), x, x_adv)

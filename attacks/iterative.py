@@ -98,6 +98,20 @@ def _single_run(
     return out_x, out_logits, fooled
 
 
+def with_restarts(ctx: Context, idx: Tensor, restarts: int, run) -> tuple[Tensor, Tensor, Tensor]:
+    """Call ``run(ctx, idx) -> (x_adv, logits, fooled)`` up to ``restarts`` times, each later time only on the
+    samples still unfooled, so more restarts can only lower accuracy. Returns results for the samples at ``idx``."""
+    x_out, logits_out, fooled = run(ctx, idx)
+    for _ in range(restarts - 1):
+        left = (~fooled).nonzero().squeeze(1)
+        if left.numel() == 0:
+            break
+        x_r, logits_r, fooled_r = run(ctx, idx[left])
+        won = left[fooled_r]
+        x_out[won], logits_out[won], fooled[won] = x_r[fooled_r], logits_r[fooled_r], True
+    return x_out, logits_out, fooled
+
+
 def gradient_ascent(
     ctx: Context,
     *,
@@ -112,27 +126,13 @@ def gradient_ascent(
     eot_samples: int = 1,
     early_stop: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Maximize ``objective`` inside the ``eps``-ball of ``norm`` around ``ctx.x``; returns (x_adv, logits).
+    """Maximize ``objective`` inside the ``eps``-ball of ``norm`` around ``ctx.x``; returns (x_adv, logits)."""
 
-    Restarts after the first run only the samples not yet fooled, so more restarts can only lower accuracy.
-    """
-    n = ctx.n
-    out_x = ctx.x.clone()
-    out_logits: Optional[Tensor] = None
-    done = torch.zeros(n, dtype=torch.bool, device=ctx.x.device)
-    for r in range(restarts):
-        idx = torch.arange(n, device=ctx.x.device) if r == 0 else (~done).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        x_r, logits_r, fooled_r = _single_run(
+    def run(ctx: Context, idx: Tensor):
+        return _single_run(
             ctx, idx, norm=norm, eps=eps, alpha=alpha, steps=steps, objective=objective,
             random_start=random_start, momentum=momentum, eot_samples=eot_samples, early_stop=early_stop,
         )
-        if out_logits is None:
-            out_logits = logits_r
-            out_x = x_r
-        else:
-            won = idx[fooled_r]
-            out_x[won], out_logits[won] = x_r[fooled_r], logits_r[fooled_r]
-        done[idx[fooled_r]] = True
-    return out_x, out_logits
+
+    x_adv, logits, _ = with_restarts(ctx, torch.arange(ctx.n, device=ctx.x.device), restarts, run)
+    return x_adv, logits

@@ -43,7 +43,7 @@ class _Group(TyperGroup):
             _fail(f"{where}{exc.format_message()}", 2)
         except _cx.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except (_cx.Abort, KeyboardInterrupt):
+        except (typer.Abort, KeyboardInterrupt):
             _fail("interrupted", 130)
         except RobustCNNError as exc:
             _fail(str(exc), exc.exit_code)
@@ -84,6 +84,7 @@ def _root(
 
 def _register() -> None:
     """Import each command module; each adds its command(s) to ``app``."""
+    from cli.commands import attack as _attack  # noqa: F401
     from cli.commands import train as _train  # noqa: F401
 
 

@@ -1,0 +1,199 @@
+"""`robustcnn attack` (one attack, one or several budgets) and `robustcnn attacks` (the registry)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+import attacks
+from cli import output
+from cli.app import app
+from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, parse_eps_list, positive
+from robustcnn.errors import UsageError
+
+ATTACK = "Attack options (each applies only to the methods that have it)"
+
+#: CLI option -> attack dataclass field. An option the user sets must exist on the chosen attack.
+OPTION_FIELDS = {
+    "norm": "norm", "steps": "steps", "alpha": "alpha", "restarts": "restarts", "loss": "loss", "c": "c",
+    "queries": "max_queries", "pixels": "pixels", "area": "area",
+}
+
+
+def build_attack(method: str, eps: Optional[float], options: dict[str, Any]) -> attacks.Attack:
+    """Build ``method`` from CLI options, refusing options the method does not have (usage errors)."""
+    try:
+        spec = attacks.get(method)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    params = spec.params
+    kwargs: dict[str, Any] = {}
+    if eps is not None:
+        if "eps" not in params:
+            raise UsageError(f"--eps does not apply to {spec.name}")
+        kwargs["eps"] = eps
+    for opt, value in options.items():
+        if value is None:
+            continue
+        fld = OPTION_FIELDS[opt]
+        if fld not in params:
+            takes = ", ".join(f"--{o}" for o, f in OPTION_FIELDS.items() if f in params) or "none of them"
+            raise UsageError(f"--{opt} does not apply to {spec.name} (it takes {takes})")
+        kwargs[fld] = value
+    if "norm" in kwargs and kwargs["norm"] not in spec.norms:
+        raise UsageError(f"{spec.name} does not support --norm {kwargs['norm']}: it supports {', '.join(spec.norms)}")
+    try:
+        return spec.build(**kwargs)
+    except ValueError as exc:
+        raise UsageError(f"{spec.name}: {exc}") from None
+
+
+def _targets(y: torch.Tensor, classes: int, targeted: bool, target_class: Optional[int], seed: int):
+    if target_class is not None:
+        if not 0 <= target_class < classes:
+            raise UsageError(f"--target-class must be in [0, {classes - 1}], got {target_class}")
+        return torch.full_like(y, target_class)
+    if not targeted:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (y + 1 + torch.randint(classes - 1, y.shape, generator=g)) % classes  # a random wrong class each
+
+
+def _load(checkpoint: Optional[Path], device: str, data_dir: Optional[Path], n: Optional[int]):
+    from robustcnn.checkpoint import latest_checkpoint, load_model
+    from robustcnn.data import load_dataset
+    from robustcnn.device import resolve_device
+
+    dev = resolve_device(device)
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
+    model, meta = load_model(path, device=dev)
+    data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
+    count = len(data) if n is None else min(n, len(data))
+    return model, meta, path, dev, data.images[:count], data.labels[:count], tuple(data.classes)
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
+
+
+def _table(method: str, rows: list[dict], targeted: bool) -> Table:
+    t = Table(title=f"{method} on {rows[0]['n']} test images", title_justify="left")
+    for col in ("eps", "clean acc", "acc under attack" if not targeted else "target missed", "success rate",
+                "mean norm", "max norm", "fwd/sample", "bwd/sample", "time"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        a = r["attacks"][method] if method in r["attacks"] else next(iter(r["attacks"].values()))
+        t.add_row(_fmt(r["eps"]), f"{r['clean_accuracy']:.2%}", f"{r['robust_accuracy']:.2%}",
+                  f"{a['success_rate']:.2%}" if a["seen"] else "-", _fmt(a["mean_norm"]), _fmt(a["max_norm"]),
+                  _fmt(a["queries_mean"], 3), _fmt(a["gradients_mean"], 3), f"{r['seconds']:.1f}s")
+    return t
+
+
+@app.command("attack")
+def attack_cmd(
+    method: Annotated[str, typer.Option("--method", "-m", help="Attack to run: "
+                                        + ", ".join(attacks.available()) + ". See `robustcnn attacks`.")] = "pgd",
+    eps: Annotated[Optional[str], typer.Option(
+        help="Budget in [0,1] pixel units: 0.005, 8/255, or a list 0.01,0.02,0.05 for a sweep. Default: the "
+             "attack's own (8/255 Linf, 0.5 L2; none for minimum-norm attacks).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="Threat model: linf or l2 (and l0 for sparse attacks).",
+                                                rich_help_panel=ATTACK)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Iterations.", rich_help_panel=ATTACK)] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Step size in pixel units (0.01 or 2/255).",
+                                                 rich_help_panel=ATTACK)] = None,
+    restarts: Annotated[Optional[int], typer.Option(help="Random restarts.", rich_help_panel=ATTACK)] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Loss to maximize: ce, dlr or margin.",
+                                                rich_help_panel=ATTACK)] = None,
+    c: Annotated[Optional[float], typer.Option("--c", help="Carlini-Wagner: initial trade-off constant.",
+                                               rich_help_panel=ATTACK)] = None,
+    queries: Annotated[Optional[int], typer.Option(help="Query budget per image (black-box attacks).",
+                                                   rich_help_panel=ATTACK)] = None,
+    pixels: Annotated[Optional[int], typer.Option(help="Pixels the attack may change (pixel attacks).",
+                                                  rich_help_panel=ATTACK)] = None,
+    area: Annotated[Optional[float], typer.Option(help="Patch area as a fraction of the image (patch attacks).",
+                                                  rich_help_panel=ATTACK)] = None,
+    targeted: Annotated[bool, typer.Option("--targeted", help="Targeted mode: aim each image at a random wrong "
+                                           "class (seeded).", rich_help_panel=ATTACK)] = False,
+    target_class: Annotated[Optional[int], typer.Option(help="Targeted mode: aim every image at this class index.",
+                                                        rich_help_panel=ATTACK)] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Attack only the first N test images (default: all).")] = None,
+    save_examples: Annotated[Optional[Path], typer.Option(
+        help="Write a PNG grid of originals, adversarial images and amplified perturbations.")] = None,
+    per_sample: Annotated[bool, typer.Option("--per-sample", help="With --json: include per-image results "
+                                             "(fooled, norm, queries).")] = False,
+    checkpoint: Checkpoint = None,
+    data_dir: DataDir = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    json_out: Json = False,
+) -> None:
+    """Attack a trained model on its test set and report accuracy under attack.
+
+    With no options it runs PGD on the newest model from `robustcnn train`. Budgets are in [0, 1] pixel units.
+    """
+    eps_list = parse_eps_list(eps) if eps is not None else [None]
+    positive("--n", n)
+    positive("--batch-size", batch_size)
+    options = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha) if alpha is not None else None,
+               "restarts": restarts, "loss": loss, "c": c, "queries": queries, "pixels": pixels, "area": area}
+    built = [build_attack(method, e, options) for e in eps_list]  # every usage error before any work
+    spec = attacks.get(method)
+    if (targeted or target_class is not None) and not spec.targeted:
+        raise UsageError(f"{spec.name} has no targeted mode")
+
+    model, meta, path, dev, images, labels, classes = _load(checkpoint, device, data_dir, n)
+    target = _targets(labels, len(classes), targeted, target_class, seed)
+    rows, last = [], None
+    with output.progress(json_out) as bar:
+        for e, atk in zip(eps_list, built):
+            task = bar.add_task(f"{spec.name} eps={_fmt(atk.eps) if hasattr(atk, 'eps') else '-'}", total=None)
+            report = attacks.evaluate(
+                model, (images, labels), [atk], batch_size=batch_size, device=dev, seed=seed, target=target,
+                keep_examples=save_examples is not None and last is None,
+                progress=lambda _name, done, total, task=task: bar.update(task, completed=done, total=total),
+            )
+            last = last or report
+            rows.append({"eps": getattr(atk, "eps", None), **report.to_dict(per_sample=per_sample)})
+
+    if save_examples is not None:
+        from cli.examples import save_grid
+
+        save_grid(save_examples, images, labels, last, model, classes, dev)
+    if json_out:
+        output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "method": spec.name,
+                          "targeted": target is not None, "results": rows})
+        return
+    output.stdout.print(_table(spec.name, rows, target is not None))
+    for w in rows[0]["warnings"]:
+        output.stderr.print(f"[yellow]warning:[/] {w}")
+    if save_examples is not None:
+        output.stdout.print(f"examples written to {save_examples}")
+
+
+@app.command("attacks")
+def attacks_cmd(
+    kind: Annotated[Optional[str], typer.Option(help="Only this kind: " + ", ".join(attacks.KINDS) + ".")] = None,
+    json_out: Json = False,
+) -> None:
+    """List the registered attacks with their kind, norms, targeted mode and a one-line description."""
+    try:
+        names = attacks.available(kind)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    specs = [attacks.get(nm) for nm in names]
+    if json_out:
+        output.emit_json([{"name": s.name, "kind": s.kind, "norms": list(s.norms), "targeted": s.targeted,
+                           "description": s.description, "params": s.params} for s in specs])
+        return
+    t = Table(title="Registered attacks", title_justify="left")
+    for col in ("name", "kind", "norms", "targeted", "description"):
+        t.add_column(col)
+    for s in specs:
+        t.add_row(s.name, s.kind, ", ".join(s.norms), "yes" if s.targeted else "no", s.description)
+    output.stdout.print(t)
