@@ -21,7 +21,7 @@ from torch import Tensor
 from attacks.base import Context, check_choice
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
-from attacks.sparse import PixelBudget, WorkList, check_pixels
+from attacks.sparse import PixelBudget, WorkList, check_pixels, target_checked
 
 
 def saturate_best_pixel(cur: Tensor, x0: Tensor, grad: Tensor) -> Tensor:
@@ -59,7 +59,7 @@ class GreedyL0(PixelBudget):
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         check_pixels(self.pixels, ctx.x)
-        objective = get_loss(self.loss)
+        objective = target_checked(get_loss(self.loss))
         work = WorkList(ctx)
         cur = ctx.x
         for step in range(self.pixels + 1):

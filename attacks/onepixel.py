@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
-from attacks.sparse import PixelBudget, WorkList, check_pixels
+from attacks.sparse import PixelBudget, WorkList, check_pixels, check_target
 
 #: Inputs per forward pass when ``max_batch`` is None: a small CNN on a CPU is fastest in cache-sized batches.
 AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
@@ -100,7 +100,9 @@ class OnePixel(PixelBudget):
         check_pixels(self.pixels, ctx.x)
         _, _, h, w = ctx.x.shape
         work = WorkList(ctx)
-        work.retire_fooled(ctx, ctx.x, ctx.logits(ctx.x, work.ids))  # already misclassified: nothing to change
+        clean = ctx.logits(ctx.x, work.ids)
+        check_target(ctx.target, clean.shape[1])
+        work.retire_fooled(ctx, ctx.x, clean)  # already misclassified: nothing to change
         pop = self._initial_population(ctx).to(ctx.x)[work.ids]
         fit, logits = self._evaluate(ctx, work, pop)
         for _ in range(self.generations):

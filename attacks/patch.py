@@ -31,7 +31,7 @@ from attacks.base import Attack, Context, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective, get_loss
 from attacks.norms import best_window, get_norm, patch_shape, window_mask
 from attacks.registry import register
-from attacks.sparse import WorkList, keep_changes
+from attacks.sparse import WorkList, check_target, keep_changes, target_checked
 
 #: Area budget used when a patch attack is built without one: 5 % of the image.
 DEFAULT_AREA = 0.05
@@ -153,7 +153,7 @@ def fit_patch(ctx: Context, shape: tuple[int, int], training: PatchTraining) -> 
     patch through the (differentiable) pasting.
     """
     g = ctx.generator
-    objective: Objective = get_loss(training.loss)
+    objective: Objective = target_checked(get_loss(training.loss))
     patch = noise_patch((ctx.x.shape[1], *shape), g).to(ctx.x).requires_grad_(True)
     opt = torch.optim.Adam([patch], lr=training.lr)
     size = min(training.batch_size or ctx.n, ctx.n)
@@ -280,7 +280,9 @@ class UniversalPatch(PatchAttack):
         _, _, h, w = ctx.x.shape
         rows, cols = random_corners(ctx.n, shape, h, w, ctx.generator)
         x_adv = paste(ctx.x, patch, rows, cols)
-        return x_adv, ctx.logits(x_adv, torch.arange(ctx.n, device=ctx.x.device))
+        logits = ctx.logits(x_adv, torch.arange(ctx.n, device=ctx.x.device))
+        check_target(ctx.target, logits.shape[1])
+        return x_adv, logits
 
 
 LOCATIONS = ("saliency", "center", "random")
@@ -318,7 +320,7 @@ class LocalizedPatch(PatchAttack):
         return patch_shape(self.area, x.shape[-2], x.shape[-1])
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        objective = get_loss(self.loss)
+        objective = target_checked(get_loss(self.loss))
         _, _, h, w = ctx.x.shape
         shape = self.footprint(ctx.x)
         work = WorkList(ctx)

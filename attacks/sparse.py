@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Context, check_int
+from attacks.losses import Objective
 from attacks.norms import get_norm
 
 
@@ -71,6 +72,24 @@ def keep_changes(x: Tensor, x_adv: Tensor, kept: Tensor) -> Tensor:
     attack computed on ``x_adv`` stay valid whenever the projection changed nothing.
     """
     return torch.where(kept.ne(0), x_adv, x)
+
+
+def check_target(target: Optional[Tensor], num_classes: int) -> None:
+    """Refuse target classes outside ``[0, num_classes)`` (known only once the model has answered)."""
+    if target is not None and target.numel() and (target.min() < 0 or target.max() >= num_classes):
+        bad = target[(target < 0) | (target >= num_classes)][0].item()
+        raise ValueError(f"target class {bad} is out of range: the model has {num_classes} classes (0-{num_classes - 1})")
+
+
+def target_checked(objective: Objective) -> Objective:
+    """``objective`` that first checks the target classes against the logits it is given (a clear ``ValueError``
+    instead of an indexing error deep inside a loss)."""
+
+    def checked(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+        check_target(target, logits.shape[1])
+        return objective(logits, y, target)
+
+    return checked
 
 
 def check_pixels(pixels: int, x: Tensor) -> None:

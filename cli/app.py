@@ -86,6 +86,7 @@ def _register() -> None:
     """Import each command module; each adds its command(s) to ``app``."""
     from cli.commands import attack as _attack  # noqa: F401
     from cli.commands import train as _train  # noqa: F401
+    from cli.commands import patch as _patch  # noqa: F401
 
 
 def main() -> None:
