@@ -15,6 +15,7 @@ from attacks.base import (
 )
 from attacks.registry import AttackSpec, available, build, get, register
 from attacks.evaluate import AttackStats, Report, evaluate
+from attacks.suites import SUITES, build_suite, suite_names
 
 # importing the attack modules registers them
 from attacks.fgsm import FGSM  # noqa: E402  (isort: skip)
@@ -31,7 +32,7 @@ from attacks.greedyl0 import GreedyL0  # noqa: E402
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
-    "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate",
+    "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
     "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0",
 ]

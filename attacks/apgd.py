@@ -32,7 +32,7 @@ def checkpoints(steps: int) -> set[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return {math.ceil(q * steps) for q in p[1:] if q <= 1}
+    return {math.ceil(round(q * steps, 6)) for q in p[1:] if q <= 1}  # round: 0.57 * 100 must give 57
 
 
 def _per(v: Tensor, like: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
     project = lambda p, base: (base + norm.project(p - base, eps)).clamp(0.0, 1.0)  # noqa: E731
 
     s = {"pos": torch.arange(idx.numel(), device=x0.device), "base": x0}
-    s["cur"] = (x0 + norm.random(x0.shape, eps, ctx.generator).to(x0)).clamp(0.0, 1.0)
+    s["cur"] = (x0 + norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)).clamp(0.0, 1.0)
     logits, s["f"], s["grad"] = ctx.value_and_grad(s["cur"], idx, objective)
     out_logits = logits.new_empty(idx.numel(), logits.shape[1])
     s.update(prev=s["cur"], best_x=s["cur"], best_f=s["f"].clone(), best_grad=s["grad"], best_logits=logits,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.norms import Norm, get_norm
+from attacks.rng import SampleRNG
 
 KINDS = ("white-box", "score", "decision", "patch", "pixel")
 
@@ -65,15 +66,23 @@ class Context:
     holds, so an attack that works only on still-unfooled samples is charged only for those.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, target: Optional[Tensor], generator: torch.Generator):
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, target: Optional[Tensor], rng: SampleRNG):
         self.model = model
         self.x = x
         self.y = y
         self.target = target
-        self.generator = generator
+        self.rng = rng  # per-sample random streams: draw with rng.uniform(idx, shape) etc.
         self.aim = target  # the class the objectives aim at; may differ from the goal (see `retarget`)
         self.queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.gradients = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    @property
+    def generator(self):
+        raise AttributeError(
+            "Context.generator was replaced by Context.rng, per-sample random streams that make results independent "
+            "of batching: draw with ctx.rng.uniform(idx, shape), .normal(idx, shape), .integers(idx, high, shape), "
+            "where idx are the batch positions of the samples drawn for"
+        )
 
     def retarget(self, aim: Tensor) -> "Context":
         """A view whose objectives aim at ``aim`` while success keeps the original goal (and the same counters).
@@ -144,6 +153,17 @@ class Context:
         """Whether predictions from ``logits`` meet the goal for the samples at ``idx``."""
         pred = logits.argmax(dim=1)
         return pred.ne(self.y[idx]) if self.target is None else pred.eq(self.target[idx])
+
+
+def _make_rng(generator, x: Tensor) -> SampleRNG:
+    if generator is None:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+    if isinstance(generator, torch.Generator):
+        return SampleRNG.from_generator(generator, x.shape[0], x.device)
+    keys = torch.as_tensor(generator)
+    if keys.shape != (x.shape[0],) or keys.is_floating_point():
+        raise ValueError(f"generator must be a torch.Generator or integer per-sample seeds of shape ({x.shape[0]},)")
+    return SampleRNG(keys, x.device)
 
 
 def _check_model_device(model: nn.Module, x: Tensor) -> None:
@@ -223,8 +243,10 @@ class Attack:
             x: inputs in [0, 1], floating point. Never modified.
             y: true labels, integers of shape (N,).
             target: desired classes for a targeted attack (an int for all samples, or shape (N,)); None = untargeted.
-            generator: a ``torch.Generator`` (CPU or the inputs' device) for every random draw. None means a
-                generator seeded with 0, so calls are reproducible by default.
+            generator: where every random draw comes from: a ``torch.Generator`` (its state picks one random
+                stream per sample), or an integer tensor (N,) of per-sample seeds (see
+                :func:`attacks.rng.sample_keys`) — then each sample's result is independent of the batch it is in.
+                None means a generator seeded with 0, so calls are reproducible by default.
         """
         x, y, target = self._check_inputs(model, x, y, target)
         if model.training:
@@ -233,10 +255,9 @@ class Attack:
                 "call model.eval() before attacking it",
                 stacklevel=2,
             )
-        if generator is None:
-            generator = torch.Generator(device="cpu").manual_seed(0)
+        rng = _make_rng(generator, x)
         flags = _snapshot_training_flags(model)
-        ctx = Context(model, x, y, target, generator)
+        ctx = Context(model, x, y, target, rng)
         try:
             x_adv, logits = self._run(ctx)
         finally:

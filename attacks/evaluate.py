@@ -10,6 +10,8 @@ attacks succeed. The model is put in eval mode for the run and restored afterwar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 import warnings
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.base import Attack
+from attacks.rng import sample_keys
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -135,10 +138,11 @@ def _as_tensors(data) -> tuple[Tensor, Tensor]:
     return x, y.long()
 
 
-def _generator(seed: int, attack_i: int, batch_start: int) -> torch.Generator:
-    """An independent, reproducible random stream per (seed, attack, batch)."""
-    state = np.random.SeedSequence([seed, attack_i, batch_start]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device="cpu").manual_seed(int(state) & ((1 << 63) - 1))
+def attack_stream(atk: Attack) -> int:
+    """A stream id derived from the attack's name and hyperparameters: the same attack draws the same random
+    numbers for a sample whether it runs alone or inside a cascade, so the cascade's worst case can only be lower."""
+    text = json.dumps(atk.config(), sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
 
 
 def _unique_names(attack_list: Sequence[Attack]) -> list[str]:
@@ -152,6 +156,65 @@ def _unique_names(attack_list: Sequence[Attack]) -> list[str]:
 def _model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@dataclass
+class StageResult:
+    """One attack of a cascade run on the samples at ``idx`` (positions in the evaluated data)."""
+
+    idx: Tensor
+    fooled: Tensor  # bool, aligned with idx
+    norms: Tensor  # float, aligned with idx
+    queries: Tensor  # long, aligned with idx
+    stats: AttackStats
+    x_adv: Optional[Tensor] = None  # aligned with idx, on the CPU
+
+
+def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: Attack, name: str, *,
+              batch_size: int, device: torch.device, seed: int, target: Optional[Tensor] = None,
+              keep_examples: bool = False, progress: Optional[ProgressFn] = None) -> StageResult:
+    """Run ``atk`` on the samples at ``idx`` in batches. Each sample draws from its own random stream, keyed by
+    (seed, its index in the data, the attack's config), so results do not depend on batching or cascade order.
+
+    The building block of :func:`evaluate`'s cascade, and of resumable reports that save after each stage.
+    The model must already be in the mode it is to be attacked in.
+    """
+    st = AttackStats(name=name, config=atk.config())
+    fooled = torch.zeros(idx.numel(), dtype=torch.bool)
+    norms = torch.full((idx.numel(),), float("nan"))
+    queries = torch.zeros(idx.numel(), dtype=torch.long)
+    x_adv = x_all[idx].clone() if keep_examples else None
+    t0 = time.perf_counter()
+    for s in range(0, idx.numel(), batch_size):
+        part = idx[s : s + batch_size]
+        tgt = None if target is None else target[part].to(device)
+        res = atk(model, x_all[part].to(device), y_all[part].to(device), target=tgt,
+                  generator=sample_keys(seed, part, attack_stream(atk)))
+        ok, q, nr = res.success.cpu(), res.queries.cpu(), res.norms.cpu().float()
+        sl = slice(s, s + part.numel())
+        fooled[sl], queries[sl] = ok, q
+        norms[sl] = torch.where(ok, nr, torch.full_like(nr, float("nan")))
+        if x_adv is not None:
+            x_adv[sl][ok] = res.x_adv.cpu()[ok].to(x_adv.dtype)
+        st.seen += part.numel()
+        st.successes += int(ok.sum())
+        st.queries += q.tolist()
+        st.gradients += res.gradients.cpu().tolist()
+        st.norms += nr[ok].tolist()
+        if progress is not None:
+            progress(name, s + part.numel(), idx.numel())
+    st.seconds = time.perf_counter() - t0
+    return StageResult(idx=idx, fooled=fooled, norms=norms, queries=queries, stats=st, x_adv=x_adv)
+
+
+def correctly_classified(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int, device: torch.device) -> Tensor:
+    """Boolean mask (on the CPU) of the samples the model classifies correctly without attack."""
+    out = torch.zeros(x.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            pred = model(x[s : s + batch_size].to(device)).argmax(dim=1).cpu()
+            out[s : s + batch_size] = pred == y[s : s + batch_size].cpu()
+    return out
 
 
 def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
@@ -201,7 +264,8 @@ def evaluate(
         attack_list: attacks run in this order; each only sees the samples still robust.
         batch_size: samples per attack call. Default: 250 on a CPU (measured fastest per image for small CNNs
             on a 2-core CPU), 1024 on a GPU.
-        seed: seeds every attack's generator, one independent stream per (attack, batch).
+        seed: seeds every random draw; each sample has its own stream per attack, so the result does not
+            depend on ``batch_size`` or on the order of the cascade.
         keep_examples: also return the adversarial examples (``report.x_adv``, on the CPU).
         target: per-sample target classes (n,) for targeted attacks; a sample then counts as fooled only when
             the attack reaches its target, and ``robust`` means "target not reached".
@@ -228,11 +292,7 @@ def evaluate(
     model.eval()
     try:
         notes = sanity_warnings(model, x_all[:64].to(dev), y_all[:64].to(dev)) if n else []
-        clean = torch.zeros(n, dtype=torch.bool)
-        for s in range(0, n, batch_size):
-            with torch.no_grad():
-                pred = model(x_all[s : s + batch_size].to(dev)).argmax(dim=1).cpu()
-            clean[s : s + batch_size] = pred == y_all[s : s + batch_size]
+        clean = correctly_classified(model, x_all, y_all, batch_size=batch_size, device=dev)
         robust = clean.clone()
         fooled_by = torch.full((n,), -1, dtype=torch.long)
         norms = torch.full((n,), float("nan"))
@@ -240,29 +300,17 @@ def evaluate(
         x_adv = x_all.clone() if keep_examples else None
         stats: dict[str, AttackStats] = {}
         for ai, (atk, name) in enumerate(zip(attack_list, names)):
-            st = stats[name] = AttackStats(name=name, config=atk.config())
-            todo = robust.nonzero().squeeze(1)
-            t0 = time.perf_counter()
-            for s in range(0, todo.numel(), batch_size):
-                idx = todo[s : s + batch_size]
-                tgt = None if target is None else target[idx].to(dev)
-                res = atk(model, x_all[idx].to(dev), y_all[idx].to(dev), target=tgt, generator=_generator(seed, ai, s))
-                ok, q = res.success.cpu(), res.queries.cpu()
-                won = idx[ok]
-                robust[won] = False
-                fooled_by[won] = ai
-                norms[won] = res.norms.cpu()[ok].float()
-                queries[idx] += q
-                if x_adv is not None:
-                    x_adv[won] = res.x_adv.cpu()[ok].to(x_adv.dtype)
-                st.seen += idx.numel()
-                st.successes += int(ok.sum())
-                st.queries += q.tolist()
-                st.gradients += res.gradients.cpu().tolist()
-                st.norms += res.norms.cpu()[ok].tolist()
-                if progress is not None:
-                    progress(name, min(s + batch_size, todo.numel()), todo.numel())
-            st.seconds = time.perf_counter() - t0
+            stage = run_stage(model, x_all, y_all, robust.nonzero().squeeze(1), atk, name, batch_size=batch_size,
+                              device=dev, seed=seed, target=target, keep_examples=keep_examples,
+                              progress=progress)
+            stats[name] = stage.stats
+            won = stage.idx[stage.fooled]
+            robust[won] = False
+            fooled_by[won] = ai
+            norms[won] = stage.norms[stage.fooled]
+            queries[stage.idx] += stage.queries
+            if x_adv is not None:
+                x_adv[won] = stage.x_adv[stage.fooled].to(x_adv.dtype)
     finally:
         for m, f in zip(model.modules(), flags):
             m.training = f

@@ -60,7 +60,7 @@ def _single_run(
     base = x0
     cur = x0
     if random_start:
-        start = norm.random(x0.shape, eps, ctx.generator).to(x0)
+        start = norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)
         cur = (x0 + start).clamp(0.0, 1.0)
     velocity = torch.zeros_like(x0) if momentum is not None else None
 

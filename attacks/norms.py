@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from attacks.rng import SampleRNG
+
 _TINY = 1e-12
 
 
@@ -39,8 +41,8 @@ class Norm:
         """The closest perturbation inside the ball of radius ``eps`` (per sample)."""
         raise NotImplementedError
 
-    def random(self, shape: torch.Size, eps: float | Tensor, generator: torch.Generator) -> Tensor:
-        """A perturbation drawn uniformly from the ball (on the generator's device, float32)."""
+    def random(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...], eps: float | Tensor) -> Tensor:
+        """Perturbations drawn uniformly from the ball, one per sample at ``idx`` (float32, on ``rng``'s device)."""
         raise NotImplementedError
 
     def steepest(self, grad: Tensor) -> Tensor:
@@ -61,8 +63,8 @@ class Linf(Norm):
         e = _per_sample(eps, delta)
         return torch.maximum(torch.minimum(delta, e), -e) if isinstance(e, Tensor) else delta.clamp(-e, e)
 
-    def random(self, shape: torch.Size, eps: float | Tensor, generator: torch.Generator) -> Tensor:
-        u = torch.rand(shape, generator=generator, device=generator.device)
+    def random(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...], eps: float | Tensor) -> Tensor:
+        u = rng.uniform(idx, tuple(shape))
         return (2 * u - 1) * _per_sample(eps, u)
 
     def steepest(self, grad: Tensor) -> Tensor:
@@ -81,14 +83,14 @@ class L2(Norm):
         factor = torch.where(n > e, e / (n + _TINY), torch.ones_like(n))
         return delta * factor.reshape(-1, *([1] * (delta.dim() - 1)))
 
-    def random(self, shape: torch.Size, eps: float | Tensor, generator: torch.Generator) -> Tensor:
-        g = torch.randn(shape, generator=generator, device=generator.device)
-        d = math.prod(shape[1:])
+    def random(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...], eps: float | Tensor) -> Tensor:
+        g = rng.normal(idx, tuple(shape))
+        d = math.prod(shape)
         # radius ~ eps * U^(1/d) makes the draw uniform in the ball, not on its shell
-        r = torch.rand(shape[0], generator=generator, device=generator.device).pow(1.0 / d)
+        r = rng.uniform(idx, (1,))[:, 0].pow(1.0 / d)
         e = eps.to(r) if isinstance(eps, Tensor) else eps
-        unit = g / (_flat(g).norm(dim=1).reshape(-1, *([1] * (len(shape) - 1))) + _TINY)
-        return unit * (r * e).reshape(-1, *([1] * (len(shape) - 1)))
+        unit = g / (_flat(g).norm(dim=1).reshape(-1, *([1] * len(shape))) + _TINY)
+        return unit * (r * e).reshape(-1, *([1] * len(shape)))
 
     def steepest(self, grad: Tensor) -> Tensor:
         n = _flat(grad).norm(dim=1).reshape(-1, *([1] * (grad.dim() - 1)))

@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 import robustcnn
 from cli import output
+from attacks import NonFiniteOutputError
 from robustcnn.errors import RobustCNNError
 
 try:  # Typer >= 0.20 vendors Click; older releases use the click package
@@ -47,6 +48,8 @@ class _Group(TyperGroup):
             _fail("interrupted", 130)
         except RobustCNNError as exc:
             _fail(str(exc), exc.exit_code)
+        except NonFiniteOutputError as exc:
+            _fail(str(exc), 1)
         except OSError as exc:
             _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
         except Exception as exc:  # a bug: still one line, but say how to see more
@@ -85,6 +88,7 @@ def _root(
 def _register() -> None:
     """Import each command module; each adds its command(s) to ``app``."""
     from cli.commands import attack as _attack  # noqa: F401
+    from cli.commands import report as _report  # noqa: F401
     from cli.commands import train as _train  # noqa: F401
     from cli.commands import patch as _patch  # noqa: F401
 

@@ -7,6 +7,8 @@ a corrupt checkpoint, a dataset that cannot be found).
 
 from __future__ import annotations
 
+import difflib
+
 
 class RobustCNNError(Exception):
     """Base class of every error the library raises deliberately. Exit code 1 in the CLI."""
@@ -26,3 +28,16 @@ class DataNotFoundError(RobustCNNError):
 
 class CheckpointError(RobustCNNError):
     """A checkpoint is missing, truncated, not a robustcnn checkpoint, or does not match the request."""
+
+
+def check_choice(what: str, value: str, choices: "tuple[str, ...] | list[str]") -> str:
+    """Return ``value`` (normalised to lower case) if it is one of ``choices``, else raise :class:`UsageError`.
+
+    The message names the closest choices, e.g. ``unknown model 'vgq': did you mean 'vgg'? (choose from ...)``.
+    """
+    key = str(value).strip().lower()
+    if key in choices:
+        return key
+    close = difflib.get_close_matches(key, choices, n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise UsageError(f"unknown {what} {value!r}: {hint}(choose from {', '.join(choices)})")

@@ -15,6 +15,7 @@ from cli import output
 from cli.app import app
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, parse_eps_list, positive
 from robustcnn.errors import UsageError
+from robustcnn.plots import check_png_path, save_grid
 
 ATTACK = "Attack options (each applies only to the methods that have it)"
 
@@ -143,6 +144,8 @@ def attack_cmd(
     options = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha) if alpha is not None else None,
                "restarts": restarts, "loss": loss, "c": c, "queries": queries, "pixels": pixels, "area": area}
     built = [build_attack(method, e, options) for e in eps_list]  # every usage error before any work
+    if save_examples is not None:
+        check_png_path(save_examples, "--save-examples")
     spec = attacks.get(method)
     if (targeted or target_class is not None) and not spec.targeted:
         raise UsageError(f"{spec.name} has no targeted mode")
@@ -162,9 +165,8 @@ def attack_cmd(
             rows.append({"eps": getattr(atk, "eps", None), **report.to_dict(per_sample=per_sample)})
 
     if save_examples is not None:
-        from cli.examples import save_grid
-
-        save_grid(save_examples, images, labels, last, model, classes, dev)
+        fooled = (~last.robust & last.clean_correct).nonzero().squeeze(1)
+        save_grid(save_examples, images[fooled].float() / 255, last.x_adv[fooled], labels[fooled], model, classes, dev)
     if json_out:
         output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "method": spec.name,
                           "targeted": target is not None, "results": rows})

@@ -1,0 +1,148 @@
+"""`robustcnn report`: a suite of attacks as a cascade, eps sweeps, sanity checks, JSON/Markdown/PNG output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+import attacks
+from cli import output
+from cli.app import app
+from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps_list, positive
+from robustcnn.errors import RobustCNNError, UsageError
+
+#: Budgets most papers use per dataset (pixel units of [0, 1]).
+DEFAULT_EPS = {
+    "linf": {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"},
+    "l2": {"mnist": "2.0", "fashion-mnist": "1.5", "cifar10": "0.5", "svhn": "0.5", "shapes": "0.5"},
+}
+
+
+class ReportBelowThreshold(RobustCNNError):
+    """--fail-under was not met (exit 1)."""
+
+
+def _request_folder(request) -> Path:
+    key = hashlib.sha256(json.dumps(request.__dict__, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("reports") / f"{request.dataset}-{request.checkpoint_sha256[:8]}-{request.suite or 'custom'}-{key}"
+
+
+def _table(doc: dict) -> Table:
+    t = Table(title=f"clean accuracy {doc['clean_accuracy']:.2%} on {doc['n']} test images — worst case per sample "
+                    "over the cascade", title_justify="left")
+    for col in ("eps", "attack", "kind", "seen", "success", "accuracy after", "queries mean/median", "max norm",
+                "time"):
+        t.add_column(col, justify="right" if col not in ("attack", "kind") else "left")
+    for r in sorted(doc["results"], key=lambda r: r["eps"]):
+        for i, (st, after) in enumerate(zip(r["attacks"], r["accuracy_after"])):
+            t.add_row(f"{r['eps']:g}" if i == 0 else "", st["name"], st["kind"], str(st["seen"]),
+                      f"{st['success_rate']:.1%}" if st["seen"] else "-", f"{after:.2%}",
+                      f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}" if st["seen"] else "-",
+                      f"{st['max_norm']:.4g}", f"{st['seconds']:.1f}s")
+        t.add_row("", "[bold]worst case[/]", "", "", "", f"[bold]{r['robust_accuracy']:.2%}[/]", "", "", "",
+                  end_section=True)
+    for st in doc["other_threat_models"]:
+        t.add_row("-", st["name"], st["kind"], str(st["seen"]), f"{st['success_rate']:.1%}",
+                  f"{st['accuracy_under_attack']:.2%}", f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}",
+                  f"{st['max_norm']:.4g}", f"{st['seconds']:.1f}s")
+    return t
+
+
+@app.command("report")
+def report_cmd(
+    suite: Annotated[str, typer.Option(help="Attack suite: quick (FGSM, PGD), standard (APGD-CE, APGD-T, DeepFool, "
+                                            "Square), full (standard + decision, patch and pixel attacks).")]
+    = "standard",
+    attack_list: Annotated[Optional[str], typer.Option("--attacks", help="Comma-separated attacks instead of a "
+                                                       "suite, run in this order (see `robustcnn attacks`).")] = None,
+    eps: Annotated[Optional[str], typer.Option(help="Budgets in [0,1] pixel units, e.g. 0,0.02,0.05,0.1 or 8/255. "
+                                               "Default: the dataset's usual one (Fashion-MNIST 0.1 Linf).")] = None,
+    norm: Annotated[str, typer.Option(help="Threat model of the budgets: linf or l2.")] = "linf",
+    n: Annotated[int, typer.Option("--n", help="Number of test images (the first N).")] = 1000,
+    out: Annotated[Optional[Path], typer.Option(help="Report folder. Default: reports/<dataset>-<model hash>-... "
+                                                "(re-running the same command resumes it).")] = None,
+    fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the worst-case robust accuracy at any "
+                                                        "requested eps is below this fraction (for CI).")] = None,
+    checkpoint: Checkpoint = None,
+    data_dir: DataDir = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    json_out: Json = False,
+) -> None:
+    """Measure how robust a model is: a cascade of attacks per budget, the per-sample worst case, sanity checks.
+
+    Writes report.json, report.md, accuracy_vs_eps.png and gallery.png into the report folder. An interrupted
+    report resumes from the attacks already finished when the same command is run again.
+    """
+    from robustcnn.checkpoint import latest_checkpoint, load_model
+    from robustcnn.data import load_dataset
+    from robustcnn.device import default_batch_size, resolve_device
+    from robustcnn.plots import save_grid
+    from robustcnn.report import ReportRequest, file_sha256, run_report, write_report
+
+    if norm not in ("linf", "l2"):
+        raise UsageError(f"--norm must be linf or l2, got {norm!r}")
+    positive("--n", n)
+    positive("--batch-size", batch_size)
+    if fail_under is not None and not 0 <= fail_under <= 1:
+        raise UsageError(f"--fail-under must be a fraction in [0, 1], got {fail_under}")
+    names = [a.strip() for a in attack_list.split(",") if a.strip()] if attack_list is not None else None
+    if names is not None and not names:
+        raise UsageError("--attacks needs at least one attack name")
+    if names is None and suite not in attacks.SUITES:
+        raise UsageError(f"unknown suite {suite!r}: choose one of {', '.join(attacks.SUITES)}")
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+
+    dev = resolve_device(device)
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
+    model, meta = load_model(path, device=dev)
+    eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"))
+    try:  # every usage error before any work
+        for e in eps_list:
+            attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
+    count = min(n, len(data))
+    x, y = data.images[:count].float().div(255), data.labels[:count]
+    request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
+                            seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
+    folder = out if out is not None else _request_folder(request)
+
+    with output.progress(json_out) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            key = f"{name}:{total}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(name, total=total)
+            bar.update(tasks[key], completed=done)
+
+        doc, gallery = run_report(model, x, y, request, folder, device=dev,
+                                  batch_size=batch_size or default_batch_size(dev, training=False), progress=progress)
+    doc["model"] = {"checkpoint": str(path), "architecture": meta.get("architecture"), "dataset": meta["dataset"]}
+    draw = None
+    if gallery is not None:
+        idx, x_adv = gallery
+        draw = lambda p: save_grid(p, x[idx], x_adv, y[idx], model, list(data.classes), dev)  # noqa: E731
+    write_report(folder, doc, classes=list(data.classes), gallery=draw)
+
+    if json_out:
+        output.emit_json({**doc, "folder": str(folder)})
+    else:
+        output.stdout.print(_table(doc))
+        for w in doc["warnings"]:
+            output.stderr.print(f"[yellow]warning:[/] {w}")
+        output.stdout.print(f"report written to {folder}/ (report.json, report.md, accuracy_vs_eps.png"
+                            + (", gallery.png)" if draw else ")"))
+    if fail_under is not None:
+        worst = min(r["robust_accuracy"] for r in doc["results"])
+        if worst < fail_under:
+            raise ReportBelowThreshold(f"worst-case robust accuracy {worst:.2%} is below --fail-under {fail_under:.2%}")

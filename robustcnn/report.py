@@ -1,0 +1,329 @@
+"""Robustness reports: a suite of attacks as a cascade per budget, sanity checks, files people can share.
+
+A report folder holds ``report.json`` (everything: request, model hash, versions, per-attack and per-sample
+results, warnings), ``report.md`` (the tables), ``accuracy_vs_eps.png`` and ``gallery.png``, and ``state.pt``, the
+resume state: after every finished (budget, attack) stage the state is saved atomically, so an interrupted report
+continues where it stopped. A folder holding a report of another model or request is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import attacks
+from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
+from attacks.suites import OTHER_THREAT_MODELS
+from robustcnn.checkpoint import versions
+from robustcnn.errors import CheckpointError, UsageError
+
+STATE = "state.pt"
+BLACK_BOX = ("score", "decision")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """What the user asked for; a resumed report must ask for exactly the same."""
+
+    suite: Optional[str]
+    attacks: Optional[list[str]]
+    eps: list[float]
+    norm: str
+    n: int
+    seed: int
+    checkpoint_sha256: str
+    dataset: str
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prepare_folder(out: Path, request: ReportRequest) -> dict:
+    """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / STATE
+    if not state_file.exists():
+        if (out / "report.json").exists():
+            raise UsageError(f"{out} already holds a finished report; choose another --out")
+        return {"request": asdict(request), "stages": {}, "done": False}
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file: never overwrite what we cannot read
+        raise CheckpointError(f"cannot read the resume state {state_file}: {exc}; choose another --out") from None
+    if state.get("request") != asdict(request):
+        old = state.get("request", {})
+        what = "model" if old.get("checkpoint_sha256") != request.checkpoint_sha256 else "request"
+        raise UsageError(f"{out} holds a report of another {what}; choose another --out (nothing was changed)")
+    return state
+
+
+class _Saver:
+    def __init__(self, out: Path, state: dict):
+        self.path, self.state = out / STATE, state
+
+    def save(self) -> None:
+        _atomic_write(self.path, lambda tmp: torch.save(self.state, tmp))
+
+
+def _stage_key(eps_i: int, attack_i: int) -> str:
+    return f"{eps_i}:{attack_i}"
+
+
+def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, out: Path, *,
+               device: torch.device, batch_size: int, progress: Optional[ProgressFn] = None,
+               stop_after: Optional[int] = None) -> tuple[dict, Optional[tuple[Tensor, Tensor]]]:
+    """Run (or resume) the report. Returns the ``report.json`` document and the gallery examples
+    ``(indices, adversarial images)`` fooled at the smallest positive eps (or None).
+    ``stop_after`` (tests): stop after that many newly run stages, as an interruption would."""
+    state = prepare_folder(out, request)
+    saver = _Saver(out, state)
+    start = time.perf_counter()
+    flags = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        clean = correctly_classified(model, x, y, batch_size=batch_size, device=device)
+        if "checks" not in state:
+            main_eps = max([e for e in request.eps if e > 0], default=0.0)
+            state["checks"] = sanity_warnings(model, x[:64].to(device), y[:64].to(device)) + (
+                attack_checks(model, x, y, eps=main_eps, norm=request.norm, device=device, seed=request.seed,
+                              batch_size=batch_size) if main_eps > 0 else [])
+            saver.save()
+        notes = list(state["checks"])
+        ran = 0
+        results = []
+        for ei, eps in enumerate(request.eps):
+            suite = attacks.build_suite(request.suite, attack_names=request.attacks, eps=eps, norm=request.norm)
+            bounded = [a for a in suite if a.kind not in OTHER_THREAT_MODELS]
+            robust = clean.clone()
+            fooled_by = torch.full((len(y),), -1, dtype=torch.long)
+            for ai, atk in enumerate(bounded):
+                key = _stage_key(ei, ai)
+                if key not in state["stages"]:
+                    if stop_after is not None and ran >= stop_after:
+                        raise KeyboardInterrupt
+                    stage = run_stage(model, x, y, robust.nonzero().squeeze(1), atk, atk.name,
+                                      batch_size=batch_size, device=device, seed=request.seed,
+                                      keep_examples=ei == _gallery_index(request.eps),
+                                      progress=progress)
+                    state["stages"][key] = {
+                        "idx": stage.idx, "fooled": stage.fooled, "norms": stage.norms, "queries": stage.queries,
+                        "x_adv": stage.x_adv[stage.fooled] if stage.x_adv is not None else None,
+                        "stats": {**stage.stats.to_dict(), "kind": atk.kind},
+                    }
+                    saver.save()
+                    ran += 1
+                st = state["stages"][key]
+                won = st["idx"][st["fooled"]]
+                robust[won] = False
+                fooled_by[won] = ai
+            results.append(_eps_result(eps, ei, bounded, state, clean, robust, fooled_by))
+        others = _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress)
+    finally:
+        for m, f in zip(model.modules(), flags):
+            m.training = f
+
+    notes += _consistency_warnings(results, len(y))
+    doc = {
+        "request": asdict(request), "n": len(y), "clean_accuracy": clean.float().mean().item(),
+        "results": results, "other_threat_models": others, "warnings": notes,
+        "seconds_this_run": time.perf_counter() - start, "versions": versions(),
+    }
+    return doc, gallery_examples(state["stages"], request)
+
+
+def _gallery_index(eps: list[float]) -> int:
+    positive = [i for i, e in enumerate(eps) if e > 0]
+    return min(positive, key=lambda i: eps[i]) if positive else -1
+
+
+def _eps_result(eps, ei, bounded, state, clean, robust, fooled_by) -> dict:
+    rows, cumulative = [], []
+    after = clean.clone()
+    for ai, atk in enumerate(bounded):
+        st = state["stages"][_stage_key(ei, ai)]
+        after[st["idx"][st["fooled"]]] = False
+        cumulative.append(after.float().mean().item())
+        rows.append(st["stats"])
+    return {
+        "eps": eps, "robust_accuracy": robust.float().mean().item(), "attacks": rows,
+        "accuracy_after": cumulative,
+        "per_sample": {"robust": robust.tolist(),
+                       "fooled_by": [bounded[i].name if i >= 0 else None for i in fooled_by.tolist()]},
+    }
+
+
+def _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress) -> list[dict]:
+    """Patch and pixel attacks of the suite: each on every correctly classified sample, reported on its own."""
+    suite = attacks.build_suite(request.suite, attack_names=request.attacks, eps=max(request.eps), norm=request.norm)
+    rows = []
+    for ai, atk in enumerate(a for a in suite if a.kind in OTHER_THREAT_MODELS):
+        key = f"other:{ai}"
+        if key not in state["stages"]:
+            stage = run_stage(model, x, y, clean.nonzero().squeeze(1), atk, atk.name, batch_size=batch_size,
+                              device=device, seed=request.seed, progress=progress)
+            state["stages"][key] = {"stats": {**stage.stats.to_dict(), "kind": atk.kind},
+                                    "accuracy": (clean.sum() - stage.fooled.sum()).item() / len(y)}
+            saver.save()
+        rows.append({**state["stages"][key]["stats"], "accuracy_under_attack": state["stages"][key]["accuracy"]})
+    return rows
+
+
+def _consistency_warnings(results: list[dict], n: int) -> list[str]:
+    """Signs that the numbers cannot be trusted: accuracy rising with eps, black-box beating white-box."""
+    out = []
+    ordered = sorted(results, key=lambda r: r["eps"])
+    for a, b in zip(ordered, ordered[1:]):
+        if b["robust_accuracy"] > a["robust_accuracy"] + 1e-12:
+            out.append(f"robust accuracy rises with eps ({a['robust_accuracy']:.2%} at {a['eps']:g} -> "
+                       f"{b['robust_accuracy']:.2%} at {b['eps']:g}): the attacks are not converging")
+    for r in results:
+        white_done = False
+        for st in r["attacks"]:
+            if st["kind"] == "white-box":
+                white_done = True
+            elif st["kind"] in BLACK_BOX and white_done and st["successes"] > max(1, 0.005 * n):
+                out.append(f"black-box {st['name']} fooled {st['successes']} samples that every white-box attack "
+                           f"missed at eps={r['eps']:g}: a sign of gradient masking")
+    return out
+
+
+def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, device: torch.device,
+                  seed: int, batch_size: int) -> list[str]:
+    """Two probes for gradient masking on a small slice: more PGD steps must not help the model, and an
+    unbounded PGD (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
+    out = []
+    xs, ys = x[:200], y[:200]
+
+    def acc(atk):
+        return attacks.evaluate(model, (xs, ys), [atk], batch_size=batch_size, device=device, seed=seed).robust_accuracy
+
+    few, many = acc(attacks.PGD(eps=eps, norm=norm, steps=10)), acc(attacks.PGD(eps=eps, norm=norm, steps=50))
+    if many > few + 1e-12:
+        out.append(f"PGD-50 leaves higher accuracy than PGD-10 at eps={eps:g} ({many:.1%} vs {few:.1%}): "
+                   "the loss surface is masked or the attack diverges")
+    big = 1.0 if norm == "linf" else math.sqrt(float(np.prod(x.shape[1:])))
+    unbounded = acc(attacks.PGD(eps=big, norm=norm, steps=50))
+    if unbounded > 0.02:
+        out.append(f"an unbounded PGD (eps={big:g}) still leaves {unbounded:.1%} accuracy: attacks cannot even "
+                   "reach arbitrary images, a sign of gradient masking")
+    return out
+
+
+def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[Callable[[Path], None]]) -> None:
+    """Write report.json, report.md, accuracy_vs_eps.png (and gallery.png) into ``out``; then drop the state."""
+    from robustcnn.plots import save_curves
+
+    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(_json_safe(doc), indent=1)))
+    _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(render_markdown(doc)))
+    ordered = sorted(doc["results"], key=lambda r: r["eps"])
+    eps = [r["eps"] for r in ordered]
+    curves = {}
+    if ordered and ordered[0]["attacks"]:
+        for i, st in enumerate(ordered[0]["attacks"]):
+            label = f"after {' + '.join(s['name'] for s in ordered[0]['attacks'][: i + 1])}"
+            curves[label] = [r["accuracy_after"][i] for r in ordered]
+    curves["worst case (all attacks)"] = [r["robust_accuracy"] for r in ordered]
+    save_curves(out / "accuracy_vs_eps.png", eps, curves,
+                title=f"{doc['request']['dataset']}: accuracy under attack ({doc['request']['norm']})",
+                xlabel=f"eps ({doc['request']['norm']}, pixel units of [0, 1])")
+    if gallery is not None:
+        gallery(out / "gallery.png")
+    state = out / STATE
+    if state.exists():
+        state.unlink()
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f} %"
+
+
+def _num(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def render_markdown(doc: dict) -> str:
+    req = doc["request"]
+    lines = [
+        f"# Robustness report: {req['dataset']}",
+        "",
+        f"- model sha256: `{req['checkpoint_sha256'][:16]}…`",
+        f"- samples: {doc['n']}, seed {req['seed']}, norm {req['norm']}, suite {req['suite'] or ', '.join(req['attacks'])}",
+        f"- clean accuracy: **{_pct(doc['clean_accuracy'])}**",
+        "",
+        "| eps | worst-case robust accuracy |",
+        "|---:|---:|",
+    ]
+    lines += [f"| {r['eps']:g} | {_pct(r['robust_accuracy'])} |" for r in sorted(doc["results"], key=lambda r: r["eps"])]
+    for r in doc["results"]:
+        lines += ["", f"## eps = {r['eps']:g} (cascade: each attack sees only the samples still robust)", "",
+                  "| attack | kind | seen | success rate | accuracy after | queries mean / median | max norm | time |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for st, after in zip(r["attacks"], r["accuracy_after"]):
+            lines.append(f"| {st['name']} | {st['kind']} | {st['seen']} | {_pct(st['success_rate'])} | {_pct(after)} "
+                         f"| {_num(st['queries_mean'])} / {_num(st['queries_median'])} | {_num(st['max_norm'])} "
+                         f"| {st['seconds']:.1f} s |")
+    if doc["other_threat_models"]:
+        lines += ["", "## Other threat models (not bounded by eps)", "",
+                  "| attack | kind | accuracy under attack | success rate | median size |", "|---|---|---:|---:|---:|"]
+        for st in doc["other_threat_models"]:
+            lines.append(f"| {st['name']} | {st['kind']} | {_pct(st['accuracy_under_attack'])} "
+                         f"| {_pct(st['success_rate'])} | {_num(st['median_norm'])} |")
+    lines += ["", "## Sanity checks", ""]
+    lines += [f"- ⚠ {w}" for w in doc["warnings"]] or ["- no warning: no sign of gradient masking was found"]
+    return "\n".join(lines) + "\n"
+
+
+def gallery_examples(doc_state_stages: dict, request: ReportRequest) -> Optional[tuple[Tensor, Tensor]]:
+    """(indices, adversarial images) fooled at the smallest positive eps, from the saved stages."""
+    ei = _gallery_index(request.eps)
+    if ei < 0:
+        return None
+    idx, xs = [], []
+    for key, st in doc_state_stages.items():
+        if key.startswith(f"{ei}:") and st.get("x_adv") is not None:
+            idx.append(st["idx"][st["fooled"]])
+            xs.append(st["x_adv"])
+    if not idx:
+        return None
+    return torch.cat(idx), torch.cat(xs)

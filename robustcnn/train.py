@@ -1,0 +1,366 @@
+"""The training core: a frozen :class:`TrainConfig`, :func:`train` and :func:`evaluate`.
+
+Everything random is seeded from the config: the model's initial weights from ``seed``, and each epoch's shuffle,
+augmentation and dropout from ``(seed, epoch)``. Together with the resume state saved after every epoch, this makes
+an interrupted and resumed run end bit-identical to an uninterrupted one (same device, same thread count).
+The global RNG is only touched inside ``torch.random.fork_rng``, so callers' random state is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, versions
+from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
+from robustcnn.errors import CheckpointError, UsageError, check_choice
+from robustcnn.models import MODELS, arch_defaults, build_model
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+SCHEDULES: tuple[str, ...] = ("onecycle", "cosine", "constant")
+DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
+
+#: A hook that turns a clean training batch into the batch the model is trained on (e.g. adversarial examples):
+#: ``make_batch(model, x, y) -> (x', y')`` with x in [0, 1] on the training device.
+BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run's result. Stored in checkpoints as a plain dict."""
+
+    model: str = "vgg"
+    dataset: str = "fashion-mnist"
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float | None = None  # peak learning rate; None: 0.05 for SGD, 0.002 for Adam
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup: float = 0.2  # fraction of all steps spent warming up (onecycle)
+    label_smoothing: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    limit: int | None = None  # train on the first `limit` training images only (quick tries, tests)
+    arch_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise values once, here
+        set_(self, "model", check_choice("model", self.model, MODELS))
+        set_(self, "dataset", check_choice("dataset", self.dataset, DATASETS))
+        set_(self, "optimizer", check_choice("optimizer", self.optimizer, OPTIMIZERS))
+        set_(self, "schedule", check_choice("schedule", self.schedule, SCHEDULES))
+        set_(self, "lr", DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr))
+        unknown = set(self.arch_args) - set(arch_defaults(self.model))
+        if unknown:
+            raise UsageError(f"model {self.model} has no argument(s) {', '.join(sorted(unknown))}")
+        set_(self, "arch_args", {**arch_defaults(self.model), **self.arch_args})
+        for name in ("epochs", "batch_size", "lr", "limit"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UsageError(f"{name.replace('_', '-')} must be > 0, got {value}")
+        if not (0 <= self.warmup < 1 and 0 <= self.label_smoothing < 1 and self.weight_decay >= 0 and self.momentum >= 0):
+            raise UsageError("warmup and label smoothing must be in [0, 1), weight decay and momentum >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-ready dict (what checkpoints store)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The config a checkpoint stored (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What :func:`train` reports to its callbacks: running means over the epoch so far."""
+
+    epoch: int  # 1-based
+    epochs: int
+    step: int  # 1-based, within the epoch
+    steps: int
+    loss: float
+    accuracy: float
+    images_per_second: float
+    seconds: float  # since the epoch began
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Clean accuracy of a model on a dataset."""
+
+    accuracy: float
+    loss: float
+    count: int
+    per_class_accuracy: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """The trained model (eval mode) and the metadata stored in its checkpoint."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    checkpoint: Path | None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Test metrics of the finished run (identical for the same seed, device and thread count)."""
+        return self.meta["metrics"]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions)."""
+    return int.from_bytes(hashlib.sha256(f"robustcnn:{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNGs (weight init, dropout) for a block and restore the caller's state afterwards."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _lr_factor(step: int, *, total: int, schedule: str, warmup: float) -> float:
+    """Learning-rate multiplier at ``step``: one-cycle (linear warm-up, cosine down), cosine, or constant."""
+    if schedule == "constant":
+        return 1.0
+    rise = int(total * warmup) if schedule == "onecycle" else 0
+    if step < rise:
+        return 0.04 + 0.96 * step / rise
+    progress = (step - rise) / max(1, total - rise)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class _Run:
+    """The mutable state of one training run: model, optimizer, scheduler, AMP scaler, history."""
+
+    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.cuda = device.type == "cuda"
+        self.steps = max(1, len(train_data) // config.batch_size)
+        self.batch = min(config.batch_size, len(train_data))
+        mean, std = channel_stats(train_data.images)
+        self.meta = _model_meta(config, train_data, mean, std)
+        with seeded(config.seed, device):
+            model = build_model(config.model, in_channels=train_data.shape[0], image_size=train_data.shape[1],
+                                num_classes=len(train_data.classes), mean=mean, std=std, **config.arch_args)
+        self.model = model.to(device, memory_format=torch.channels_last)
+        self.optimizer = _optimizer(config, self.model)
+        total = config.epochs * self.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _lr_factor(s, total=total, schedule=config.schedule, warmup=config.warmup))
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if self.cuda else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.epochs_done = 0
+
+    def resume_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epochs_done}
+
+    def restore(self, doc: dict[str, Any]) -> None:
+        state = doc["resume"]
+        self.model.load_state_dict(doc["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epochs_done = int(state["epoch"])
+        self.meta["history"] = list(doc["meta"].get("history", []))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; returns the detached summed loss and the number of correct predictions."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach() * y.shape[0], (logits.detach().argmax(1) == y).sum()
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                           weight_decay=config.weight_decay)
+
+
+def _model_meta(config: TrainConfig, data: ImageData, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The checkpoint metadata that does not change during the run."""
+    return {"architecture": config.model, "arch_args": dict(config.arch_args), "dataset": config.dataset,
+            "input_shape": list(data.shape), "classes": list(data.classes),
+            "normalization": {"mean": mean, "std": std}, "config": config.to_dict(), "seed": config.seed,
+            "versions": versions(), "history": [], "epochs_done": 0, "complete": False, "metrics": {}}
+
+
+def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransform | None,
+               on_step: Callable[[Progress], None] | None, report_every: int) -> dict[str, float]:
+    """Train one epoch (0-based ``epoch``): shuffle, index batches, augment on the device, step."""
+    config, device = run.config, run.device
+    generator = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch))
+    order = torch.randperm(len(data), generator=generator, device=device)
+    pad = 2 if data.shape[1] <= 28 else 4
+    flip = horizontal_flip_is_sensible(data.name)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    run.model.train()
+    start = time.perf_counter()
+    with seeded(epoch_seed(config.seed, epoch), device):
+        for step in range(run.steps):
+            index = order[step * run.batch:(step + 1) * run.batch]
+            images, y = data.images[index], data.labels[index]
+            if config.augment:
+                images = augment(images, generator=generator, pad=pad, flip=flip)
+            x = to_float(images).contiguous(memory_format=torch.channels_last)
+            if make_batch is not None:
+                x, y = make_batch(run.model, x, y)
+            batch_loss, batch_correct = run.step(x, y)
+            loss_sum += batch_loss
+            correct += batch_correct
+            if on_step is not None and ((step + 1) % report_every == 0 or step + 1 == run.steps):
+                on_step(_progress(epoch, config.epochs, step + 1, run, loss_sum, correct, start))
+    seen = run.steps * run.batch
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
+            "seconds": seconds, "images_per_second": seen / seconds}
+
+
+def _progress(epoch: int, epochs: int, step: int, run: _Run, loss_sum: torch.Tensor, correct: torch.Tensor,
+              start: float) -> Progress:
+    seen, seconds = step * run.batch, time.perf_counter() - start
+    return Progress(epoch + 1, epochs, step, run.steps, float(loss_sum) / seen, float(correct) / seen,
+                    seen / max(seconds, 1e-9), seconds)
+
+
+def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu",
+             batch_size: int = 250) -> Evaluation:
+    """Clean accuracy, mean loss and per-class accuracy of ``model`` on ``data`` (under ``inference_mode``).
+
+    ``model`` must already be on ``device``; its training mode is restored afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    losses, predictions = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(data), batch_size):
+                x = to_float(data.images[start:start + batch_size], device).contiguous(memory_format=torch.channels_last)
+                y = data.labels[start:start + batch_size].to(device)
+                logits = model(x)
+                losses.append(F.cross_entropy(logits.float(), y, reduction="sum"))
+                predictions.append(logits.argmax(1))
+    finally:
+        model.train(was_training)
+    predicted = torch.cat(predictions).cpu()
+    labels = data.labels.cpu()
+    hits = predicted == labels
+    k = len(data.classes)
+    totals = torch.bincount(labels, minlength=k)
+    right = torch.bincount(labels[hits], minlength=k)
+    per_class = {name: float(right[i]) / max(1, int(totals[i])) for i, name in enumerate(data.classes)}
+    return Evaluation(float(hits.float().mean()), float(torch.stack(losses).sum()) / len(data), len(data), per_class)
+
+
+def _resume(run: _Run, checkpoint: Path) -> None:
+    """Load the resume state from ``checkpoint``, refusing one from a different configuration."""
+    doc = read_checkpoint(checkpoint)
+    meta = doc["meta"]
+    check_meta(checkpoint, meta, architecture=run.config.model, dataset=run.config.dataset)
+    stored = meta.get("config", {})
+    wanted = run.config.to_dict()
+    changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    if changed:
+        raise CheckpointError(f"cannot resume {checkpoint}: it was trained with other options ({'; '.join(changed)}); "
+                              "use the same options, or drop --resume to start over")
+    if doc.get("resume") is None:
+        raise CheckpointError(f"cannot resume {checkpoint}: it holds no resume state")
+    try:
+        run.restore(doc)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+
+
+def train(
+    config: TrainConfig,
+    train_data: ImageData,
+    test_data: ImageData,
+    *,
+    device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    make_batch: BatchTransform | None = None,
+    on_step: Callable[[Progress], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    report_every: int = 10,
+    eval_batch_size: int = 250,
+) -> TrainResult:
+    """Train ``config.model`` on ``train_data``; evaluate on ``test_data``; return the model and its metadata.
+
+    The data are moved to ``device`` once (uint8, one byte per pixel). With ``checkpoint``, the model and its
+    resume state are saved there (atomically) after every epoch and once more with the final metrics; ``resume``
+    continues from that file, which must come from the same config. ``on_step`` gets a :class:`Progress` every
+    ``report_every`` steps, ``on_epoch`` each finished epoch's statistics. ``make_batch`` may replace each clean
+    batch by the batch to train on (the hook for adversarial training).
+    """
+    device = torch.device(device)
+    for data in (train_data, test_data):
+        if data.name != config.dataset:
+            raise UsageError(f"config.dataset is {config.dataset!r} but the data given is {data.name!r}")
+    train_data = train_data.subset(config.limit).to(device)
+    run = _Run(config, train_data, device)
+    if resume:
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
+        _resume(run, Path(checkpoint))
+    for epoch in range(run.epochs_done, config.epochs):
+        stats = _run_epoch(run, train_data, epoch, make_batch, on_step, report_every)
+        run.epochs_done = epoch + 1
+        run.meta["history"].append(stats)
+        run.meta["epochs_done"] = run.epochs_done
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
+        if on_epoch is not None:
+            on_epoch(stats)
+    return _finish(run, test_data, Path(checkpoint) if checkpoint is not None else None, eval_batch_size)
+
+
+def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch_size: int) -> TrainResult:
+    """Evaluate on the test set, store metrics and timing, write the final checkpoint."""
+    result = evaluate(run.model, test_data, device=run.device, batch_size=eval_batch_size)
+    history = run.meta["history"]
+    last = history[-1] if history else {}
+    seconds = sum(h["seconds"] for h in history)
+    images = sum(h["images_per_second"] * h["seconds"] for h in history)
+    run.meta.update(
+        complete=True,
+        metrics={"test_accuracy": result.accuracy, "test_loss": result.loss, "test_count": result.count,
+                 "per_class_accuracy": result.per_class_accuracy, "train_loss": last.get("train_loss"),
+                 "train_accuracy": last.get("train_accuracy")},
+        timing={"train_seconds": seconds, "images_per_second": images / seconds if seconds else 0.0,
+                "device": str(run.device), "threads": torch.get_num_threads()},
+    )
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
+    run.model.eval()
+    return TrainResult(run.model, run.meta, checkpoint)

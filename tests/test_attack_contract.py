@@ -1,0 +1,163 @@
+"""The attack contract, checked for every registered attack (a new attack is covered by registering it)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attacks
+from attacks.base import BoundedAttack, MinNormAttack
+
+#: Caps that keep every attack fast on the tiny model; applied to whichever of these fields an attack has.
+CAPS = {"steps": 10, "binary_steps": 2, "max_queries": 300, "restarts": 1, "eot_samples": 2, "n_target_classes": 2,
+        "iterations": 10, "population": 40}
+#: Attacks whose capped settings need a different starting point to stay effective on the tiny model.
+FAST_EXTRA = {"cw": {"c": 1.0, "steps": 50, "lr": 0.05}, "bim": {"steps": 10, "alpha": 0.04}}
+
+
+def build_fast(name: str, **extra):
+    spec = attacks.get(name)
+    kw = {k: min(v, spec.params[k]) for k, v in CAPS.items() if spec.params.get(k) is not None}
+    if "eps" in spec.params and "eps" not in extra:
+        kw["eps"] = 0.3 if (spec.norms[0] in ("linf",)) else None
+        if kw["eps"] is None and issubclass(spec.factory, BoundedAttack):
+            kw["eps"] = 3.0
+        if kw["eps"] is None:
+            kw.pop("eps")
+    kw.update(FAST_EXTRA.get(name, {}))
+    kw.update(extra)
+    return spec.build(**kw)
+
+
+ALL = attacks.available()
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract(name, trained):
+    model, x, y = trained
+    x0, before = x.clone(), _state(model)
+    atk = build_fast(name)
+    res = atk(model, x, y, generator=torch.Generator().manual_seed(1))
+
+    assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype and res.x_adv.device == x.device
+    assert torch.equal(x, x0), "x was modified"
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    if isinstance(atk, (BoundedAttack, MinNormAttack)) and atk.eps is not None:
+        measured = atk.norm_obj.measure(res.x_adv - x)
+        assert (measured <= atk.eps * (1 + 1e-5) + 1e-6).all(), f"budget {atk.eps} exceeded: {measured.max()}"
+        assert torch.allclose(res.norms, measured)
+    with torch.no_grad():
+        repredicted = model(res.x_adv).argmax(1)
+    assert torch.equal(res.success, repredicted != y), "success flags disagree with re-prediction"
+    assert not model.training, "model mode changed"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "parameters changed"
+    assert all(p.grad is None for p in model.parameters()), "parameter gradients were written"
+    assert res.queries.dtype == torch.long and (res.queries[res.success] >= 1).all()
+    assert res.queries.shape == res.success.shape == res.norms.shape == (x.shape[0],)
+    # unsuccessful samples of a bounded attack must still be *attempts*: fooled ones must really be fooled
+    assert res.success.float().mean() >= 0.5, f"{name} fooled only {res.success.float().mean():.0%} at a large budget"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_result(name, trained):
+    model, x, y = trained
+    atk = build_fast(name)
+    a = atk(model, x[:16], y[:16], generator=torch.Generator().manual_seed(7))
+    b = atk(model, x[:16], y[:16], generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success) and torch.equal(a.queries, b.queries)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if attacks.get(n).targeted])
+def test_targeted_success_means_target_reached(name, trained):
+    model, x, y = trained
+    target = (y + 1) % 4
+    res = build_fast(name)(model, x[:32], y[:32], target=target[:32])
+    with torch.no_grad():
+        pred = model(res.x_adv).argmax(1)
+    assert torch.equal(res.success, pred == target[:32])
+    assert res.success.any(), f"{name} reached no target at a large budget"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not attacks.get(n).targeted])
+def test_untargeted_only_attacks_refuse_a_target(name, trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="no targeted mode"):
+        build_fast(name)(model, x[:4], y[:4], target=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_mode_warns_and_is_kept(name, trained):
+    model, x, y = trained
+    model.train()
+    try:
+        with pytest.warns(UserWarning, match="training mode"):
+            build_fast(name)(model, x[:4], y[:4])
+        assert model.training and all(m.training for m in model.modules())
+    finally:
+        model.eval()
+
+
+def test_registry_lists_every_kind_and_describes_each():
+    for name in ALL:
+        spec = attacks.get(name)
+        assert spec.kind in attacks.KINDS and spec.description and spec.norms
+    assert set(attacks.available("white-box")) >= {"fgsm", "bim", "pgd", "mifgsm", "apgd", "apgd-t", "cw",
+                                                   "deepfool", "eotpgd"}
+
+
+def test_unknown_attack_suggests_close_matches():
+    with pytest.raises(ValueError, match="did you mean pgd"):
+        attacks.get("pgdd")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("pgd", {"eps": -0.1}, "eps must be >= 0"),
+        ("pgd", {"eps": 1.5}, "eps must be <= 1"),
+        ("pgd", {"steps": 0}, "steps must be >= 1"),
+        ("pgd", {"norm": "l0"}, "does not support norm"),
+        ("fgsm", {"steps": 3}, "does not take steps"),
+        ("apgd", {"loss": "margin"}, "loss must be one of"),
+        ("cw", {"norm": "linf"}, "does not support norm"),
+        ("deepfool", {"candidates": 1}, "candidates must be >= 2"),
+        ("mifgsm", {"decay": -1.0}, "decay must be >= 0"),
+    ],
+)
+def test_bad_hyperparameters_fail_at_construction(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        attacks.get(name).build(**kwargs)
+
+
+def test_bad_inputs_are_refused(trained):
+    model, x, y = trained
+    atk = attacks.FGSM(eps=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        atk(model, x * 2 + 0.5, y)
+    with pytest.raises(ValueError, match="labels of shape"):
+        atk(model, x, y[:3])
+    with pytest.raises(ValueError, match="floating-point"):
+        atk(model, (x * 255).to(torch.uint8), y)
+
+
+def test_non_finite_model_output_raises(trained):
+    _, x, y = trained
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, inp):
+            out = inp.flatten(1)[:, :4] * self.w
+            out[0, 0] = float("nan")
+            return out
+
+    with pytest.raises(attacks.NonFiniteOutputError, match="non-finite"):
+        attacks.PGD(eps=0.1, steps=2)(Broken().eval(), x, y)

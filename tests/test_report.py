@@ -1,0 +1,130 @@
+"""`robustcnn report` and the report runner: cascade, files, resume, sanity checks, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attacks
+from robustcnn.report import ReportRequest, run_report
+from train_fixtures import assert_one_line_error, isolated, run_cli  # noqa: F401  (fixtures)
+from test_cli_attack import model_env, newest  # noqa: F401  (fixtures: one quick model for the module)
+
+
+def _report(tmp_path, *extra):
+    out = tmp_path / "rep"
+    result = run_cli("report", "--attacks", "fgsm,pgd", "--eps", "0,0.05,0.3", "--n", "48", "--out", str(out),
+                     "--json", *extra)
+    return out, result
+
+
+def test_report_files_and_worst_case(newest, tmp_path):
+    out, result = _report(tmp_path)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    for f in ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert not (out / "state.pt").exists()
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(doc["results"]))
+    accs = [r["robust_accuracy"] for r in sorted(doc["results"], key=lambda r: r["eps"])]
+    assert accs[0] == doc["clean_accuracy"] and accs == sorted(accs, reverse=True)
+    # the worst case is at most the accuracy under every single attack, each run alone on all samples
+    for r in doc["results"]:
+        for name in ("fgsm", "pgd"):
+            alone = json.loads(run_cli("attack", "--method", name, "--eps", str(r["eps"]), "--n", "48",
+                                       "--steps" if name == "pgd" else "--norm", "20" if name == "pgd" else "linf",
+                                       "--json").stdout)["results"][0]["robust_accuracy"]
+            assert r["robust_accuracy"] <= alone + 1e-9
+    assert "worst-case robust accuracy" in (out / "report.md").read_text()
+    assert doc["request"]["checkpoint_sha256"] and "torch" in doc["versions"]
+
+
+def test_fail_under_exits_1_after_writing(newest, tmp_path):
+    out, result = _report(tmp_path, "--fail-under", "0.99")
+    assert result.exit_code == 1 and "below --fail-under" in result.stderr
+    assert (out / "report.json").exists()
+
+
+def _tiny_setup(newest):
+    from robustcnn.checkpoint import latest_checkpoint, load_model
+    from robustcnn.data import load_dataset
+    from robustcnn.report import file_sha256
+
+    path = latest_checkpoint()
+    model, meta = load_model(path)
+    data = load_dataset(meta["dataset"], train=False)
+    x, y = data.images[:40].float() / 255, data.labels[:40]
+    req = ReportRequest(suite=None, attacks=["fgsm", "pgd"], eps=[0.05, 0.3], norm="linf", n=40, seed=0,
+                        checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
+    return model, x, y, req
+
+
+def test_interrupted_report_resumes_to_the_same_result(newest, tmp_path):
+    model, x, y, req = _tiny_setup(newest)
+    full, _ = run_report(model, x, y, req, tmp_path / "a", device=torch.device("cpu"), batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        run_report(model, x, y, req, tmp_path / "b", device=torch.device("cpu"), batch_size=16, stop_after=2)
+    assert (tmp_path / "b" / "state.pt").exists()
+    calls = []
+    resumed, _ = run_report(model, x, y, req, tmp_path / "b", device=torch.device("cpu"), batch_size=16,
+                            progress=lambda name, done, total: calls.append(name))
+    assert len(set(calls)) <= 2 and calls.count("fgsm") + calls.count("pgd") > 0  # only the unfinished stages ran
+    for a, b in zip(full["results"], resumed["results"]):
+        assert a["per_sample"] == b["per_sample"] and a["robust_accuracy"] == b["robust_accuracy"]
+
+
+def test_resuming_with_another_request_is_refused_and_keeps_the_state(newest, tmp_path):
+    model, x, y, req = _tiny_setup(newest)
+    with pytest.raises(KeyboardInterrupt):
+        run_report(model, x, y, req, tmp_path / "r", device=torch.device("cpu"), batch_size=16, stop_after=1)
+    before = (tmp_path / "r" / "state.pt").read_bytes()
+    other = ReportRequest(**{**req.__dict__, "checkpoint_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="another model"):
+        run_report(model, x, y, other, tmp_path / "r", device=torch.device("cpu"), batch_size=16)
+    assert (tmp_path / "r" / "state.pt").read_bytes() == before
+
+
+def test_gradient_masking_is_flagged(newest, tmp_path):
+    """A model that hides its gradients behind a hard threshold: the unbounded-attack check must notice."""
+    model, x, y, req = _tiny_setup(newest)
+
+    class Masked(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inp):
+            q = (inp > 0.5).float()  # zero gradient almost everywhere
+            return self.inner(q + (inp - inp.detach()) * 0)
+
+    masked = Masked(model).eval()
+    doc, _ = run_report(masked, x, y, req, tmp_path / "m", device=torch.device("cpu"), batch_size=16)
+    text = " ".join(doc["warnings"])
+    assert "zero" in text or "gradient masking" in text
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (("--suite", "nope"), 2, "unknown suite"),
+        (("--attacks", "fgsm,nope"), 2, "unknown attack"),
+        (("--attacks", ","), 2, "at least one attack"),
+        (("--eps", ""), 2, "at least one value"),
+        (("--eps", "0.1,abc"), 2, "invalid eps"),
+        (("--norm", "l7"), 2, "--norm must be"),
+        (("--fail-under", "3"), 2, "--fail-under"),
+    ],
+)
+def test_bad_report_input(newest, tmp_path, args, code, message):
+    line = assert_one_line_error(run_cli("report", "--n", "8", "--out", str(tmp_path / "o"), *args), code)
+    assert message in line
+
+
+def test_out_that_is_a_file_is_refused_and_kept(newest, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("keep me")
+    assert_one_line_error(run_cli("report", "--n", "8", "--suite", "quick", "--out", str(f)), 2)
+    assert f.read_text() == "keep me"
