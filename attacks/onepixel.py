@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
+from attacks.rng import SampleRNG
 from attacks.sparse import PixelBudget, WorkList, check_pixels, check_target
 
 #: Inputs per forward pass when ``max_batch`` is None: a small CNN on a CPU is fastest in cache-sized batches.
@@ -45,13 +46,15 @@ def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:
     return out.reshape(m, c, h, w)
 
 
-def _three_distinct(shape: tuple[int, int], size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Three index tensors of ``shape`` with distinct values in ``[0, size)`` at every position (uniformly drawn)."""
-    dev = generator.device
-    r1 = torch.randint(size, shape, generator=generator, device=dev)
-    r2 = torch.randint(size - 1, shape, generator=generator, device=dev)
+def _three_distinct(rng: SampleRNG, ids: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For each sample at ``ids`` and each of ``size`` candidates: three distinct uniform indices in ``[0, size)``.
+
+    Shapes ``(len(ids), size)``; drawn from the samples' own random streams.
+    """
+    r1 = rng.integers(ids, size, (size,))
+    r2 = rng.integers(ids, size - 1, (size,))
     r2 = r2 + (r2 >= r1).long()
-    r3 = torch.randint(size - 2, shape, generator=generator, device=dev)
+    r3 = rng.integers(ids, size - 2, (size,))
     lo, hi = torch.minimum(r1, r2), torch.maximum(r1, r2)
     r3 = r3 + (r3 >= lo).long()
     r3 = r3 + (r3 >= hi).long()
@@ -103,13 +106,13 @@ class OnePixel(PixelBudget):
         clean = ctx.logits(ctx.x, work.ids)
         check_target(ctx.target, clean.shape[1])
         work.retire_fooled(ctx, ctx.x, clean)  # already misclassified: nothing to change
-        pop = self._initial_population(ctx).to(ctx.x)[work.ids]
+        pop = self._initial_population(ctx, work.ids).to(ctx.x)
         fit, logits = self._evaluate(ctx, work, pop)
         for _ in range(self.generations):
             pop, fit, logits = self._retire_fooled(ctx, work, pop, fit, logits)
             if work.empty:
                 break
-            trial = self._mutate(pop, ctx.generator, h, w)
+            trial = self._mutate(pop, ctx.rng, work.ids, h, w)
             t_fit, t_logits = self._evaluate(ctx, work, trial)
             # a child that fools the model is kept even when its fitness is no better than its parent's
             better = (t_fit <= fit) | self._fooled(ctx, work, t_logits)
@@ -123,20 +126,19 @@ class OnePixel(PixelBudget):
             work.retire_all(perturb_pixels(ctx.x[work.ids], pop[rows, best]), logits[rows, best])
         return work.result()
 
-    def _initial_population(self, ctx: Context) -> Tensor:
-        """``(N, population, k, 2 + C)``: coordinates uniform over the image, values ~ N(0.5, 0.5) clipped to [0, 1]."""
-        n, c, h, w = ctx.x.shape
-        g = ctx.generator
-        shape = (n, self.population, self.pixels)
-        rows = torch.rand(shape, generator=g, device=g.device) * h
-        cols = torch.rand(shape, generator=g, device=g.device) * w
-        values = (torch.randn((*shape, c), generator=g, device=g.device) * 0.5 + 0.5).clamp(0.0, 1.0)
+    def _initial_population(self, ctx: Context, ids: Tensor) -> Tensor:
+        """``(M, population, k, 2 + C)`` for the images at ``ids``: coordinates uniform over the image, values
+        ~ N(0.5, 0.5) clipped to [0, 1]."""
+        _, c, h, w = ctx.x.shape
+        shape = (self.population, self.pixels)
+        rows = ctx.rng.uniform(ids, shape) * h
+        cols = ctx.rng.uniform(ids, shape) * w
+        values = (ctx.rng.normal(ids, (*shape, c)) * 0.5 + 0.5).clamp(0.0, 1.0)
         return self._clip(torch.cat([rows[..., None], cols[..., None], values], dim=-1), h, w)
 
-    def _mutate(self, pop: Tensor, generator: torch.Generator, h: int, w: int) -> Tensor:
+    def _mutate(self, pop: Tensor, rng: SampleRNG, ids: Tensor, h: int, w: int) -> Tensor:
         """DE/rand/1 without crossover: ``child_i = x_r1 + F (x_r2 - x_r3)`` with distinct random r1, r2, r3."""
-        m, p = pop.shape[:2]
-        picks = [r.to(pop.device) for r in _three_distinct((m, p), p, generator)]
+        picks = [r.to(pop.device) for r in _three_distinct(rng, ids, pop.shape[1])]
         a, b, c = (pop.gather(1, r[..., None, None].expand_as(pop)) for r in picks)
         return self._clip(a + self.mutation * (b - c), h, w)
 

@@ -31,6 +31,7 @@ from attacks.base import Attack, Context, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective, get_loss
 from attacks.norms import best_window, get_norm, patch_shape, window_mask
 from attacks.registry import register
+from attacks.rng import SampleRNG
 from attacks.sparse import WorkList, check_target, keep_changes, target_checked
 
 #: Area budget used when a patch attack is built without one: 5 % of the image.
@@ -67,13 +68,11 @@ def noise_patch(shape: tuple[int, int, int], generator: torch.Generator) -> Tens
     return torch.rand(shape, generator=generator, device=generator.device)
 
 
-def random_corners(n: int, shape: tuple[int, int], height: int, width: int, generator: torch.Generator):
-    """Top-left corners ``(rows, cols)`` for ``n`` windows of ``shape``, uniform over the positions inside the image."""
+def random_corners(rng: SampleRNG, ids: Tensor, shape: tuple[int, int], height: int, width: int):
+    """Top-left corners ``(rows, cols)`` of ``shape`` windows for the samples at ``ids``, uniform over the positions
+    inside the image, each from its sample's own random stream."""
     a, b = shape
-    g = generator
-    rows = torch.randint(height - a + 1, (n,), generator=g, device=g.device)
-    cols = torch.randint(width - b + 1, (n,), generator=g, device=g.device)
-    return rows, cols
+    return rng.integers(ids, height - a + 1), rng.integers(ids, width - b + 1)
 
 
 def paste(x: Tensor, patch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -91,17 +90,16 @@ def paste(x: Tensor, patch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return torch.where(mask, canvas, x)
 
 
-def eot_paste(x: Tensor, patch: Tensor, generator: torch.Generator, *, min_scale: float, rotation: float) -> Tensor:
+def eot_paste(x: Tensor, patch: Tensor, draws: Tensor, *, min_scale: float, rotation: float) -> Tensor:
     """Paste ``patch`` on every image under its own random transformation (differentiable in the patch).
 
-    Each image draws a scale in ``[min_scale, 1]`` of the patch's side, a rotation in ``[-rotation, rotation]``
-    degrees and a location where the whole transformed patch lies inside the image; the patch is resampled
-    bilinearly (Brown et al.'s Expectation Over Transformation).
+    ``draws`` ``(N, 4)`` are uniform numbers in [0, 1) per image: they pick a scale in ``[min_scale, 1]`` of the
+    patch's side, a rotation in ``[-rotation, rotation]`` degrees and a location where the whole transformed patch
+    lies inside the image; the patch is resampled bilinearly (Brown et al.'s Expectation Over Transformation).
     """
     n, c, h, w = x.shape
     a, b = patch.shape[-2:]
-    g = generator
-    u = torch.rand(4, n, generator=g, device=g.device).to(x)
+    u = draws.to(x).T
     scale = min_scale + (1.0 - min_scale) * u[0]
     angle = (2 * u[1] - 1) * math.radians(rotation)
     cos, sin = angle.cos(), angle.sin()
@@ -149,18 +147,20 @@ class PatchTraining:
 def fit_patch(ctx: Context, shape: tuple[int, int], training: PatchTraining) -> Tensor:
     """Train one patch of ``shape`` over the images of ``ctx`` (every pass counted there); returns ``(C, a, b)``.
 
-    The model is reached only through ``ctx``: its input gradient on the patched images is carried back to the
-    patch through the (differentiable) pasting.
+    The patch starts mid-grey. The model is reached only through ``ctx``: its input gradient on the patched images
+    is carried back to the patch through the (differentiable) pasting. Random draws come from the samples' streams.
     """
-    g = ctx.generator
     objective: Objective = target_checked(get_loss(training.loss))
-    patch = noise_patch((ctx.x.shape[1], *shape), g).to(ctx.x).requires_grad_(True)
+    patch = torch.full((ctx.x.shape[1], *shape), 0.5, dtype=ctx.x.dtype, device=ctx.x.device, requires_grad=True)
     opt = torch.optim.Adam([patch], lr=training.lr)
+    everyone = torch.arange(ctx.n, device=ctx.x.device)
     size = min(training.batch_size or ctx.n, ctx.n)
     for _ in range(training.steps):
-        idx = torch.randperm(ctx.n, generator=g, device=g.device)[:size].to(ctx.x.device)
+        # a random minibatch: the `size` samples whose own streams drew the smallest numbers this step
+        idx = everyone if size == ctx.n else ctx.rng.uniform(everyone, ()).argsort()[:size].to(everyone)
         with torch.enable_grad():
-            patched = eot_paste(ctx.x[idx], patch, g, min_scale=training.min_scale, rotation=training.rotation)
+            patched = eot_paste(ctx.x[idx], patch, ctx.rng.uniform(idx, (4,)), min_scale=training.min_scale,
+                                rotation=training.rotation)
             _, _, grad_x = ctx.value_and_grad(patched.detach(), idx, objective)
             (grad_patch,) = torch.autograd.grad(patched, patch, grad_outputs=-grad_x)  # Adam minimizes
         patch.grad = grad_patch
@@ -197,7 +197,8 @@ def train_patch(
         check_int("target", target, low=0)
         tgt = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
-    return fit_patch(Context(model, images, labels.to(images.device).long(), tgt, gen), shape, training)
+    rng = SampleRNG.from_generator(gen, images.shape[0], images.device)
+    return fit_patch(Context(model, images, labels.to(images.device).long(), tgt, rng), shape, training)
 
 
 # -- the attacks ---------------------------------------------------------------------------------------------------
@@ -278,9 +279,10 @@ class UniversalPatch(PatchAttack):
         shape = self.footprint(ctx.x)
         patch = self.patch if self.patch is not None else fit_patch(ctx, shape, self.training_config)
         _, _, h, w = ctx.x.shape
-        rows, cols = random_corners(ctx.n, shape, h, w, ctx.generator)
+        everyone = torch.arange(ctx.n, device=ctx.x.device)
+        rows, cols = random_corners(ctx.rng, everyone, shape, h, w)
         x_adv = paste(ctx.x, patch, rows, cols)
-        logits = ctx.logits(x_adv, torch.arange(ctx.n, device=ctx.x.device))
+        logits = ctx.logits(x_adv, everyone)
         check_target(ctx.target, logits.shape[1])
         return x_adv, logits
 
@@ -329,8 +331,8 @@ class LocalizedPatch(PatchAttack):
         mask = window_mask(rows, cols, shape, h, w)
         keep = work.retire_fooled(ctx, ctx.x, logits)  # already misclassified: nothing to change
         mask = mask[keep]
-        noise = torch.rand(ctx.x.shape, generator=ctx.generator, device=ctx.generator.device).to(ctx.x)
-        cur = torch.where(mask, noise[keep], ctx.x[keep])
+        noise = ctx.rng.uniform(work.ids, tuple(ctx.x.shape[1:])).to(ctx.x)
+        cur = torch.where(mask, noise, ctx.x[work.ids])
         for step in range(self.steps + 1):
             if step == self.steps:
                 work.retire_all(cur, ctx.logits(cur, work.ids))
@@ -351,5 +353,4 @@ class LocalizedPatch(PatchAttack):
         if self.location == "center":
             full = torch.full((n,), 1, dtype=torch.long, device=ctx.x.device)
             return full * ((h - shape[0]) // 2), full * ((w - shape[1]) // 2)
-        rows, cols = random_corners(n, shape, h, w, ctx.generator)
-        return rows.to(ctx.x.device), cols.to(ctx.x.device)
+        return random_corners(ctx.rng, torch.arange(n, device=ctx.x.device), shape, h, w)

@@ -256,7 +256,7 @@ def test_paste_is_exact_and_local():
 def test_eot_paste_keeps_the_patch_inside_the_image(rotation, min_scale):
     """A white patch on a black image: all of its mass lands inside the image, whatever the transformation."""
     x = torch.zeros(64, 1, 20, 20)
-    out = eot_paste(x, torch.ones(1, 4, 5), _gen(), min_scale=min_scale, rotation=rotation)
+    out = eot_paste(x, torch.ones(1, 4, 5), torch.rand(64, 4, generator=_gen()), min_scale=min_scale, rotation=rotation)
     mass = out.sum(dim=(1, 2, 3))
     assert (mass <= 20 * 1.01).all() and (mass >= 20 * min_scale**2 * 0.9).all()  # bilinear: mass kept roughly
     if rotation == 0 and min_scale == 1:
