@@ -362,3 +362,110 @@ def test_bad_evolution_settings_are_refused(kwargs):
 def test_bad_localized_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         attacks.LocalizedPatch(**kwargs)
+
+
+# -- patch files and `robustcnn patch train` ----------------------------------------------------------------------
+from cli.commands.patch import load_patch, save_patch  # noqa: E402
+from robustcnn.errors import RobustCNNError, UsageError  # noqa: E402
+from train_fixtures import assert_one_line_error, run_cli  # noqa: E402
+
+QUICK = ("--dataset", "shapes", "--model", "lenet5", "--limit", "256", "--epochs", "1", "--batch-size", "64",
+         "--device", "cpu")
+
+
+def test_saved_patches_load_back(tmp_path):
+    patch = torch.rand(3, 5, 6, generator=_gen())
+    png, pt = save_patch(patch, tmp_path / "p-0.5pct")
+    assert png.name == "p-0.5pct.png" and pt.name == "p-0.5pct.pt"
+    assert torch.equal(load_patch(pt), patch)
+    assert (load_patch(png) - patch).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit PNG
+    assert load_patch(pt, image_shape=(3, 32, 32)).shape == (3, 5, 6)
+
+
+def test_bad_patch_files_say_what_is_wrong(tmp_path):
+    torch.save(torch.rand(5, 6), tmp_path / "flat.pt")
+    torch.save({"patch": torch.rand(1, 2, 2)}, tmp_path / "dict.pt")
+    (tmp_path / "text.png").write_text("not an image")
+    from PIL import Image
+
+    Image.new("RGBA", (3, 3)).save(tmp_path / "alpha.png")
+    (tmp_path / "text.pt").write_text("not a tensor")
+    save_patch(torch.rand(1, 4, 4), tmp_path / "grey")
+    for name, match in [("flat.pt", "shape"), ("dict.pt", "holds a dict"), ("text.png", "not an image"),
+                        ("text.pt", "not a tensor file"), ("alpha.png", "without alpha")]:
+        with pytest.raises(UsageError, match=match):
+            load_patch(tmp_path / name)
+    with pytest.raises(UsageError, match="channel"):
+        load_patch(tmp_path / "grey.png", image_shape=(3, 32, 32))
+    with pytest.raises(UsageError, match="does not fit"):
+        load_patch(tmp_path / "grey.pt", image_shape=(1, 3, 3))
+    with pytest.raises(RobustCNNError, match="cannot read") as err:
+        load_patch(tmp_path / "missing.pt")
+    assert not isinstance(err.value, UsageError) and err.value.exit_code == 1
+
+
+@pytest.fixture(scope="module")
+def shapes_model(tmp_path_factory):
+    """A quick shapes checkpoint (32x32 RGB, 5 classes) made by `robustcnn train`; the environment to use it."""
+    root = tmp_path_factory.mktemp("patch-cli")
+    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        result = run_cli("train", *QUICK, "--out", str(root / "runs"), "--json")
+    assert result.exit_code == 0, result.stderr
+    return root / "runs" / "shapes-lenet5.pt", env
+
+
+@pytest.fixture
+def cli_env(shapes_model, monkeypatch):
+    for key, value in shapes_model[1].items():
+        monkeypatch.setenv(key, value)
+    return shapes_model[0]
+
+
+def test_patch_train_saves_and_measures(cli_env, tmp_path):
+    import json
+
+    result = run_cli("patch", "train", "--area", "0.02,0.1", "--steps", "3", "--train-images", "64", "--n", "48",
+                     "--out", str(tmp_path / "p.png"), "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert [r["area_requested"] for r in doc["results"]] == [0.02, 0.1]
+    for row, pct in zip(doc["results"], ("2", "10")):
+        patch = load_patch(row["tensor"], image_shape=(3, 32, 32))
+        assert list(patch.shape) == row["patch_shape"] == [3, *patch_shape(row["area_requested"], 32, 32)]
+        assert row["png"].endswith(f"p-{pct}pct.png") and load_patch(row["png"]).shape == patch.shape
+        for kind in ("patch", "noise"):
+            m = row[kind]
+            assert 0 <= m["accuracy"] <= m["clean_accuracy"] <= 1 and m["area"] <= row["area_requested"]
+
+
+def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
+    result = run_cli("patch", "train", "--steps", "2", "--train-images", "32", "--n", "32", "--target", "1",
+                     "--out", str(tmp_path / "t"), "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert "noise" in result.stdout and "target 1" in result.stdout
+    assert (tmp_path / "t.png").is_file() and (tmp_path / "t.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("--area", "0"), "in \\(0, 1\\)"),
+        (("--area", "1.5"), "in \\(0, 1\\)"),
+        (("--area", "abc"), "invalid --area"),
+        (("--area", "0.0001"), "less than one pixel"),
+        (("--target", "99"), "--target must be a class index"),
+        (("--steps", "0"), "--steps must be > 0"),
+    ],
+)
+def test_patch_train_bad_input_is_a_usage_error(cli_env, tmp_path, args, match):
+    result = run_cli("patch", "train", "--n", "8", "--out", str(tmp_path / "x"), "--device", "cpu", *args)
+    line = assert_one_line_error(result, 2)
+    assert __import__("re").search(match, line), line
+
+
+def test_patch_train_missing_checkpoint_is_a_runtime_error(cli_env, tmp_path):
+    result = run_cli("patch", "train", "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu")
+    assert "not found" in assert_one_line_error(result, 1)

@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import numpy as np
 import torch
 import typer
 from rich.table import Table
@@ -64,29 +65,32 @@ def _tensor_from_bytes(raw: bytes, path: Path) -> torch.Tensor:
 
 
 def _image_from_bytes(raw: bytes, path: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError):
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            mode, pixels = img.mode, np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError):
         raise UsageError(f"{path} is not an image or tensor file (use a PNG, or the .pt a patch run wrote)") from None
-    if img.dtype != torch.uint8 or img.shape[0] not in (1, 3):
-        raise UsageError(f"{path}: a patch image must be 8-bit grayscale or RGB without alpha, "
-                         f"got {img.shape[0]} channel(s) of {img.dtype}")
-    return img.float() / 255
+    if mode not in ("L", "RGB"):
+        raise UsageError(f"{path}: a patch image must be 8-bit grayscale or RGB without alpha, got mode {mode}")
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return torch.from_numpy(chw.copy()).float() / 255
 
 
 def save_patch(patch: torch.Tensor, stem: Path) -> tuple[Path, Path]:
     """Write ``patch`` as ``<stem>.png`` and ``<stem>.pt``, each atomically; returns both paths."""
-    from torchvision.io import encode_png
+    from PIL import Image
 
     from robustcnn.fsutil import atomic_write
 
     patch = check_patch(patch.detach().cpu().float())
-    png = encode_png((patch * 255).round().to(torch.uint8)).numpy().tobytes()
+    pixels = (patch * 255).round().to(torch.uint8).numpy()
+    img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
     buf = io.BytesIO()
     torch.save(patch.clone(), buf)
-    png_path = atomic_write(stem.parent / f"{stem.name}.png", lambda handle: handle.write(png))
+    png_path = atomic_write(stem.parent / f"{stem.name}.png", lambda handle: img.save(handle, format="PNG"))
     pt_path = atomic_write(stem.parent / f"{stem.name}.pt", lambda handle: handle.write(buf.getvalue()))
     return png_path, pt_path
 
@@ -148,7 +152,7 @@ def train_cmd(
     """Train a universal adversarial patch, save it (PNG + .pt) and measure it on held-out images.
 
     The patch is trained on training images with random location, scale and rotation, then pasted at random
-    locations on test images; a same-size random-noise patch is measured beside it as the control.
+    locations on test images; a same-size random-noise patch ("noise") is measured beside it as the control.
     """
     areas = parse_areas(area)
     for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--batch-size", batch_size)):
@@ -213,7 +217,7 @@ def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[s
     for r in rows:
         for kind in ("patch", "noise"):
             m = r[kind]
-            t.add_row("trained" if kind == "patch" else "[dim]random noise[/]", f"{m['area']:.2%}",
+            t.add_row("trained" if kind == "patch" else "[dim]noise[/]", f"{m['area']:.2%}",
                       f"{m['clean_accuracy']:.2%}", f"{m['accuracy']:.2%}",
                       f"{100 * (m['clean_accuracy'] - m['accuracy']):.1f} pts", f"{m['success_rate']:.2%}",
                       r["png"] if kind == "patch" else "")
