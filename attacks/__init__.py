@@ -32,10 +32,14 @@ from attacks.nes import NES  # noqa: E402
 from attacks.spsa import SPSA  # noqa: E402
 from attacks.hopskipjump import HopSkipJump  # noqa: E402
 from attacks.boundary import Boundary  # noqa: E402
+from attacks.patch import LocalizedPatch, UniversalPatch  # noqa: E402
+from attacks.onepixel import OnePixel  # noqa: E402
+from attacks.greedyl0 import GreedyL0  # noqa: E402
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
     "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
     "Square", "SimBA", "NES", "SPSA", "HopSkipJump", "Boundary",
+    "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0",
 ]

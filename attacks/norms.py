@@ -100,7 +100,8 @@ class L2(Norm):
 class L0(Norm):
     """Number of changed *pixels* (a pixel counts once however many of its channels changed).
 
-    Only measures: sparse attacks build their own feasible sets, so there is no projection or random start.
+    Measures and projects (keep the ``k`` most-changed pixels); sparse attacks build their own feasible sets, so
+    there is no random start or steepest direction.
     """
 
     name = "l0"
@@ -111,8 +112,108 @@ class L0(Norm):
             changed = changed.any(dim=1)
         return _flat(changed).sum(dim=1).to(torch.float32)
 
+    def project(self, delta: Tensor, eps: int | Tensor) -> Tensor:
+        """Keep the ``eps`` pixels with the largest change (summed over channels) and zero the rest.
 
-NORMS: dict[str, Norm] = {n.name: n for n in (Linf(), L2(), L0())}
+        ``eps`` is a pixel count (an int or a per-sample ``(N,)`` tensor); a perturbation that already changes at
+        most ``eps`` pixels is returned unchanged. Ties are broken by position, so the result is deterministic.
+        """
+        score = _pixel_scores(delta)
+        order = score.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        k = eps.to(rank.device).reshape(-1, 1) if isinstance(eps, Tensor) else eps
+        keep = (rank < k) & (score > 0)
+        return delta * _pixels_to_delta(keep, delta)
+
+
+def _pixel_scores(delta: Tensor) -> Tensor:
+    """Per-pixel size of a perturbation, ``(N, pixels)``: channel-summed ``|delta|`` for ``(N, C, H, W)`` inputs."""
+    a = delta.abs()
+    if delta.dim() == 4:
+        a = a.sum(dim=1)
+    return _flat(a)
+
+
+def _pixels_to_delta(keep: Tensor, delta: Tensor) -> Tensor:
+    """Broadcast a per-pixel ``(N, pixels)`` mask back to ``delta``'s shape (all channels of a pixel alike)."""
+    if delta.dim() == 4:
+        n, _, h, w = delta.shape
+        return keep.reshape(n, 1, h, w).to(delta.dtype)
+    return keep.reshape(delta.shape).to(delta.dtype)
+
+
+# -- patches: a rectangular footprint of a given area ----------------------------------------------------------------
+def patch_shape(area: float, height: int, width: int) -> tuple[int, int]:
+    """Rows and columns of the largest near-square patch (``a x a`` or ``a x (a+1)``) of at most ``area`` of the image.
+
+    ``area`` is a fraction of the image's ``height * width`` pixels, so the budget is an upper bound: on a 28x28
+    image 1 % gives 2x3 pixels (0.77 %), 2 % gives 3x4 (1.53 %), 5 % gives 6x6 (4.59 %), 10 % gives 8x9 (9.18 %).
+    """
+    if not 0.0 < area < 1.0:
+        raise ValueError(f"area must be a fraction of the image in (0, 1), got {area}")
+    budget = area * height * width
+    a = math.isqrt(int(budget + 1e-9))
+    if a < 1:
+        raise ValueError(
+            f"area {area} of a {height}x{width} image is less than one pixel: use a larger area"
+        )
+    b = a + 1 if a * (a + 1) <= budget + 1e-9 else a
+    return min(a, height), min(b, width)
+
+
+def window_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], height: int, width: int) -> Tensor:
+    """Boolean ``(N, 1, height, width)`` masks of ``shape``-sized windows whose top-left corners are ``(rows, cols)``."""
+    a, b = shape
+    r = torch.arange(height, device=rows.device)
+    c = torch.arange(width, device=cols.device)
+    in_r = (r >= rows[:, None]) & (r < rows[:, None] + a)
+    in_c = (c >= cols[:, None]) & (c < cols[:, None] + b)
+    return (in_r[:, :, None] & in_c[:, None, :])[:, None]
+
+
+def best_window(weight: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Top-left corners ``(rows, cols)`` of the ``shape`` window with the largest sum of ``weight`` ``(N, 1, H, W)``."""
+    a, b = shape
+    sums = torch.nn.functional.avg_pool2d(weight, (a, b), stride=1, divisor_override=1)
+    best = sums.reshape(weight.shape[0], -1).argmax(dim=1)
+    cols = weight.shape[-1] - b + 1
+    return best // cols, best % cols
+
+
+class PatchArea(Norm):
+    """Fraction of the image's pixels that changed (a pixel counts once however many channels changed).
+
+    For a patch attack this is the area its footprint really covers; :meth:`project_window` keeps only the changes
+    inside one rectangular window, which is how patch attacks enforce their footprint.
+    """
+
+    name = "area"
+
+    def measure(self, delta: Tensor) -> Tensor:
+        pixels = delta[0, 0].numel() if delta.dim() == 4 else delta[0].numel()
+        return L0().measure(delta) / pixels
+
+    def project(self, delta: Tensor, eps: float) -> Tensor:
+        """Keep the changes inside the best window of the largest patch of area ``eps`` (see :func:`patch_shape`)."""
+        return self.project_window(delta, patch_shape(eps, delta.shape[-2], delta.shape[-1]))
+
+    def project_window(self, delta: Tensor, shape: tuple[int, int]) -> Tensor:
+        """Zero every change outside the ``shape`` window that holds the most changed pixels (then the most change).
+
+        A perturbation that already fits in one such window is returned unchanged. ``delta`` is ``(N, C, H, W)``.
+        """
+        _, _, h, w = delta.shape
+        a, b = shape
+        if a > h or b > w:
+            raise ValueError(f"a {a}x{b} patch does not fit in a {h}x{w} image")
+        mag = delta.abs().sum(dim=1, keepdim=True)
+        # count first, magnitude as a tie-break: every changed pixel weighs more than all magnitudes together
+        weight = mag.ne(0).to(mag.dtype) + mag / (mag.sum(dim=(1, 2, 3), keepdim=True) + 1.0)
+        rows, cols = best_window(weight, shape)
+        return delta * window_mask(rows, cols, shape, h, w).to(delta.dtype)
+
+
+NORMS: dict[str, Norm] = {n.name: n for n in (Linf(), L2(), L0(), PatchArea())}
 
 
 def get_norm(name: str) -> Norm:

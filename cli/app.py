@@ -90,6 +90,7 @@ def _register() -> None:
     from cli.commands import attack as _attack  # noqa: F401
     from cli.commands import report as _report  # noqa: F401
     from cli.commands import train as _train  # noqa: F401
+    from cli.commands import patch as _patch  # noqa: F401
 
 
 def main() -> None:

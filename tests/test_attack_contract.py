@@ -14,7 +14,9 @@ from attacks.base import BoundedAttack, MinNormAttack
 CAPS = {"steps": 10, "binary_steps": 2, "max_queries": 300, "restarts": 1, "eot_samples": 2, "n_target_classes": 2,
         "iterations": 10, "population": 40}
 #: Attacks whose capped settings need a different starting point to stay effective on the tiny model.
-FAST_EXTRA = {"cw": {"c": 1.0, "steps": 50, "lr": 0.05}, "bim": {"steps": 10, "alpha": 0.04}}
+FAST_EXTRA = {"cw": {"c": 1.0, "steps": 50, "lr": 0.05}, "bim": {"steps": 10, "alpha": 0.04},
+              # a large budget for the sparse threat models on 8x8 quadrant images: a quadrant of pixels / of area
+              "onepixel": {"pixels": 16}, "patch": {"area": 0.25}, "lavan": {"area": 0.1}}
 
 
 def build_fast(name: str, **extra):

@@ -1,0 +1,356 @@
+"""Adversarial patches: a visible rectangle pasted on the image, budgeted by its area.
+
+* Universal patch — Brown, Mané, Roy, Abadi & Gilmer, "Adversarial Patch", arXiv:1712.09665, 2017. One patch,
+  trained over many images with Expectation Over Transformation (a random location, scale and rotation per image,
+  so it works wherever it lands), then pasted on unseen images at random locations. Training is a library function,
+  :func:`train_patch`; :class:`UniversalPatch` applies a patch (and, given none, trains one on the batch it attacks).
+* Localized per-image patch — Karmon, Zoran & Goldberg, "LaVAN: Localized and Visible Adversarial Noise", ICML
+  2018. A patch optimized for each image by signed-gradient steps, at a chosen or searched location
+  (:class:`LocalizedPatch`).
+
+The budget ``area`` is a fraction of the image; the footprint is the largest near-square rectangle that fits in it
+(:func:`attacks.norms.patch_shape`: 5 % of a 28x28 image is 6x6 pixels). Both attacks change nothing outside the
+footprint (``_enforce`` guarantees it) and report the footprint's area in ``res.norms``.
+
+>>> patch = train_patch(model, train_images, area=0.05)           # (C, 6, 6) on 28x28 images
+>>> UniversalPatch(patch=patch)(model, x_test, y_test).success.float().mean()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks.base import Attack, Context, check_choice, check_int, check_range
+from attacks.losses import LOSSES, Objective, get_loss
+from attacks.norms import best_window, get_norm, patch_shape, window_mask
+from attacks.registry import register
+from attacks.rng import SampleRNG
+from attacks.sparse import WorkList, check_target, keep_changes, target_checked
+
+#: Area budget used when a patch attack is built without one: 5 % of the image.
+DEFAULT_AREA = 0.05
+
+
+# -- patches as tensors ------------------------------------------------------------------------------------------------
+def check_patch(patch: object, image_shape: Optional[tuple[int, int, int]] = None) -> Tensor:
+    """Validate a patch: a floating-point tensor ``(C, h, w)`` of finite values in [0, 1]; returns it.
+
+    With ``image_shape = (C, H, W)`` also check that the channels match and that the patch covers less than the
+    whole image. Raises ``ValueError`` with one clear message otherwise.
+    """
+    if not isinstance(patch, Tensor):
+        raise ValueError(f"a patch must be a tensor of shape (C, h, w), got {type(patch).__name__}")
+    if patch.dim() != 3 or patch.shape[0] not in (1, 3) or min(patch.shape[1:]) < 1:
+        raise ValueError(f"a patch must have shape (C, h, w) with 1 or 3 channels, got {tuple(patch.shape)}")
+    if not patch.is_floating_point():
+        raise ValueError(f"a patch must hold floating-point values in [0, 1], got {patch.dtype}")
+    if not torch.isfinite(patch).all() or patch.min() < 0 or patch.max() > 1:
+        raise ValueError("a patch must hold finite values in [0, 1]")
+    if image_shape is not None:
+        c, h, w = image_shape
+        pc, ph, pw = patch.shape
+        if pc != c:
+            raise ValueError(f"the patch has {pc} channel(s) but the images have {c}")
+        if ph > h or pw > w or ph * pw >= h * w:
+            raise ValueError(f"a {ph}x{pw} patch does not fit inside (and smaller than) a {h}x{w} image")
+    return patch
+
+
+def noise_patch(shape: tuple[int, int, int], generator: torch.Generator) -> Tensor:
+    """A control patch of uniform random values, ``shape = (C, h, w)``, on the generator's device."""
+    return torch.rand(shape, generator=generator, device=generator.device)
+
+
+def random_corners(rng: SampleRNG, ids: Tensor, shape: tuple[int, int], height: int, width: int):
+    """Top-left corners ``(rows, cols)`` of ``shape`` windows for the samples at ``ids``, uniform over the positions
+    inside the image, each from its sample's own random stream."""
+    a, b = shape
+    return rng.integers(ids, height - a + 1), rng.integers(ids, width - b + 1)
+
+
+def paste(x: Tensor, patch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``x`` ``(N, C, H, W)`` with ``patch`` ``(C, a, b)`` (or one patch per image, ``(N, C, a, b)``) pasted with its
+    top-left corner at ``(rows[i], cols[i])``. Exact (no interpolation) and differentiable in the patch."""
+    n, c, h, w = x.shape
+    a, b = patch.shape[-2:]
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    mask = window_mask(rows, cols, (a, b), h, w)
+    pr = (torch.arange(h, device=x.device) - rows[:, None]).clamp(0, a - 1)  # (N, H): patch row under image row
+    pc = (torch.arange(w, device=x.device) - cols[:, None]).clamp(0, b - 1)
+    per_image = patch.to(x).expand(n, c, a, b)
+    canvas = per_image.gather(2, pr[:, None, :, None].expand(n, c, h, b))
+    canvas = canvas.gather(3, pc[:, None, None, :].expand(n, c, h, w))
+    return torch.where(mask, canvas, x)
+
+
+def eot_paste(x: Tensor, patch: Tensor, draws: Tensor, *, min_scale: float, rotation: float) -> Tensor:
+    """Paste ``patch`` on every image under its own random transformation (differentiable in the patch).
+
+    ``draws`` ``(N, 4)`` are uniform numbers in [0, 1) per image: they pick a scale in ``[min_scale, 1]`` of the
+    patch's side, a rotation in ``[-rotation, rotation]`` degrees and a location where the whole transformed patch
+    lies inside the image; the patch is resampled bilinearly (Brown et al.'s Expectation Over Transformation).
+    """
+    n, c, h, w = x.shape
+    a, b = patch.shape[-2:]
+    u = draws.to(x).T
+    scale = min_scale + (1.0 - min_scale) * u[0]
+    angle = (2 * u[1] - 1) * math.radians(rotation)
+    cos, sin = angle.cos(), angle.sin()
+    half_w = 0.5 * scale * (b * cos.abs() + a * sin.abs())  # half extents of the transformed patch, in pixels
+    half_h = 0.5 * scale * (b * sin.abs() + a * cos.abs())
+    cx = half_w + u[2] * (w - 2 * half_w).clamp_min(0)  # centre, in pixel coordinates
+    cy = half_h + u[3] * (h - 2 * half_h).clamp_min(0)
+    # affine map from output coordinates in [-1, 1] to patch coordinates in [-1, 1] (align_corners=False)
+    sx, sy = 0.5 * scale * b, 0.5 * scale * a
+    ox, oy = w / 2 - cx, h / 2 - cy
+    theta = torch.stack([
+        torch.stack([cos * w / 2 / sx, sin * h / 2 / sx, (cos * ox + sin * oy) / sx], dim=1),
+        torch.stack([-sin * w / 2 / sy, cos * h / 2 / sy, (-sin * ox + cos * oy) / sy], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    warped = F.grid_sample(patch.to(x).expand(n, c, a, b), grid, align_corners=False)
+    alpha = F.grid_sample(x.new_ones(n, 1, a, b), grid, align_corners=False)
+    return x * (1 - alpha) + warped
+
+
+# -- training a universal patch ------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class PatchTraining:
+    """How a universal patch is trained: ``steps`` Adam steps of size ``lr`` on minibatches of ``batch_size``
+    images (all of them when None), each image under its own random scale in ``[min_scale, 1]``, rotation in
+    ``[-rotation, rotation]`` degrees and location; ``loss`` is maximized (untargeted) or the target's raised."""
+
+    steps: int = 300
+    lr: float = 0.05
+    batch_size: Optional[int] = 256
+    min_scale: float = 0.8
+    rotation: float = 20.0
+    loss: str = "ce"
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps)
+        check_range("lr", self.lr, low=0.0)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size)
+        check_range("min_scale", self.min_scale, low=0.0, high=1.0)
+        check_range("rotation", self.rotation, low=0.0, high=180.0, low_inclusive=True)
+        check_choice("loss", self.loss, LOSSES)
+
+
+def fit_patch(ctx: Context, shape: tuple[int, int], training: PatchTraining) -> Tensor:
+    """Train one patch of ``shape`` over the images of ``ctx`` (every pass counted there); returns ``(C, a, b)``.
+
+    The patch starts mid-grey. The model is reached only through ``ctx``: its input gradient on the patched images
+    is carried back to the patch through the (differentiable) pasting. Random draws come from the samples' streams.
+    """
+    objective: Objective = target_checked(get_loss(training.loss))
+    patch = torch.full((ctx.x.shape[1], *shape), 0.5, dtype=ctx.x.dtype, device=ctx.x.device, requires_grad=True)
+    opt = torch.optim.Adam([patch], lr=training.lr)
+    everyone = torch.arange(ctx.n, device=ctx.x.device)
+    size = min(training.batch_size or ctx.n, ctx.n)
+    for _ in range(training.steps):
+        # a random minibatch: the `size` samples whose own streams drew the smallest numbers this step
+        idx = everyone if size == ctx.n else ctx.rng.uniform(everyone, ()).argsort()[:size].to(everyone)
+        with torch.enable_grad():
+            patched = eot_paste(ctx.x[idx], patch, ctx.rng.uniform(idx, (4,)), min_scale=training.min_scale,
+                                rotation=training.rotation)
+            _, _, grad_x = ctx.value_and_grad(patched.detach(), idx, objective)
+            (grad_patch,) = torch.autograd.grad(patched, patch, grad_outputs=-grad_x)  # Adam minimizes
+        patch.grad = grad_patch
+        opt.step()
+        with torch.no_grad():
+            patch.clamp_(0.0, 1.0)
+    return patch.detach()
+
+
+def train_patch(
+    model: nn.Module,
+    images: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    area: float = DEFAULT_AREA,
+    target: Optional[int] = None,
+    training: PatchTraining = PatchTraining(),
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Train a universal patch of ``area`` (fraction of the image) on ``images`` ``(N, C, H, W)`` in [0, 1].
+
+    Untargeted (``target=None``) the patch pushes images away from ``labels`` (the model's own predictions when
+    None); targeted it pulls every image towards class ``target``. Returns the patch ``(C, a, b)`` with
+    ``(a, b) = patch_shape(area, H, W)``, on the images' device. The model is left as it was.
+    """
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch (N, C, H, W), got {tuple(images.shape)}")
+    shape = patch_shape(area, images.shape[-2], images.shape[-1])
+    if labels is None:
+        with torch.no_grad():
+            labels = torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(1024)])
+    tgt = None
+    if target is not None:
+        check_int("target", target, low=0)
+        tgt = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+    gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
+    rng = SampleRNG.from_generator(gen, images.shape[0], images.device)
+    return fit_patch(Context(model, images, labels.to(images.device).long(), tgt, rng), shape, training)
+
+
+# -- the attacks ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class PatchAttack(Attack):
+    """Shared budget of the patch attacks: changes only inside one rectangle; ``res.norms`` is its area fraction."""
+
+    kind = "patch"
+    supported_norms = ("area",)
+
+    def footprint(self, x: Tensor) -> tuple[int, int]:
+        """Rows and columns of the patch on images shaped like ``x``."""
+        raise NotImplementedError
+
+    def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        x_adv = x_adv.clamp(0.0, 1.0)
+        return keep_changes(x, x_adv, get_norm("area").project_window(x_adv - x, self.footprint(x)))
+
+    def _measure(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        a, b = self.footprint(x)
+        return torch.full((x.shape[0],), a * b / (x.shape[-2] * x.shape[-1]), device=x.device)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class UniversalPatch(PatchAttack):
+    """Pastes one patch on every image at a random location (drawn from the generator).
+
+    ``patch``: a ``(C, h, w)`` tensor in [0, 1] (see :func:`check_patch`); its own size is the budget, which must not
+    exceed ``area`` when both are given. Without a patch, one of ``area`` (default 5 %) is first trained on the
+    attacked batch itself (transductive; for unseen images train with :func:`train_patch` on training images and
+    pass the result). Training settings: ``steps``, ``lr``, ``min_scale``, ``rotation``, ``loss``.
+    """
+
+    name = "patch"
+    description = "Universal adversarial patch at a random location, trained with EOT (Brown et al. 2017)"
+
+    patch: Optional[Tensor] = field(default=None, compare=False, repr=False)
+    area: Optional[float] = None
+    steps: int = PatchTraining.steps
+    lr: float = PatchTraining.lr
+    min_scale: float = PatchTraining.min_scale
+    rotation: float = PatchTraining.rotation
+    loss: str = PatchTraining.loss
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.area is not None:
+            check_range("area", self.area, low=0.0, high=1.0, high_inclusive=False)
+        if self.patch is not None:
+            check_patch(self.patch)
+        self.training_config  # validates the training settings
+
+    @property
+    def training_config(self) -> PatchTraining:
+        """The training settings used when no patch is given (all attacked images in every step)."""
+        return PatchTraining(steps=self.steps, lr=self.lr, min_scale=self.min_scale, rotation=self.rotation,
+                             loss=self.loss, batch_size=None)
+
+    def footprint(self, x: Tensor) -> tuple[int, int]:
+        h, w = x.shape[-2], x.shape[-1]
+        if self.patch is None:
+            return patch_shape(self.area or DEFAULT_AREA, h, w)
+        check_patch(self.patch, (x.shape[1], h, w))
+        a, b = self.patch.shape[-2:]
+        if self.area is not None and a * b > self.area * h * w + 1e-9:
+            raise ValueError(f"the {a}x{b} patch covers {a * b / (h * w):.2%} of a {h}x{w} image, "
+                             f"more than area={self.area}")
+        return a, b
+
+    def config(self) -> dict:
+        cfg = super().config()
+        if self.patch is not None:
+            cfg["patch"] = f"tensor {'x'.join(map(str, self.patch.shape))}"
+        return cfg
+
+    def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        shape = self.footprint(ctx.x)
+        patch = self.patch if self.patch is not None else fit_patch(ctx, shape, self.training_config)
+        _, _, h, w = ctx.x.shape
+        everyone = torch.arange(ctx.n, device=ctx.x.device)
+        rows, cols = random_corners(ctx.rng, everyone, shape, h, w)
+        x_adv = paste(ctx.x, patch, rows, cols)
+        logits = ctx.logits(x_adv, everyone)
+        check_target(ctx.target, logits.shape[1])
+        return x_adv, logits
+
+
+LOCATIONS = ("saliency", "center", "random")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class LocalizedPatch(PatchAttack):
+    """A patch of ``area`` optimized for each image (LaVAN): ``steps`` signed-gradient steps of size ``alpha`` on
+    the patch's pixels, starting from uniform noise, stopping for an image once it is fooled.
+
+    ``location``: ``saliency`` (default: the window where the loss's input gradient on the clean image is largest),
+    ``center`` or ``random``. The first gradient pass, on the clean image, also leaves misclassified images as they
+    are. ``loss``: ``margin`` (default), ``ce`` or ``dlr``.
+    """
+
+    name = "lavan"
+    description = "Localized per-image patch optimized by gradient steps (LaVAN, Karmon et al. 2018)"
+
+    area: float = DEFAULT_AREA
+    steps: int = 100
+    alpha: float = 0.1
+    location: str = "saliency"
+    loss: str = "margin"
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_range("area", self.area, low=0.0, high=1.0, high_inclusive=False)
+        check_int("steps", self.steps)
+        check_range("alpha", self.alpha, low=0.0)
+        check_choice("location", self.location, LOCATIONS)
+        check_choice("loss", self.loss, LOSSES)
+
+    def footprint(self, x: Tensor) -> tuple[int, int]:
+        return patch_shape(self.area, x.shape[-2], x.shape[-1])
+
+    def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
+        objective = target_checked(get_loss(self.loss))
+        _, _, h, w = ctx.x.shape
+        shape = self.footprint(ctx.x)
+        work = WorkList(ctx)
+        logits, _, grad = ctx.value_and_grad(ctx.x, work.ids, objective)
+        rows, cols = self._locate(ctx, grad, shape)
+        mask = window_mask(rows, cols, shape, h, w)
+        keep = work.retire_fooled(ctx, ctx.x, logits)  # already misclassified: nothing to change
+        mask = mask[keep]
+        noise = ctx.rng.uniform(work.ids, tuple(ctx.x.shape[1:])).to(ctx.x)
+        cur = torch.where(mask, noise, ctx.x[work.ids])
+        for step in range(self.steps + 1):
+            if step == self.steps:
+                work.retire_all(cur, ctx.logits(cur, work.ids))
+                break
+            logits, _, grad = ctx.value_and_grad(cur, work.ids, objective)
+            keep = work.retire_fooled(ctx, cur, logits)
+            if work.empty:
+                break
+            cur, grad, mask = cur[keep], grad[keep], mask[keep]
+            cur = torch.where(mask, (cur + self.alpha * grad.sign()).clamp(0.0, 1.0), cur)
+        return work.result()
+
+    def _locate(self, ctx: Context, grad: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Top-left corners of every image's patch, by the chosen ``location`` rule."""
+        n, _, h, w = ctx.x.shape
+        if self.location == "saliency":
+            return best_window(grad.abs().sum(dim=1, keepdim=True), shape)
+        if self.location == "center":
+            full = torch.full((n,), 1, dtype=torch.long, device=ctx.x.device)
+            return full * ((h - shape[0]) // 2), full * ((w - shape[1]) // 2)
+        return random_corners(ctx.rng, torch.arange(n, device=ctx.x.device), shape, h, w)

@@ -1,0 +1,118 @@
+"""Shared pieces of the patch and pixel attacks: early exit for their own search loops, and exact budgets.
+
+A :class:`WorkList` holds the result of every sample of the batch and the batch positions still being attacked.
+Each round the attack hands in the samples it is done with (fooled, or out of rounds); they leave the working set,
+so later rounds run on fewer samples and nothing is spent on a sample already fooled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attacks.base import Attack, Context, check_int
+from attacks.losses import Objective
+from attacks.norms import get_norm
+
+
+class WorkList:
+    """Per-sample results of one attack call plus ``ids``: the batch positions still being worked on."""
+
+    def __init__(self, ctx: Context):
+        self.x = ctx.x.clone()
+        self.logits: Optional[Tensor] = None
+        self.ids = torch.arange(ctx.n, device=ctx.x.device)
+
+    @property
+    def empty(self) -> bool:
+        return self.ids.numel() == 0
+
+    def retire(self, done: Tensor, x_done: Tensor, logits_done: Tensor) -> Tensor:
+        """Store the results of the working samples flagged by ``done`` and drop them from the working set.
+
+        Args:
+            done: BoolTensor over the current working set.
+            x_done, logits_done: the final input and the model's logits on it, for the flagged samples in order.
+
+        Returns:
+            ``keep``: BoolTensor over the old working set, for compacting the caller's per-sample state.
+        """
+        if self.logits is None:
+            self.logits = logits_done.new_zeros(self.x.shape[0], logits_done.shape[1])
+        where = self.ids[done]
+        self.x[where] = x_done.to(self.x)
+        self.logits[where] = logits_done
+        keep = ~done
+        self.ids = self.ids[keep]
+        return keep
+
+    def retire_fooled(self, ctx: Context, x: Tensor, logits: Tensor) -> Tensor:
+        """Retire the working samples that ``x`` (one row per working sample) already fools; returns ``keep``."""
+        fooled = ctx.is_adversarial(logits, self.ids)
+        return self.retire(fooled, x[fooled], logits[fooled])
+
+    def retire_all(self, x: Tensor, logits: Tensor) -> None:
+        """End the attack: the remaining samples keep ``x`` (one row per working sample) as their result."""
+        self.retire(torch.ones_like(self.ids, dtype=torch.bool), x, logits)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(x_adv, logits)`` for the whole batch; call after :meth:`retire_all`."""
+        if self.logits is None or not self.empty:
+            raise RuntimeError("WorkList.result() called before every sample was retired")
+        return self.x, self.logits
+
+
+def keep_changes(x: Tensor, x_adv: Tensor, kept: Tensor) -> Tensor:
+    """``x_adv`` where the projected perturbation ``kept`` is non-zero, else ``x``.
+
+    Taking the values from ``x_adv`` itself (rather than computing ``x + kept``) keeps them bit-exact, so logits an
+    attack computed on ``x_adv`` stay valid whenever the projection changed nothing.
+    """
+    return torch.where(kept.ne(0), x_adv, x)
+
+
+def check_target(target: Optional[Tensor], num_classes: int) -> None:
+    """Refuse target classes outside ``[0, num_classes)`` (known only once the model has answered)."""
+    if target is not None and target.numel() and (target.min() < 0 or target.max() >= num_classes):
+        bad = target[(target < 0) | (target >= num_classes)][0].item()
+        raise ValueError(f"target class {bad} is out of range: the model has {num_classes} classes (0-{num_classes - 1})")
+
+
+def target_checked(objective: Objective) -> Objective:
+    """``objective`` that first checks the target classes against the logits it is given (a clear ``ValueError``
+    instead of an indexing error deep inside a loss)."""
+
+    def checked(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
+        check_target(target, logits.shape[1])
+        return objective(logits, y, target)
+
+    return checked
+
+
+def check_pixels(pixels: int, x: Tensor) -> None:
+    """Refuse a pixel budget larger than the images of ``x`` (``(N, C, H, W)``)."""
+    if x.dim() != 4:
+        raise ValueError(f"pixel attacks need images of shape (N, C, H, W), got {tuple(x.shape)}")
+    h, w = x.shape[-2], x.shape[-1]
+    if pixels > h * w:
+        raise ValueError(f"pixels={pixels} is more than the {h * w} pixels of a {h}x{w} image")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PixelBudget(Attack):
+    """An attack that changes at most ``pixels`` pixels of each image (all channels of a pixel count as one)."""
+
+    supported_norms = ("l0",)
+
+    pixels: int = 1
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_int("pixels", self.pixels)
+
+    def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        x_adv = x_adv.clamp(0.0, 1.0)
+        return keep_changes(x, x_adv, get_norm("l0").project(x_adv - x, self.pixels))

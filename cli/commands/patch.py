@@ -1,0 +1,225 @@
+"""`robustcnn patch train`: train universal adversarial patches, save them, and measure them on held-out images.
+
+Also home of :func:`load_patch` / :func:`save_patch`, the patch file formats the CLI reads and writes: a PNG (for
+eyes and image tools; 8 bits per channel) and a tensor file ``.pt`` (the exact float patch).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.table import Table
+
+import attacks
+from attacks.norms import patch_shape
+from attacks.patch import PatchTraining, check_patch, noise_patch, train_patch
+from cli import output
+from cli.app import app
+from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
+from robustcnn.errors import RobustCNNError, UsageError
+
+TENSOR_SUFFIXES = (".pt", ".pth")
+PATCH = "Patch options"
+
+patch_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Universal adversarial patches (Brown et al. 2017): train, save, measure on held-out images.",
+)
+app.add_typer(patch_app, name="patch")
+
+
+# -- patch files ---------------------------------------------------------------------------------------------------
+def load_patch(path: str | Path, image_shape: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
+    """Read a patch saved as a tensor file (``.pt``/``.pth``) or an image (PNG, JPEG); returns ``(C, h, w)`` floats.
+
+    With ``image_shape = (C, H, W)`` the patch must also fit the model's images (same channels, smaller than the
+    image). A file that cannot be read raises :class:`RobustCNNError` (exit 1); one that is not a patch (not an image,
+    wrong shape or values) raises :class:`UsageError` (exit 2).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RobustCNNError(f"cannot read patch file {path}: {exc.strerror or exc}") from None
+    patch = _tensor_from_bytes(raw, path) if path.suffix.lower() in TENSOR_SUFFIXES else _image_from_bytes(raw, path)
+    try:
+        return check_patch(patch, image_shape)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _tensor_from_bytes(raw: bytes, path: Path) -> torch.Tensor:
+    try:
+        patch = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except Exception:  # torch.load fails in many ways on foreign bytes; all mean "not a tensor file"
+        raise UsageError(f"{path} is not a tensor file (save a patch with `robustcnn patch train`)") from None
+    if not isinstance(patch, torch.Tensor):
+        raise UsageError(f"{path} holds a {type(patch).__name__}, not a patch tensor of shape (C, h, w)")
+    return patch.float()
+
+
+def _image_from_bytes(raw: bytes, path: Path) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            mode, pixels = img.mode, np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise UsageError(f"{path} is not an image or tensor file (use a PNG, or the .pt a patch run wrote)") from None
+    if mode not in ("L", "RGB"):
+        raise UsageError(f"{path}: a patch image must be 8-bit grayscale or RGB without alpha, got mode {mode}")
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return torch.from_numpy(chw.copy()).float() / 255
+
+
+def save_patch(patch: torch.Tensor, stem: Path) -> tuple[Path, Path]:
+    """Write ``patch`` as ``<stem>.png`` and ``<stem>.pt``, each atomically; returns both paths."""
+    from PIL import Image
+
+    from robustcnn.fsutil import atomic_write
+
+    patch = check_patch(patch.detach().cpu().float())
+    pixels = (patch * 255).round().to(torch.uint8).numpy()
+    img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    torch.save(patch.clone(), buf)
+    png_path = atomic_write(stem.parent / f"{stem.name}.png", lambda handle: img.save(handle, format="PNG"))
+    pt_path = atomic_write(stem.parent / f"{stem.name}.pt", lambda handle: handle.write(buf.getvalue()))
+    return png_path, pt_path
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+def parse_areas(text: str) -> list[float]:
+    """``0.05`` or ``0.01,0.02,0.05,0.1``: patch areas as fractions of the image, each in (0, 1)."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(f"invalid --area {part!r}: write a fraction of the image such as 0.05") from None
+        if not 0.0 < value < 1.0:
+            raise UsageError(f"invalid --area {part!r}: a patch covers a fraction of the image in (0, 1)")
+        values.append(value)
+    return values
+
+
+def _measure(model, images, labels, patch, *, target, seed, batch_size, device) -> dict[str, Any]:
+    """Clean accuracy, accuracy with ``patch`` at random places, and its success on the correctly classified."""
+    tgt = None if target is None else torch.full_like(labels, target)
+    report = attacks.evaluate(model, (images, labels), [attacks.UniversalPatch(patch=patch)], seed=seed,
+                              batch_size=batch_size, device=device, target=tgt)
+    stats = report.per_attack["patch"]
+    return {"clean_accuracy": report.clean_accuracy, "accuracy": report.robust_accuracy,
+            "success_rate": stats.success_rate, "area": patch.shape[1] * patch.shape[2] / images[0, 0].numel()}
+
+
+def _default_stem(out: Optional[Path], dataset: str, area: float, target: Optional[int], several: bool) -> Path:
+    name = f"{dataset}-patch-{area * 100:g}pct" + ("" if target is None else f"-target{target}")
+    if out is None:
+        return Path("runs") / name
+    stem = out.with_suffix("") if out.suffix.lower() in (".png", *TENSOR_SUFFIXES) else out
+    return stem.with_name(f"{stem.name}-{area * 100:g}pct") if several else stem
+
+
+@patch_app.command("train")
+def train_cmd(
+    area: Annotated[str, typer.Option("--area", help="Patch area as a fraction of the image, in (0, 1); a list "
+                                      "(0.01,0.02,0.05,0.1) trains one patch per area.", rich_help_panel=PATCH)] = "0.05",
+    target: Annotated[Optional[int], typer.Option("--target", help="Targeted: push every image towards this class "
+                                                  "index. Default: untargeted.", rich_help_panel=PATCH)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (one minibatch each).",
+                                       rich_help_panel=PATCH)] = PatchTraining.steps,
+    train_images: Annotated[int, typer.Option("--train-images", help="Training images the patch is trained on.",
+                                              rich_help_panel=PATCH)] = 10000,
+    n: Annotated[int, typer.Option("--n", help="Held-out test images the patch is measured on.",
+                                   rich_help_panel=PATCH)] = 2000,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to save: writes OUT.png and OUT.pt "
+                                                "(default runs/<dataset>-patch-<area>pct[-target<k>]).")] = None,
+    checkpoint: Checkpoint = None,
+    data_dir: DataDir = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    json_out: Json = False,
+) -> None:
+    """Train a universal adversarial patch, save it (PNG + .pt) and measure it on held-out images.
+
+    The patch is trained on training images with random location, scale and rotation, then pasted at random
+    locations on test images; a same-size random-noise patch ("noise") is measured beside it as the control.
+    """
+    areas = parse_areas(area)
+    for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--batch-size", batch_size)):
+        positive(name, value)
+    model, meta, path, dev, classes = _load_model(checkpoint, device)
+    if target is not None and not 0 <= target < len(classes):
+        raise UsageError(f"--target must be a class index in [0, {len(classes) - 1}], got {target}")
+    train_x, train_y, test_x, test_y = _load_data(meta, data_dir, train_images, n, dev)
+    for a in areas:
+        try:
+            patch_shape(a, test_x.shape[-2], test_x.shape[-1])
+        except ValueError as exc:
+            raise UsageError(f"--area {a}: {exc}") from None
+    measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev)
+    rows = []
+    with output.progress(json_out) as bar:
+        task = bar.add_task("training patches", total=len(areas))
+        for a in areas:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            patch = train_patch(model, train_x, train_y, area=a, target=target, generator=gen,
+                                training=PatchTraining(steps=steps, batch_size=batch_size or 256))
+            png, pt = save_patch(patch, _default_stem(out, meta["dataset"], a, target, len(areas) > 1))
+            noise = noise_patch(tuple(patch.shape), torch.Generator(device="cpu").manual_seed(seed + 1))
+            rows.append({"area_requested": a, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
+                         "patch": _measure(model, test_x, test_y, patch.to(dev), **measure),
+                         "noise": _measure(model, test_x, test_y, noise.to(dev), **measure)})
+            bar.advance(task)
+    if json_out:
+        output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
+                          "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
+                          "steps": steps, "seed": seed, "results": rows})
+        return
+    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
+
+
+def _load_model(checkpoint: Optional[Path], device: str):
+    from robustcnn.checkpoint import latest_checkpoint, load_model
+    from robustcnn.device import resolve_device
+
+    dev = resolve_device(device)
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
+    model, meta = load_model(path, device=dev)
+    return model, meta, path, dev, tuple(meta["classes"])
+
+
+def _load_data(meta: dict, data_dir: Optional[Path], train_images: int, n: int, dev: torch.device):
+    from robustcnn.data import load_dataset, to_float
+
+    train = load_dataset(meta["dataset"], train=True, data_dir=data_dir)
+    test = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
+    return (to_float(train.images[:train_images], dev), train.labels[:train_images].to(dev),
+            to_float(test.images[:n], dev), test.labels[:n].to(dev))
+
+
+def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...]) -> Table:
+    goal = "untargeted" if target is None else f"target {target} ({classes[target]})"
+    t = Table(title=f"Universal patch, {goal}, on {count} held-out test images at random locations",
+              title_justify="left")
+    under = "acc with patch" if target is None else "target missed"
+    for col in ("patch", "area", "clean acc", under, "drop", "success", "saved as"):
+        t.add_column(col, justify="right" if col not in ("patch", "saved as") else "left")
+    for r in rows:
+        for kind in ("patch", "noise"):
+            m = r[kind]
+            t.add_row("trained" if kind == "patch" else "[dim]noise[/]", f"{m['area']:.2%}",
+                      f"{m['clean_accuracy']:.2%}", f"{m['accuracy']:.2%}",
+                      f"{100 * (m['clean_accuracy'] - m['accuracy']):.1f} pts", f"{m['success_rate']:.2%}",
+                      r["png"] if kind == "patch" else "")
+        t.add_section()
+    return t

@@ -1,0 +1,471 @@
+"""Patch and pixel attacks: contract properties, budgets (k pixels, patch footprint), batching, bad input.
+
+Everything runs on a tiny CNN trained in about a second on synthetic 16x16 images whose class is the quadrant
+holding a bright blob, so the attacks have a real decision boundary to cross.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attacks
+from attacks.norms import get_norm, patch_shape
+from attacks.patch import eot_paste, noise_patch, paste, train_patch
+
+SIZE = 16
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey noise plus one small bright spot in a random quadrant; the quadrant is the label (4 classes).
+
+    The spot is a few pixels wide, so changing a few pixels can move it: pixel attacks have a fair chance."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(4, (n,), generator=g)
+    centre = torch.rand(n, 2, generator=g) * 4 + 2 + 8 * torch.stack([y // 2, y % 2], dim=1)
+    r = torch.arange(SIZE, dtype=torch.float32)
+    d2 = (r[None, :, None] - centre[:, 0, None, None]) ** 2 + (r[None, None, :] - centre[:, 1, None, None]) ** 2
+    x = 0.25 + 0.1 * torch.rand(n, SIZE, SIZE, generator=g) + 0.6 * torch.exp(-d2)
+    return x.clamp(0, 1)[:, None], y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a second thread thrashes when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def task():
+    """(model in eval mode, x, y) with x correctly classified test images."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    xtr, ytr = _blobs(1024, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(150):
+        i = torch.arange(step * 64, step * 64 + 64) % 1024
+        loss = nn.functional.cross_entropy(model(xtr[i]), ytr[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    x, y = _blobs(64, seed=2)
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    assert ok.float().mean() > 0.9, "the fixture model did not learn the task"
+    return model, x[ok][:24], y[ok][:24]
+
+
+def _fixed_patch() -> torch.Tensor:
+    return noise_patch((1, 4, 4), torch.Generator().manual_seed(5))
+
+
+ATTACKS = {
+    "onepixel": lambda: attacks.OnePixel(pixels=3, population=40, steps=15),
+    "greedyl0": lambda: attacks.GreedyL0(pixels=8),
+    "patch-trained": lambda: attacks.UniversalPatch(area=0.1, steps=40, lr=0.1),
+    "patch-given": lambda: attacks.UniversalPatch(patch=_fixed_patch()),
+    "lavan": lambda: attacks.LocalizedPatch(area=0.1, steps=40),
+}
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _changed_pixels(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) mask of the pixels where any channel differs."""
+    return (x_adv != x).any(dim=1)
+
+
+# -- contract ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ATTACKS)
+def test_contract(task, name):
+    model, x, y = task
+    params = [p.clone() for p in model.parameters()]
+    x_before = x.clone()
+    atk = ATTACKS[name]()
+    res = atk(model, x, y, generator=_gen())
+    assert torch.equal(x, x_before), "x was modified"
+    assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    with torch.no_grad():
+        pred = model(res.x_adv).argmax(1)
+    assert torch.equal(res.success, pred != y)
+    assert not model.training and all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    assert res.queries.dtype == torch.long and (res.queries >= 1).all()
+    assert res.norms.shape == (x.shape[0],)
+    again = atk(model, x, y, generator=_gen())
+    assert torch.equal(again.x_adv, res.x_adv) and torch.equal(again.queries, res.queries)
+
+
+@pytest.mark.parametrize("name", ["onepixel", "greedyl0", "patch-trained", "lavan"])
+def test_accuracy_drops(task, name):
+    model, x, y = task
+    res = ATTACKS[name]()(model, x, y, generator=_gen())
+    assert res.success.float().mean() >= 0.25, f"{name} fooled only {res.success.float().mean():.0%}"
+
+
+@pytest.mark.parametrize("name", ["onepixel", "greedyl0", "patch-trained", "lavan"])
+def test_targeted(task, name):
+    model, x, y = task
+    target = (y + 1) % 4
+    res = ATTACKS[name]()(model, x, y, target=target, generator=_gen())
+    with torch.no_grad():
+        assert torch.equal(res.success, model(res.x_adv).argmax(1) == target)
+
+
+def test_registry_kinds():
+    assert {"patch", "lavan"} <= set(attacks.available("patch"))
+    assert "onepixel" in attacks.available("pixel")
+    assert attacks.get("greedyl0").kind == "white-box" and attacks.get("greedyl0").norms == ("l0",)
+    assert attacks.get("onepixel").params["pixels"] == 1
+    assert attacks.get("lavan").params["area"] == 0.05
+
+
+# -- pixel budget --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("cls", [attacks.OnePixel, attacks.GreedyL0])
+def test_at_most_k_pixels(task, cls, k):
+    model, x, y = task
+    kwargs = {"population": 30, "steps": 5} if cls is attacks.OnePixel else {}
+    res = cls(pixels=k, **kwargs)(model, x, y, generator=_gen())
+    count = _changed_pixels(x, res.x_adv).sum(dim=(1, 2))
+    assert (count <= k).all()
+    assert torch.equal(res.norms, count.float())
+
+
+def test_all_channels_of_a_pixel_count_as_one():
+    x = torch.zeros(2, 3, 5, 5)
+    x_adv = x.clone()
+    x_adv[0, :, 1, 1] = 0.5  # one pixel, three channels
+    x_adv[1, 0, 2, 2] = x_adv[1, 2, 3, 3] = 0.5  # two pixels
+    assert get_norm("l0").measure(x_adv - x).tolist() == [1.0, 2.0]
+    kept = attacks.OnePixel(pixels=1)._enforce(x, x_adv)
+    assert torch.equal(kept[0], x_adv[0]) and _changed_pixels(x, kept)[1].sum() == 1
+
+
+def test_pixel_enforce_keeps_the_k_largest_changes():
+    g = _gen(3)
+    x = torch.rand(4, 3, 8, 8, generator=g)
+    x_adv = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    x_adv[:, :, 2, 5] = 1 - x[:, :, 2, 5].round()  # the two biggest changes of every image
+    x_adv[:, :, 6, 1] = 1 - x[:, :, 6, 1].round()
+    out = attacks.GreedyL0(pixels=2)._enforce(x, x_adv)
+    changed = _changed_pixels(x, out)
+    assert changed.sum() == 8 and changed[:, 2, 5].all() and changed[:, 6, 1].all()
+    assert torch.equal(out[:, :, 2, 5], x_adv[:, :, 2, 5])
+
+
+def test_population_evolves_as_one_batch(task):
+    """One model call per generation serves every candidate of every image; chunking changes nothing else."""
+    model, x, y = task
+    calls = []
+    hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        atk = attacks.OnePixel(pixels=1, population=20, steps=6)
+        whole = atk(model, x, y, generator=_gen())
+        n_whole = len(calls)
+        calls.clear()
+        chunked = attacks.OnePixel(pixels=1, population=20, steps=6, max_batch=37)(model, x, y, generator=_gen())
+    finally:
+        hook.remove()
+    assert n_whole <= 1 + 1 + 6 + 1  # clean check, initial population, generations, referee pass at most
+    assert max(calls) <= 37
+    assert torch.equal(whole.x_adv, chunked.x_adv) and torch.equal(whole.queries, chunked.queries)
+    unfooled = ~whole.success
+    assert (whole.queries[unfooled] == 1 + 20 * 7).all()
+    assert (whole.queries <= 1 + 20 * 7).all()
+
+
+def test_query_budget_caps_generations(task):
+    model, x, y = task
+    res = attacks.OnePixel(pixels=1, population=20, steps=100, max_queries=101)(model, x, y, generator=_gen())
+    assert res.queries.max() <= 101
+
+
+def test_greedy_success_grows_with_pixels(task):
+    """Greedy is a prefix of itself: whatever k pixels fool, k + 2 pixels fool too."""
+    model, x, y = task
+    small = attacks.GreedyL0(pixels=2)(model, x, y).success
+    large = attacks.GreedyL0(pixels=4)(model, x, y).success
+    assert (large | ~small).all() and large.sum() >= small.sum()
+
+
+# -- patch footprint -----------------------------------------------------------------------------------------------
+def _bounding_boxes(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, cols) spanned by the changed pixels of each image (0, 0 when none)."""
+    out = []
+    for m in mask:
+        r, c = m.any(dim=1).nonzero(), m.any(dim=0).nonzero()
+        out.append((int(r.max() - r.min() + 1), int(c.max() - c.min() + 1)) if r.numel() else (0, 0))
+    return out
+
+
+@pytest.mark.parametrize("name", ["patch-trained", "patch-given", "lavan"])
+def test_nothing_changes_outside_the_patch(task, name):
+    model, x, y = task
+    atk = ATTACKS[name]()
+    res = atk(model, x, y, generator=_gen())
+    a, b = atk.footprint(x)
+    boxes = _bounding_boxes(_changed_pixels(x, res.x_adv))
+    assert all(r <= a and c <= b for r, c in boxes), boxes
+    assert torch.allclose(res.norms, torch.full_like(res.norms, a * b / SIZE**2))
+    assert (get_norm("area").measure(res.x_adv - x) <= res.norms + 1e-6).all()
+
+
+def test_given_patch_is_pasted_exactly_at_random_places(task):
+    model, x, y = task
+    patch = _fixed_patch()
+    res = attacks.UniversalPatch(patch=patch)(model, x, y, generator=_gen())
+    windows = nn.functional.unfold(res.x_adv, 4).transpose(1, 2)  # every 4x4 window of every image
+    hits = (windows == patch.reshape(1, 1, -1)).all(dim=2).any(dim=1)
+    assert hits.all()
+    other = attacks.UniversalPatch(patch=patch)(model, x, y, generator=_gen(1))
+    assert not torch.equal(other.x_adv, res.x_adv)  # locations come from the generator
+
+
+def test_patch_enforce_keeps_one_window():
+    x = torch.zeros(2, 1, 10, 10)
+    x_adv = x.clone()
+    x_adv[:, :, 2:5, 3:6] = 0.7  # a 3x3 patch ...
+    x_adv[:, :, 9, 0] = 0.2  # ... and a stray change far away
+    atk = attacks.UniversalPatch(patch=torch.full((1, 3, 3), 0.7))
+    out = atk._enforce(x, x_adv)
+    assert out[:, :, 9, 0].eq(0).all()
+    assert torch.equal(out[:, :, 2:5, 3:6], x_adv[:, :, 2:5, 3:6])
+
+
+def test_paste_is_exact_and_local():
+    x = torch.rand(3, 3, 9, 11, generator=_gen())
+    patch = torch.rand(3, 2, 4, generator=_gen(1))
+    out = paste(x, patch, torch.tensor([0, 3, 7]), torch.tensor([0, 5, 7]))
+    assert torch.equal(out[0, :, 0:2, 0:4], patch) and torch.equal(out[2, :, 7:9, 7:11], patch)
+    changed = _changed_pixels(x, out)
+    assert changed.sum(dim=(1, 2)).le(8).all()
+
+
+@pytest.mark.parametrize("rotation,min_scale", [(0.0, 1.0), (30.0, 1.0), (45.0, 0.6)])
+def test_eot_paste_keeps_the_patch_inside_the_image(rotation, min_scale):
+    """A white patch on a black image: all of its mass lands inside the image, whatever the transformation."""
+    x = torch.zeros(64, 1, 20, 20)
+    out = eot_paste(x, torch.ones(1, 4, 5), torch.rand(64, 4, generator=_gen()), min_scale=min_scale, rotation=rotation)
+    mass = out.sum(dim=(1, 2, 3))
+    assert (mass <= 20 * 1.01).all() and (mass >= 20 * min_scale**2 * 0.9).all()  # bilinear: mass kept roughly
+    if rotation == 0 and min_scale == 1:
+        assert torch.allclose(mass, torch.full_like(mass, 20.0), atol=1e-3)
+
+
+def test_patch_shape_respects_the_budget():
+    for area in (0.01, 0.02, 0.05, 0.1, 0.5):
+        a, b = patch_shape(area, 28, 28)
+        assert a * b <= area * 784 and b - a in (0, 1)
+        assert (a + 1) * (a + 1) > area * 784  # the next square would be over budget
+    assert patch_shape(0.05, 28, 28) == (6, 6) and patch_shape(0.1, 28, 28) == (8, 9)
+
+
+def test_universal_patch_transfers_to_unseen_images(task):
+    """A patch trained on one set of images fools images it never saw, far more than noise of the same size."""
+    model = task[0]
+    x, y = _blobs(200, seed=9)
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    xtr, ytr = _blobs(256, seed=7)
+    patch = train_patch(model, xtr, ytr, area=0.05, generator=_gen(),
+                        training=attacks.patch.PatchTraining(steps=60, lr=0.1, batch_size=64))
+    assert patch.shape == (1, *patch_shape(0.05, SIZE, SIZE))
+    trained = attacks.UniversalPatch(patch=patch)(model, x, y, generator=_gen(1)).success.float().mean()
+    noise = attacks.UniversalPatch(patch=noise_patch(tuple(patch.shape), _gen(2)))(model, x, y, generator=_gen(1))
+    assert trained >= 0.5 and trained > noise.success.float().mean() + 0.3
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("area", [0, 1, -0.1, 1.5, float("nan"), "0.05"])
+@pytest.mark.parametrize("cls", [attacks.UniversalPatch, attacks.LocalizedPatch])
+def test_area_outside_the_unit_interval_is_refused(cls, area):
+    with pytest.raises(ValueError, match="area"):
+        cls(area=area)
+
+
+def test_area_below_one_pixel_is_refused(task):
+    model, x, y = task
+    with pytest.raises(ValueError, match="less than one pixel"):
+        attacks.LocalizedPatch(area=0.001)(model, x, y)
+
+
+@pytest.mark.parametrize("cls", [attacks.OnePixel, attacks.GreedyL0])
+def test_bad_pixel_counts_are_refused(task, cls):
+    model, x, y = task
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="pixels"):
+            cls(pixels=bad)
+    with pytest.raises(ValueError, match="more than the 256 pixels"):
+        cls(pixels=SIZE * SIZE + 1)(model, x, y)
+
+
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        (torch.rand(4, 4), "shape"),
+        (torch.rand(4, 3, 3), "shape"),
+        (torch.rand(1, 0, 3), "shape"),
+        (torch.full((1, 3, 3), 2.0), r"\[0, 1\]"),
+        (torch.full((1, 3, 3), float("nan")), r"\[0, 1\]"),
+        (torch.ones(1, 3, 3, dtype=torch.uint8), "floating"),
+        ([[0.5]], "tensor"),
+    ],
+)
+def test_malformed_patches_are_refused(patch, match):
+    with pytest.raises(ValueError, match=match):
+        attacks.UniversalPatch(patch=patch)
+
+
+@pytest.mark.parametrize(
+    "patch,area,match",
+    [
+        (torch.rand(3, 4, 4), None, "channel"),
+        (torch.rand(1, 17, 4), None, "does not fit"),
+        (torch.rand(1, 8, 8), 0.1, "more than area"),
+    ],
+)
+def test_patches_that_do_not_fit_the_images_are_refused(task, patch, area, match):
+    model, x, y = task
+    with pytest.raises(ValueError, match=match):
+        attacks.UniversalPatch(patch=patch, area=area)(model, x, y)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_target_class_out_of_range_is_refused(task, name):
+    model, x, y = task
+    with pytest.raises(ValueError, match="target class 7 is out of range"):
+        ATTACKS[name]()(model, x, y, target=7)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"population": 3}, {"steps": -1}, {"mutation": 0}, {"mutation": 3}, {"max_queries": 10}, {"max_batch": 0}],
+)
+def test_bad_evolution_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        attacks.OnePixel(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"alpha": 0}, {"location": "corner"}, {"loss": "hinge"}])
+def test_bad_localized_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        attacks.LocalizedPatch(**kwargs)
+
+
+# -- patch files and `robustcnn patch train` ----------------------------------------------------------------------
+from cli.commands.patch import load_patch, save_patch  # noqa: E402
+from robustcnn.errors import RobustCNNError, UsageError  # noqa: E402
+from train_fixtures import assert_one_line_error, run_cli  # noqa: E402
+
+QUICK = ("--dataset", "shapes", "--model", "lenet5", "--limit", "256", "--epochs", "1", "--batch-size", "64",
+         "--device", "cpu")
+
+
+def test_saved_patches_load_back(tmp_path):
+    patch = torch.rand(3, 5, 6, generator=_gen())
+    png, pt = save_patch(patch, tmp_path / "p-0.5pct")
+    assert png.name == "p-0.5pct.png" and pt.name == "p-0.5pct.pt"
+    assert torch.equal(load_patch(pt), patch)
+    assert (load_patch(png) - patch).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit PNG
+    assert load_patch(pt, image_shape=(3, 32, 32)).shape == (3, 5, 6)
+
+
+def test_bad_patch_files_say_what_is_wrong(tmp_path):
+    torch.save(torch.rand(5, 6), tmp_path / "flat.pt")
+    torch.save({"patch": torch.rand(1, 2, 2)}, tmp_path / "dict.pt")
+    (tmp_path / "text.png").write_text("not an image")
+    from PIL import Image
+
+    Image.new("RGBA", (3, 3)).save(tmp_path / "alpha.png")
+    (tmp_path / "text.pt").write_text("not a tensor")
+    save_patch(torch.rand(1, 4, 4), tmp_path / "grey")
+    for name, match in [("flat.pt", "shape"), ("dict.pt", "holds a dict"), ("text.png", "not an image"),
+                        ("text.pt", "not a tensor file"), ("alpha.png", "without alpha")]:
+        with pytest.raises(UsageError, match=match):
+            load_patch(tmp_path / name)
+    with pytest.raises(UsageError, match="channel"):
+        load_patch(tmp_path / "grey.png", image_shape=(3, 32, 32))
+    with pytest.raises(UsageError, match="does not fit"):
+        load_patch(tmp_path / "grey.pt", image_shape=(1, 3, 3))
+    with pytest.raises(RobustCNNError, match="cannot read") as err:
+        load_patch(tmp_path / "missing.pt")
+    assert not isinstance(err.value, UsageError) and err.value.exit_code == 1
+
+
+@pytest.fixture(scope="module")
+def shapes_model(tmp_path_factory):
+    """A quick shapes checkpoint (32x32 RGB, 5 classes) made by `robustcnn train`; the environment to use it."""
+    root = tmp_path_factory.mktemp("patch-cli")
+    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        result = run_cli("train", *QUICK, "--out", str(root / "runs"), "--json")
+    assert result.exit_code == 0, result.stderr
+    return root / "runs" / "shapes-lenet5.pt", env
+
+
+@pytest.fixture
+def cli_env(shapes_model, monkeypatch):
+    for key, value in shapes_model[1].items():
+        monkeypatch.setenv(key, value)
+    return shapes_model[0]
+
+
+def test_patch_train_saves_and_measures(cli_env, tmp_path):
+    import json
+
+    result = run_cli("patch", "train", "--area", "0.02,0.1", "--steps", "3", "--train-images", "64", "--n", "48",
+                     "--out", str(tmp_path / "p.png"), "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert [r["area_requested"] for r in doc["results"]] == [0.02, 0.1]
+    for row, pct in zip(doc["results"], ("2", "10")):
+        patch = load_patch(row["tensor"], image_shape=(3, 32, 32))
+        assert list(patch.shape) == row["patch_shape"] == [3, *patch_shape(row["area_requested"], 32, 32)]
+        assert row["png"].endswith(f"p-{pct}pct.png") and load_patch(row["png"]).shape == patch.shape
+        for kind in ("patch", "noise"):
+            m = row[kind]
+            assert 0 <= m["accuracy"] <= m["clean_accuracy"] <= 1 and m["area"] <= row["area_requested"]
+
+
+def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
+    result = run_cli("patch", "train", "--steps", "2", "--train-images", "32", "--n", "32", "--target", "1",
+                     "--out", str(tmp_path / "t"), "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert "noise" in result.stdout and "target 1" in result.stdout
+    assert (tmp_path / "t.png").is_file() and (tmp_path / "t.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("--area", "0"), "in \\(0, 1\\)"),
+        (("--area", "1.5"), "in \\(0, 1\\)"),
+        (("--area", "abc"), "invalid --area"),
+        (("--area", "0.0001"), "less than one pixel"),
+        (("--target", "99"), "--target must be a class index"),
+        (("--steps", "0"), "--steps must be > 0"),
+    ],
+)
+def test_patch_train_bad_input_is_a_usage_error(cli_env, tmp_path, args, match):
+    result = run_cli("patch", "train", "--n", "8", "--out", str(tmp_path / "x"), "--device", "cpu", *args)
+    line = assert_one_line_error(result, 2)
+    assert __import__("re").search(match, line), line
+
+
+def test_patch_train_missing_checkpoint_is_a_runtime_error(cli_env, tmp_path):
+    result = run_cli("patch", "train", "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu")
+    assert "not found" in assert_one_line_error(result, 1)
