@@ -85,3 +85,20 @@ def test_bad_input_is_one_line_and_exit_code(newest, args, code, message):
 def test_attack_without_any_model_says_to_train_first(isolated):
     line = assert_one_line_error(run_cli("attack"), 1)
     assert "robustcnn train" in line
+
+
+def test_attack_with_a_saved_patch_and_bad_patch_files(newest, tmp_path):
+    stem = tmp_path / "p"
+    made = run_cli("patch", "train", "--area", "0.1", "--steps", "5", "--train-images", "64", "--n", "16",
+                   "--out", str(stem), "--json")
+    assert made.exit_code == 0, made.stderr
+    doc = _json(run_cli("attack", "--method", "patch", "--patch", str(stem) + ".pt", "--n", "32", "--json"))
+    st = doc["results"][0]["attacks"]["patch"]
+    assert 0 < st["max_norm"] <= 0.1 + 1e-9  # the norm of a patch attack is its area fraction
+    (tmp_path / "bad.pt").write_text("not a tensor")
+    assert "not a tensor file" in assert_one_line_error(
+        run_cli("attack", "--method", "patch", "--patch", str(tmp_path / "bad.pt")), 2)
+    assert "cannot read" in assert_one_line_error(
+        run_cli("attack", "--method", "patch", "--patch", str(tmp_path / "missing.pt")), 1)
+    assert "--method patch only" in assert_one_line_error(
+        run_cli("attack", "--method", "fgsm", "--patch", str(stem) + ".pt"), 2)

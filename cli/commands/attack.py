@@ -78,6 +78,27 @@ def _load(checkpoint: Optional[Path], device: str, data_dir: Optional[Path], n: 
     return model, meta, path, dev, data.images[:count], data.labels[:count], tuple(data.classes)
 
 
+def _with_patch(atk, patch_file, model, meta, data_dir, dev, target_class, seed):
+    """The universal patch attack with a loaded patch, or one trained on training images (never the test images)."""
+    import dataclasses
+
+    from attacks.patch import DEFAULT_AREA, train_patch
+    from cli.commands.patch import load_patch
+    from robustcnn.data import load_dataset
+
+    if patch_file is not None:
+        tensor = load_patch(patch_file, tuple(meta["input_shape"]))
+    else:
+        train = load_dataset(meta["dataset"], train=True, data_dir=data_dir)
+        tensor = train_patch(model, train.images[:2000].float().div(255).to(dev), train.labels[:2000].to(dev),
+                             area=atk.area or DEFAULT_AREA, target=target_class,
+                             generator=torch.Generator().manual_seed(seed))
+    try:
+        return dataclasses.replace(atk, patch=tensor.to(dev))
+    except ValueError as exc:
+        raise UsageError(f"patch: {exc}") from None
+
+
 def _fmt(v: float, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
 
@@ -118,6 +139,10 @@ def attack_cmd(
                                                   rich_help_panel=ATTACK)] = None,
     area: Annotated[Optional[float], typer.Option(help="Patch area as a fraction of the image (patch attacks).",
                                                   rich_help_panel=ATTACK)] = None,
+    patch: Annotated[Optional[Path], typer.Option(
+        help="--method patch: a saved patch (.pt or .png from `robustcnn patch train`). Without it a patch of "
+             "--area is first trained on 2,000 training images, then evaluated on the test images.",
+        rich_help_panel=ATTACK)] = None,
     targeted: Annotated[bool, typer.Option("--targeted", help="Targeted mode: aim each image at a random wrong "
                                            "class (seeded).", rich_help_panel=ATTACK)] = False,
     target_class: Annotated[Optional[int], typer.Option(help="Targeted mode: aim every image at this class index.",
@@ -149,9 +174,13 @@ def attack_cmd(
     spec = attacks.get(method)
     if (targeted or target_class is not None) and not spec.targeted:
         raise UsageError(f"{spec.name} has no targeted mode")
+    if patch is not None and spec.name != "patch":
+        raise UsageError(f"--patch applies to --method patch only, not {spec.name}")
 
     model, meta, path, dev, images, labels, classes = _load(checkpoint, device, data_dir, n)
     target = _targets(labels, len(classes), targeted, target_class, seed)
+    if spec.name == "patch":
+        built = [_with_patch(atk, patch, model, meta, data_dir, dev, target_class, seed) for atk in built]
     rows, last = [], None
     with output.progress(json_out) as bar:
         for e, atk in zip(eps_list, built):
