@@ -40,7 +40,7 @@ class TrainConfig:
 
     model: str = "vgg"
     dataset: str = "fashion-mnist"
-    epochs: int = 8
+    epochs: int = 7
     batch_size: int = 128
     lr: float | None = None  # peak learning rate; None: 0.05 for SGD, 0.002 for Adam
     optimizer: str = "sgd"

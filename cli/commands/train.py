@@ -59,15 +59,15 @@ def _percent(value: float | None) -> str:
 @app.command("train")
 def train_command(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Architecture: {', '.join(MODELS)}.",
-                                       rich_help_panel=TRAINING)] = "vgg",
+                                       rich_help_panel=TRAINING)] = TrainConfig.model,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"Dataset: {', '.join(DATASETS)}.",
-                                         rich_help_panel=TRAINING)] = "fashion-mnist",
+                                         rich_help_panel=TRAINING)] = TrainConfig.dataset,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Passes over the training set.",
-                                        rich_help_panel=TRAINING)] = 8,
+                                        rich_help_panel=TRAINING)] = TrainConfig.epochs,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.05 for sgd, 0.002 for adam).",
                                                 rich_help_panel=TRAINING)] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help=f"Optimizer: {', '.join(OPTIMIZERS)}.",
-                                           rich_help_panel=TRAINING)] = "sgd",
+                                           rich_help_panel=TRAINING)] = TrainConfig.optimizer,
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (zero padding 2-4 px) and, where sensible, "
                                           "horizontal flips, applied per batch on the device.",
                                           rich_help_panel=TRAINING)] = False,
