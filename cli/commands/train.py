@@ -19,6 +19,7 @@ from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
 from robustcnn.errors import RobustCNNError
 from robustcnn.models import MODELS
+from robustcnn.perf import keep_freed_memory
 from robustcnn.train import OPTIMIZERS, Progress, TrainConfig, evaluate, train
 
 TRAINING = "Training"
@@ -87,6 +88,7 @@ def train_command(
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--limit", limit)):
         positive(name, value)
     dev = resolve_device(device)
+    keep_freed_memory()
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer, augment=augment,
                          seed=seed, limit=limit, batch_size=batch_size or default_batch_size(dev, training=True))
     path = out / f"{config.dataset}-{config.model}.pt"
@@ -142,6 +144,7 @@ def eval_command(
     """Clean test accuracy (overall and per class) of a checkpoint; the newest run's by default."""
     positive("--batch-size", batch_size)
     dev = resolve_device(device)
+    keep_freed_memory()
     path = checkpoint if checkpoint is not None else latest_checkpoint()
     model, meta = load_model(path, dev)
     data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
