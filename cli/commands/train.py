@@ -23,6 +23,7 @@ from robustcnn.perf import keep_freed_memory
 from robustcnn.train import OPTIMIZERS, Progress, TrainConfig, evaluate, train
 
 TRAINING = "Training"
+SAVING = "Checkpoint"
 
 
 class Interrupted(RobustCNNError):
@@ -75,9 +76,9 @@ def train_command(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N training images only "
                                                  "(quick tries). Default: all.", rich_help_panel=TRAINING)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint, saved as "
-                                      "<dataset>-<model>.pt after every epoch.")] = Path("runs"),
+                                      "<dataset>-<model>.pt after every epoch.", rich_help_panel=SAVING)] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last "
-                                         "complete epoch (same options required).")] = False,
+                                         "complete epoch (same options required).", rich_help_panel=SAVING)] = False,
     seed: Seed = 0,
     device: Device = "auto",
     batch_size: BatchSize = None,
