@@ -10,7 +10,8 @@ same number of Fashion-MNIST training images; only the path that feeds the batch
   floor         forward + backward + optimizer step on float batches made beforehand (nothing else)
   conventional  torchvision.datasets.FashionMNIST(transform=ToTensor()) + DataLoader(shuffle=True)
 
-Times are scaled to one full epoch (60,000 images). Target: ours <= 1.10x the floor.
+Times are scaled to one full epoch (60,000 images); each path is measured ``--rounds`` times, interleaved, and the
+fastest round counts. Target: ours <= 1.10x the floor.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from robustcnn.data import cache_dir, load_dataset, to_float  # noqa: E402
+from robustcnn.data import cache_dir, channel_stats, load_dataset, to_float  # noqa: E402
 from robustcnn.device import default_batch_size, resolve_device  # noqa: E402
 from robustcnn.train import TrainConfig, _optimizer, seeded, train  # noqa: E402
 from robustcnn.models import build_model  # noqa: E402
+from robustcnn.perf import keep_freed_memory  # noqa: E402
 
 
 def _fresh_model(config: TrainConfig, mean, std, device):
@@ -96,26 +98,32 @@ def main() -> None:
     parser.add_argument("--model", default=TrainConfig.model, help="architecture (default: the default model)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: per device)")
     parser.add_argument("--fraction", type=float, default=0.25, help="fraction of an epoch to time (default 0.25)")
+    parser.add_argument("--rounds", type=int, default=2, help="measure each path this many times, interleaved; "
+                        "report the fastest (default 2: robust to a busy machine)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings alone")
     args = parser.parse_args()
+    tuned = not args.default_malloc and keep_freed_memory()  # same for all three paths
     device = resolve_device(args.device)
     data = load_dataset("fashion-mnist", train=True)  # also decompresses the files into the cache, for (c)
     test = load_dataset("fashion-mnist", train=False).subset(500)
     batch = args.batch_size or default_batch_size(device, training=True)
     limit = max(batch, int(len(data) * args.fraction) // batch * batch)
     config = TrainConfig(model=args.model, batch_size=batch, epochs=1, limit=limit)
-    from robustcnn.data import channel_stats
-
     mean, std = channel_stats(data.images[:limit])
     print(f"{config.model} {config.arch_args}, batch {batch}, {limit:,} images per measurement, {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads, malloc {'tuned' if tuned else 'default'}", flush=True)
     time_floor(TrainConfig(**{**config.to_dict(), "limit": 4 * batch}), data, device, mean, std)  # warm-up
-    scale = len(data) / limit
-    times = {
-        "floor": time_floor(config, data, device, mean, std) * scale,
-        "ours": time_ours(config, data, test, device) * scale,
-        "conventional": time_conventional(config, device, mean, std) * scale,
+    paths = {
+        "floor": lambda: time_floor(config, data, device, mean, std),
+        "ours": lambda: time_ours(config, data, test, device),
+        "conventional": lambda: time_conventional(config, device, mean, std),
     }
+    runs: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(max(1, args.rounds)):
+        for name, measure in paths.items():
+            runs[name].append(measure() * len(data) / limit)
+    times = {name: min(seconds) for name, seconds in runs.items()}
     print(f"{'path':<14}{'epoch (s)':>10}{'img/s':>9}{'x floor':>9}")
     for name, seconds in times.items():
         print(f"{name:<14}{seconds:>10.1f}{len(data) / seconds:>9,.0f}{seconds / times['floor']:>9.2f}")

@@ -6,7 +6,7 @@ A checkpoint is a plain dict saved with ``torch.save`` and read back with ``weig
      "model": state_dict,
      "meta": {"architecture", "arch_args", "dataset", "input_shape", "classes", "normalization",
               "config", "metrics", "seed", "versions", "epochs_done", "complete", "history", "timing", ...},
-     "resume": {"optimizer", "scheduler", "scaler", "epoch"} or None}
+     "resume": {"optimizer", "scheduler", "epoch"} or None}
 
 It is written atomically, so an interrupted run always leaves the last complete checkpoint. The newest finished run
 is recorded in ``$ROBUSTCNN_HOME/latest.json`` (default ``~/.robustcnn``).

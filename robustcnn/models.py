@@ -82,7 +82,7 @@ def _lenet5(in_channels: int, image_size: int, num_classes: int):
     return features, _mlp_head(_flat_size(features, in_channels, image_size), [120, 84], num_classes)
 
 
-def _vgg(in_channels: int, image_size: int, num_classes: int, *, width: int = 32, convs: int = 1, dropout: float = 0.0):
+def _vgg(in_channels: int, image_size: int, num_classes: int, *, width: int = 24, convs: int = 1, dropout: float = 0.0):
     """A small VGG: three stages of ``convs`` 3x3 conv-BN-ReLU layers (width, 2x, 4x channels), each max-pooled."""
     layers: list[nn.Module] = []
     cin = in_channels

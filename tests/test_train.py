@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
 from robustcnn.checkpoint import read_checkpoint
 from robustcnn.errors import CheckpointError, UsageError
+from robustcnn.perf import keep_freed_memory
 from robustcnn.train import TrainConfig, _lr_factor, evaluate, train
 from train_fixtures import shapes, tiny_config, tiny_train
 
@@ -125,3 +128,9 @@ def test_evaluate_reports_per_class_accuracy_and_restores_mode():
 def test_data_must_match_the_config():
     with pytest.raises(UsageError, match="dataset"):
         train(tiny_config(dataset="mnist"), shapes(64, 1), shapes(64, 2))
+
+
+def test_allocator_setting_is_applied_with_glibc_and_changes_no_result():
+    before = tiny_train(epochs=1).metrics
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    assert tiny_train(epochs=1).metrics == before

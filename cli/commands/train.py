@@ -19,9 +19,11 @@ from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
 from robustcnn.errors import RobustCNNError
 from robustcnn.models import MODELS
+from robustcnn.perf import keep_freed_memory
 from robustcnn.train import OPTIMIZERS, Progress, TrainConfig, evaluate, train
 
 TRAINING = "Training"
+SAVING = "Checkpoint"
 
 
 class Interrupted(RobustCNNError):
@@ -59,24 +61,24 @@ def _percent(value: float | None) -> str:
 @app.command("train")
 def train_command(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Architecture: {', '.join(MODELS)}.",
-                                       rich_help_panel=TRAINING)] = "vgg",
+                                       rich_help_panel=TRAINING)] = TrainConfig.model,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"Dataset: {', '.join(DATASETS)}.",
-                                         rich_help_panel=TRAINING)] = "fashion-mnist",
+                                         rich_help_panel=TRAINING)] = TrainConfig.dataset,
     epochs: Annotated[int, typer.Option("--epochs", "-e", help="Passes over the training set.",
-                                        rich_help_panel=TRAINING)] = 8,
+                                        rich_help_panel=TRAINING)] = TrainConfig.epochs,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.05 for sgd, 0.002 for adam).",
                                                 rich_help_panel=TRAINING)] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help=f"Optimizer: {', '.join(OPTIMIZERS)}.",
-                                           rich_help_panel=TRAINING)] = "sgd",
+                                           rich_help_panel=TRAINING)] = TrainConfig.optimizer,
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (zero padding 2-4 px) and, where sensible, "
                                           "horizontal flips, applied per batch on the device.",
                                           rich_help_panel=TRAINING)] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N training images only "
                                                  "(quick tries). Default: all.", rich_help_panel=TRAINING)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint, saved as "
-                                      "<dataset>-<model>.pt after every epoch.")] = Path("runs"),
+                                      "<dataset>-<model>.pt after every epoch.", rich_help_panel=SAVING)] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last "
-                                         "complete epoch (same options required).")] = False,
+                                         "complete epoch (same options required).", rich_help_panel=SAVING)] = False,
     seed: Seed = 0,
     device: Device = "auto",
     batch_size: BatchSize = None,
@@ -87,6 +89,7 @@ def train_command(
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--limit", limit)):
         positive(name, value)
     dev = resolve_device(device)
+    keep_freed_memory()
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer, augment=augment,
                          seed=seed, limit=limit, batch_size=batch_size or default_batch_size(dev, training=True))
     path = out / f"{config.dataset}-{config.model}.pt"
@@ -142,6 +145,7 @@ def eval_command(
     """Clean test accuracy (overall and per class) of a checkpoint; the newest run's by default."""
     positive("--batch-size", batch_size)
     dev = resolve_device(device)
+    keep_freed_memory()
     path = checkpoint if checkpoint is not None else latest_checkpoint()
     model, meta = load_model(path, dev)
     data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
