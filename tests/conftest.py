@@ -62,15 +62,10 @@ QUICK_TRAIN = ("--dataset", "shapes", "--model", "simple", "--limit", "2048", "-
 @pytest.fixture(scope="session")
 def model_env(tmp_path_factory):
     """Train QUICK_TRAIN once per session through the CLI; returns (root folder, environment variables)."""
-    from train_fixtures import run_cli
+    from train_fixtures import train_run_via_cli
 
     root = tmp_path_factory.mktemp("quick-model")
-    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        result = run_cli("train", *QUICK_TRAIN, "--out", str(root / "runs"), "--json")
-    assert result.exit_code == 0, result.stderr
+    _, env = train_run_via_cli(root, *QUICK_TRAIN)
     return root, env
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import robustcnn.train as train_module
 from robustcnn.checkpoint import read_checkpoint
-from train_fixtures import assert_one_line_error, isolated, offline, run_cli  # noqa: F401  (fixtures)
+from train_fixtures import assert_one_line_error, isolated, offline, run_cli, train_run_via_cli  # noqa: F401
 
 QUICK = ("--dataset", "shapes", "--model", "lenet5", "--limit", "256", "--epochs", "2", "--batch-size", "64",
          "--device", "cpu")
@@ -25,12 +25,7 @@ QUICK = ("--dataset", "shapes", "--model", "lenet5", "--limit", "256", "--epochs
 def trained_once(tmp_path_factory):
     """One quick CLI run shared by this module: (its JSON document, checkpoint path, run record path, env)."""
     root = tmp_path_factory.mktemp("cli")
-    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        result = run_cli("train", *QUICK, "--out", str(root / "runs"), "--json")
-    assert result.exit_code == 0, result.stderr
+    result, env = train_run_via_cli(root, *QUICK)
     doc = json.loads(result.stdout)  # exactly one JSON document on stdout
     return doc, root / "runs" / "shapes-lenet5.pt", root / "home" / "latest.json", env
 

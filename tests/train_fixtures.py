@@ -56,6 +56,19 @@ def tiny_train(checkpoint=None, **overrides):
     return train(tiny_config(**overrides), shapes(192, 1), shapes(64, 2), checkpoint=checkpoint)
 
 
+def train_run_via_cli(root: Path, *args: str):
+    """``robustcnn train ARGS --out ROOT/runs --json`` with ``ROBUSTCNN_HOME``/cache under ``root``.
+
+    Returns (CLI result, the environment variables that point at that run)."""
+    env = {"ROBUSTCNN_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        result = run_cli("train", *args, "--out", str(root / "runs"), "--json")
+    assert result.exit_code == 0, result.stderr
+    return result, env
+
+
 def run_cli(*args: str):
     """Invoke ``robustcnn ARGS`` in-process; stdout and stderr are kept apart."""
     return CliRunner().invoke(app, list(args))
