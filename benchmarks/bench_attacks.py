@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
-from _common import best_time, load_trained  # noqa: I001  (first: puts the repo on sys.path)
+from _common import load_trained  # noqa: I001  (first: puts the repo on sys.path)
 
 import attacks  # noqa: E402
 
@@ -36,14 +37,23 @@ def main() -> None:
     print(f"model: {path}  samples: {len(y)}  torch threads: {torch.get_num_threads()}")
 
     xb, yb = x[: args.batch_size], y[: args.batch_size]
-    t_fb = best_time(lambda: forward_backward(model, xb, yb), repeats=10)
     print(f"\n1) PGD-k overhead on one batch of {len(yb)} (eps={args.eps}, every sample takes every step)")
-    print(f"   one forward+backward to the input: {t_fb * 1e3:.1f} ms")
+    print("   each repeat times k forward+backward passes and PGD-k back to back; ratio = median of the repeats")
     print(f"   {'k':>4} {'PGD-k':>10} {'k x fwd+bwd':>12} {'ratio':>7}")
+    forward_backward(model, xb, yb)  # warm-up
     for k in (10, 20, 50):
         atk = attacks.PGD(eps=args.eps, steps=k, early_stop=False)
-        t = best_time(lambda: atk(model, xb, yb), repeats=3)
-        print(f"   {k:>4} {t * 1e3:>8.1f}ms {k * t_fb * 1e3:>10.1f}ms {t / (k * t_fb):>7.3f}")
+        floor, pgd = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                forward_backward(model, xb, yb)
+            floor.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            atk(model, xb, yb)
+            pgd.append(time.perf_counter() - t0)
+        ratio = statistics.median(p / f for p, f in zip(pgd, floor))
+        print(f"   {k:>4} {statistics.median(pgd) * 1e3:>8.1f}ms {statistics.median(floor) * 1e3:>10.1f}ms {ratio:>7.3f}")
 
     print(f"\n2) robust accuracy with PGD-20 at eps={args.eps} on {len(y)} samples, batch {args.batch_size}")
     rows = []
