@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from attacks.base import Context, check_choice
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
-from attacks.sparse import PixelBudget, WorkList, check_pixels, target_checked
+from attacks.sparse import PixelBudget, WorkList, target_checked
 
 
 def saturate_best_pixel(cur: Tensor, x0: Tensor, grad: Tensor) -> Tensor:
@@ -58,7 +57,7 @@ class GreedyL0(PixelBudget):
         check_choice("loss", self.loss, LOSSES)
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        check_pixels(self.pixels, ctx.x)
+        self.check_images(tuple(ctx.x.shape[1:]))
         objective = target_checked(get_loss(self.loss))
         work = WorkList(ctx)
         cur = ctx.x

@@ -26,7 +26,7 @@ from torch import Tensor
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import PixelBudget, WorkList, check_pixels, check_target
+from attacks.sparse import PixelBudget, WorkList, check_target
 
 #: Inputs per forward pass when ``max_batch`` is None: a small CNN on a CPU is fastest in cache-sized batches.
 AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
@@ -100,7 +100,7 @@ class OnePixel(PixelBudget):
 
     # -- the search ----------------------------------------------------------------------------------------------
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        check_pixels(self.pixels, ctx.x)
+        self.check_images(tuple(ctx.x.shape[1:]))
         _, _, h, w = ctx.x.shape
         work = WorkList(ctx)
         clean = ctx.logits(ctx.x, work.ids)

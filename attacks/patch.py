@@ -18,7 +18,6 @@ footprint (``_enforce`` guarantees it) and report the footprint's area in ``res.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -209,16 +208,26 @@ class PatchAttack(Attack):
     kind = "patch"
     supported_norms = ("area",)
 
-    def footprint(self, x: Tensor) -> tuple[int, int]:
-        """Rows and columns of the patch on images shaped like ``x``."""
+    def footprint(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Rows and columns of the patch on images of ``shape`` ``(C, H, W)``; ``ValueError`` if none fits."""
         raise NotImplementedError
+
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Refuse images of ``shape`` ``(C, H, W)`` the patch cannot be applied to (``ValueError``).
+
+        Called at the start of every attack; callers such as the CLI may call it first to report a usage error
+        before any work is done.
+        """
+        if len(shape) != 3:
+            raise ValueError(f"patch attacks need images of shape (C, H, W), got {tuple(shape)}")
+        self.footprint(shape)
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
         x_adv = x_adv.clamp(0.0, 1.0)
-        return keep_changes(x, x_adv, get_norm("area").project_window(x_adv - x, self.footprint(x)))
+        return keep_changes(x, x_adv, get_norm("area").project_window(x_adv - x, self.footprint(x.shape[1:])))
 
     def _measure(self, x: Tensor, x_adv: Tensor) -> Tensor:
-        a, b = self.footprint(x)
+        a, b = self.footprint(x.shape[1:])
         return torch.full((x.shape[0],), a * b / (x.shape[-2] * x.shape[-1]), device=x.device)
 
 
@@ -258,11 +267,11 @@ class UniversalPatch(PatchAttack):
         return PatchTraining(steps=self.steps, lr=self.lr, min_scale=self.min_scale, rotation=self.rotation,
                              loss=self.loss, batch_size=None)
 
-    def footprint(self, x: Tensor) -> tuple[int, int]:
-        h, w = x.shape[-2], x.shape[-1]
+    def footprint(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        c, h, w = shape
         if self.patch is None:
             return patch_shape(self.area or DEFAULT_AREA, h, w)
-        check_patch(self.patch, (x.shape[1], h, w))
+        check_patch(self.patch, (c, h, w))
         a, b = self.patch.shape[-2:]
         if self.area is not None and a * b > self.area * h * w + 1e-9:
             raise ValueError(f"the {a}x{b} patch covers {a * b / (h * w):.2%} of a {h}x{w} image, "
@@ -276,7 +285,8 @@ class UniversalPatch(PatchAttack):
         return cfg
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        shape = self.footprint(ctx.x)
+        self.check_images(tuple(ctx.x.shape[1:]))
+        shape = self.footprint(ctx.x.shape[1:])
         patch = self.patch if self.patch is not None else fit_patch(ctx, shape, self.training_config)
         _, _, h, w = ctx.x.shape
         everyone = torch.arange(ctx.n, device=ctx.x.device)
@@ -318,13 +328,14 @@ class LocalizedPatch(PatchAttack):
         check_choice("location", self.location, LOCATIONS)
         check_choice("loss", self.loss, LOSSES)
 
-    def footprint(self, x: Tensor) -> tuple[int, int]:
-        return patch_shape(self.area, x.shape[-2], x.shape[-1])
+    def footprint(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return patch_shape(self.area, shape[-2], shape[-1])
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         objective = target_checked(get_loss(self.loss))
+        self.check_images(tuple(ctx.x.shape[1:]))
         _, _, h, w = ctx.x.shape
-        shape = self.footprint(ctx.x)
+        shape = self.footprint(ctx.x.shape[1:])
         work = WorkList(ctx)
         logits, _, grad = ctx.value_and_grad(ctx.x, work.ids, objective)
         rows, cols = self._locate(ctx, grad, shape)

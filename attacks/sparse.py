@@ -92,15 +92,6 @@ def target_checked(objective: Objective) -> Objective:
     return checked
 
 
-def check_pixels(pixels: int, x: Tensor) -> None:
-    """Refuse a pixel budget larger than the images of ``x`` (``(N, C, H, W)``)."""
-    if x.dim() != 4:
-        raise ValueError(f"pixel attacks need images of shape (N, C, H, W), got {tuple(x.shape)}")
-    h, w = x.shape[-2], x.shape[-1]
-    if pixels > h * w:
-        raise ValueError(f"pixels={pixels} is more than the {h * w} pixels of a {h}x{w} image")
-
-
 @dataclass(frozen=True, kw_only=True)
 class PixelBudget(Attack):
     """An attack that changes at most ``pixels`` pixels of each image (all channels of a pixel count as one)."""
@@ -112,6 +103,18 @@ class PixelBudget(Attack):
     def _validate(self) -> None:
         super()._validate()
         check_int("pixels", self.pixels)
+
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Refuse images of ``shape`` ``(C, H, W)`` that have fewer than ``pixels`` pixels (``ValueError``).
+
+        Called at the start of every attack; callers such as the CLI may call it first to report a usage error
+        before any work is done.
+        """
+        if len(shape) != 3:
+            raise ValueError(f"pixel attacks need images of shape (C, H, W), got {tuple(shape)}")
+        h, w = shape[-2], shape[-1]
+        if self.pixels > h * w:
+            raise ValueError(f"pixels={self.pixels} is more than the {h * w} pixels of a {h}x{w} image")
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
         x_adv = x_adv.clamp(0.0, 1.0)

@@ -214,7 +214,7 @@ def test_nothing_changes_outside_the_patch(task, name):
     model, x, y = task
     atk = ATTACKS[name]()
     res = atk(model, x, y, generator=_gen())
-    a, b = atk.footprint(x)
+    a, b = atk.footprint(x.shape[1:])
     boxes = _bounding_boxes(_changed_pixels(x, res.x_adv))
     assert all(r <= a and c <= b for r, c in boxes), boxes
     assert torch.allclose(res.norms, torch.full_like(res.norms, a * b / SIZE**2))
@@ -309,6 +309,9 @@ def test_bad_pixel_counts_are_refused(task, cls):
             cls(pixels=bad)
     with pytest.raises(ValueError, match="more than the 256 pixels"):
         cls(pixels=SIZE * SIZE + 1)(model, x, y)
+    with pytest.raises(ValueError, match="more than the 256 pixels"):
+        cls(pixels=SIZE * SIZE + 1).check_images((1, SIZE, SIZE))  # before any work, as the CLI does
+    cls(pixels=SIZE * SIZE).check_images((1, SIZE, SIZE))
 
 
 @pytest.mark.parametrize(
@@ -340,6 +343,8 @@ def test_patches_that_do_not_fit_the_images_are_refused(task, patch, area, match
     model, x, y = task
     with pytest.raises(ValueError, match=match):
         attacks.UniversalPatch(patch=patch, area=area)(model, x, y)
+    with pytest.raises(ValueError, match=match):
+        attacks.UniversalPatch(patch=patch, area=area).check_images(tuple(x.shape[1:]))
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
