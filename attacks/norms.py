@@ -173,11 +173,30 @@ def window_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], height: int,
 
 def best_window(weight: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Top-left corners ``(rows, cols)`` of the ``shape`` window with the largest sum of ``weight`` ``(N, 1, H, W)``."""
+    rows, cols = ranked_windows(weight, shape, 1)
+    return rows[0], cols[0]
+
+
+def ranked_windows(weight: Tensor, shape: tuple[int, int], count: int) -> tuple[Tensor, Tensor]:
+    """Top-left corners ``(rows, cols)``, each ``(count, N)``, of ``count`` non-overlapping ``shape`` windows per
+    image, in decreasing order of their sum of ``weight`` ``(N, 1, H, W)`` (greedy non-maximum suppression).
+
+    When fewer than ``count`` disjoint windows fit, the last ones may overlap earlier ones.
+    """
     a, b = shape
-    sums = torch.nn.functional.avg_pool2d(weight, (a, b), stride=1, divisor_override=1)
-    best = sums.reshape(weight.shape[0], -1).argmax(dim=1)
-    cols = weight.shape[-1] - b + 1
-    return best // cols, best % cols
+    sums = torch.nn.functional.avg_pool2d(weight, (a, b), stride=1, divisor_override=1)[:, 0]  # (N, R, C)
+    n, r_count, c_count = sums.shape
+    rr = torch.arange(r_count, device=weight.device)[None, :, None]
+    cc = torch.arange(c_count, device=weight.device)[None, None, :]
+    rows, cols = [], []
+    for _ in range(count):
+        best = sums.reshape(n, -1).argmax(dim=1)
+        r, c = best // c_count, best % c_count
+        rows.append(r)
+        cols.append(c)
+        overlap = ((rr - r[:, None, None]).abs() < a) & ((cc - c[:, None, None]).abs() < b)
+        sums = sums.masked_fill(overlap, float("-inf"))
+    return torch.stack(rows), torch.stack(cols)
 
 
 class PatchArea(Norm):

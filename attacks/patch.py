@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, Context, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective, get_loss
-from attacks.norms import best_window, get_norm, patch_shape, window_mask
+from attacks.norms import get_norm, patch_shape, ranked_windows, window_mask
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.sparse import WorkList, check_target, keep_changes, target_checked
@@ -307,8 +307,10 @@ class LocalizedPatch(PatchAttack):
     the patch's pixels, starting from uniform noise, stopping for an image once it is fooled.
 
     ``location``: ``saliency`` (default: the window where the loss's input gradient on the clean image is largest),
-    ``center`` or ``random``. The first gradient pass, on the clean image, also leaves misclassified images as they
-    are. ``loss``: ``margin`` (default), ``ce`` or ``dlr``.
+    ``center`` or ``random``. ``restarts``: locations tried per image that is not yet fooled; after the first,
+    ``saliency`` takes the next most salient window that does not overlap the ones tried, the other rules a random
+    one. The first gradient pass, on the clean image, also leaves misclassified images as they are. ``loss``:
+    ``margin`` (default), ``ce`` or ``dlr``.
     """
 
     name = "lavan"
@@ -318,6 +320,7 @@ class LocalizedPatch(PatchAttack):
     steps: int = 100
     alpha: float = 0.1
     location: str = "saliency"
+    restarts: int = 1
     loss: str = "margin"
 
     def _validate(self) -> None:
@@ -326,42 +329,55 @@ class LocalizedPatch(PatchAttack):
         check_int("steps", self.steps)
         check_range("alpha", self.alpha, low=0.0)
         check_choice("location", self.location, LOCATIONS)
+        check_int("restarts", self.restarts)
         check_choice("loss", self.loss, LOSSES)
 
     def footprint(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return patch_shape(self.area, shape[-2], shape[-1])
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        objective = target_checked(get_loss(self.loss))
         self.check_images(tuple(ctx.x.shape[1:]))
-        _, _, h, w = ctx.x.shape
-        shape = self.footprint(ctx.x.shape[1:])
+        objective = target_checked(get_loss(self.loss))
         work = WorkList(ctx)
         logits, _, grad = ctx.value_and_grad(ctx.x, work.ids, objective)
-        rows, cols = self._locate(ctx, grad, shape)
-        mask = window_mask(rows, cols, shape, h, w)
-        keep = work.retire_fooled(ctx, ctx.x, logits)  # already misclassified: nothing to change
-        mask = mask[keep]
-        noise = ctx.rng.uniform(work.ids, tuple(ctx.x.shape[1:])).to(ctx.x)
-        cur = torch.where(mask, noise, ctx.x[work.ids])
-        for step in range(self.steps + 1):
-            if step == self.steps:
-                work.retire_all(cur, ctx.logits(cur, work.ids))
+        rows, cols = self._corners(ctx, grad)
+        work.retire_fooled(ctx, ctx.x, logits)  # already misclassified: nothing to change
+        for r in range(self.restarts):
+            if work.empty:
                 break
+            self._attack_at(ctx, work, objective, rows[r][work.ids], cols[r][work.ids], last=r == self.restarts - 1)
+        return work.result()
+
+    def _attack_at(self, ctx: Context, work: WorkList, objective: Objective, rows: Tensor, cols: Tensor,
+                   last: bool) -> None:
+        """Optimize a patch with its corner at ``(rows, cols)`` for every working image; retire the fooled ones
+        (and, on the ``last`` location, every image)."""
+        _, c, h, w = ctx.x.shape
+        mask = window_mask(rows, cols, self.footprint(ctx.x.shape[1:]), h, w)
+        cur = torch.where(mask, ctx.rng.uniform(work.ids, (c, h, w)).to(ctx.x), ctx.x[work.ids])
+        for step in range(self.steps + 1):
+            if step == self.steps:  # steps spent: one last look
+                logits = ctx.logits(cur, work.ids)
+                if last:
+                    work.retire_all(cur, logits)
+                else:
+                    work.retire_fooled(ctx, cur, logits)
+                return
             logits, _, grad = ctx.value_and_grad(cur, work.ids, objective)
             keep = work.retire_fooled(ctx, cur, logits)
             if work.empty:
-                break
+                return
             cur, grad, mask = cur[keep], grad[keep], mask[keep]
             cur = torch.where(mask, (cur + self.alpha * grad.sign()).clamp(0.0, 1.0), cur)
-        return work.result()
 
-    def _locate(self, ctx: Context, grad: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Top-left corners of every image's patch, by the chosen ``location`` rule."""
+    def _corners(self, ctx: Context, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-left corners ``(rows, cols)``, each ``(restarts, N)``, of every image's patch location per restart."""
         n, _, h, w = ctx.x.shape
+        shape = self.footprint(ctx.x.shape[1:])
         if self.location == "saliency":
-            return best_window(grad.abs().sum(dim=1, keepdim=True), shape)
+            return ranked_windows(grad.abs().sum(dim=1, keepdim=True), shape, self.restarts)
+        everyone = torch.arange(n, device=ctx.x.device)
+        tries = [random_corners(ctx.rng, everyone, shape, h, w) for _ in range(self.restarts)]
         if self.location == "center":
-            full = torch.full((n,), 1, dtype=torch.long, device=ctx.x.device)
-            return full * ((h - shape[0]) // 2), full * ((w - shape[1]) // 2)
-        return random_corners(ctx.rng, torch.arange(n, device=ctx.x.device), shape, h, w)
+            tries[0] = (torch.full_like(everyone, (h - shape[0]) // 2), torch.full_like(everyone, (w - shape[1]) // 2))
+        return torch.stack([t[0] for t in tries]), torch.stack([t[1] for t in tries])

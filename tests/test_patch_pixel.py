@@ -6,13 +6,20 @@ holding a bright blob, so the attacks have a real decision boundary to cross.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import attacks
-from attacks.norms import get_norm, patch_shape
+from attacks.norms import get_norm, patch_shape, ranked_windows
 from attacks.patch import eot_paste, noise_patch, paste, train_patch
+from cli.commands.patch import load_patch, save_patch
+from robustcnn.errors import RobustCNNError, UsageError
+from train_fixtures import assert_one_line_error, run_cli
 
 SIZE = 16
 
@@ -370,10 +377,6 @@ def test_bad_localized_settings_are_refused(kwargs):
 
 
 # -- patch files and `robustcnn patch train` ----------------------------------------------------------------------
-from cli.commands.patch import load_patch, save_patch  # noqa: E402
-from robustcnn.errors import RobustCNNError, UsageError  # noqa: E402
-from train_fixtures import assert_one_line_error, run_cli  # noqa: E402
-
 QUICK = ("--dataset", "shapes", "--model", "lenet5", "--limit", "256", "--epochs", "1", "--batch-size", "64",
          "--device", "cpu")
 
@@ -391,8 +394,6 @@ def test_bad_patch_files_say_what_is_wrong(tmp_path):
     torch.save(torch.rand(5, 6), tmp_path / "flat.pt")
     torch.save({"patch": torch.rand(1, 2, 2)}, tmp_path / "dict.pt")
     (tmp_path / "text.png").write_text("not an image")
-    from PIL import Image
-
     Image.new("RGBA", (3, 3)).save(tmp_path / "alpha.png")
     (tmp_path / "text.pt").write_text("not a tensor")
     save_patch(torch.rand(1, 4, 4), tmp_path / "grey")
@@ -430,8 +431,6 @@ def cli_env(shapes_model, monkeypatch):
 
 
 def test_patch_train_saves_and_measures(cli_env, tmp_path):
-    import json
-
     result = run_cli("patch", "train", "--area", "0.02,0.1", "--steps", "3", "--train-images", "64", "--n", "48",
                      "--out", str(tmp_path / "p.png"), "--device", "cpu", "--json")
     assert result.exit_code == 0, result.stderr
@@ -468,9 +467,31 @@ def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
 def test_patch_train_bad_input_is_a_usage_error(cli_env, tmp_path, args, match):
     result = run_cli("patch", "train", "--n", "8", "--out", str(tmp_path / "x"), "--device", "cpu", *args)
     line = assert_one_line_error(result, 2)
-    assert __import__("re").search(match, line), line
+    assert re.search(match, line), line
 
 
 def test_patch_train_missing_checkpoint_is_a_runtime_error(cli_env, tmp_path):
     result = run_cli("patch", "train", "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu")
     assert "not found" in assert_one_line_error(result, 1)
+
+
+def test_ranked_windows_do_not_overlap():
+    weight = torch.zeros(1, 1, 12, 12)
+    weight[0, 0, 1, 1] = 5.0
+    weight[0, 0, 2, 2] = 4.0  # inside the first window: must not give the second
+    weight[0, 0, 9, 9] = 3.0
+    rows, cols = ranked_windows(weight, (3, 3), 2)
+    assert rows.shape == (2, 1)
+    first, second = (int(rows[0, 0]), int(cols[0, 0])), (int(rows[1, 0]), int(cols[1, 0]))
+    assert first[0] <= 1 <= first[0] + 2 and first[1] <= 1 <= first[1] + 2  # covers the strongest spot
+    assert 7 <= second[0] <= 9 and 7 <= second[1] <= 9  # the window around the far spot
+
+
+def test_more_lavan_locations_fool_more(task):
+    """Later locations only run on images the first one did not fool, so success can only grow."""
+    model, x, y = task
+    one = attacks.LocalizedPatch(area=0.05, steps=5, restarts=1)(model, x, y, generator=_gen())
+    three = attacks.LocalizedPatch(area=0.05, steps=5, restarts=3)(model, x, y, generator=_gen())
+    assert (three.success | ~one.success).all()
+    assert torch.equal(three.queries[one.success], one.queries[one.success])
+    assert (three.queries[~one.success] > one.queries[~one.success]).all()
