@@ -40,6 +40,7 @@ class AttackStats:
     queries: list[int] = field(default_factory=list, repr=False)  # per sample seen
     gradients: list[int] = field(default_factory=list, repr=False)
     norms: list[float] = field(default_factory=list, repr=False)  # per successful sample
+    success_queries: list[int] = field(default_factory=list, repr=False)  # per successful sample
 
     @property
     def success_rate(self) -> float:
@@ -56,6 +57,11 @@ class AttackStats:
     @property
     def queries_median(self) -> float:
         return float(np.median(self._q("queries"))) if self.seen else float("nan")
+
+    @property
+    def queries_median_success(self) -> float:
+        """Median forward passes per *successful* sample (the usual black-box figure)."""
+        return float(np.median(self._q("success_queries"))) if self.success_queries else float("nan")
 
     @property
     def gradients_mean(self) -> float:
@@ -78,7 +84,8 @@ class AttackStats:
         return {
             "name": self.name, "config": self.config, "seen": self.seen, "successes": self.successes,
             "success_rate": self.success_rate, "queries_mean": self.queries_mean,
-            "queries_median": self.queries_median, "gradients_mean": self.gradients_mean,
+            "queries_median": self.queries_median, "queries_median_success": self.queries_median_success,
+            "gradients_mean": self.gradients_mean,
             "max_norm": self.max_norm, "mean_norm": self.mean_norm, "median_norm": self.median_norm,
             "seconds": self.seconds,
         }
@@ -201,6 +208,7 @@ def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: 
         st.queries += q.tolist()
         st.gradients += res.gradients.cpu().tolist()
         st.norms += nr[ok].tolist()
+        st.success_queries += q[ok].tolist()
         if progress is not None:
             progress(name, s + part.numel(), idx.numel())
     st.seconds = time.perf_counter() - t0

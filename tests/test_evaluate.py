@@ -23,6 +23,9 @@ def test_worst_case_is_at_most_every_single_attack(trained):
     assert seen[1] == seen[0] - rep.per_attack["fgsm"].successes
     assert int((rep.fooled_by >= 0).sum()) == sum(s.successes for s in rep.per_attack.values())
     assert torch.equal(rep.robust, rep.clean_correct & (rep.fooled_by < 0))
+    pgd = rep.per_attack["pgd"]
+    assert len(pgd.success_queries) == pgd.successes > 0
+    assert min(pgd.queries) <= pgd.queries_median_success <= max(pgd.queries)
 
 
 def test_same_seed_same_report(trained):
