@@ -325,6 +325,9 @@ class BoundedAttack(Attack):
         check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        box = self.norm_obj.box(x, self.eps)
+        if box is not None:  # Linf: ball and [0, 1] in one clamp, exact on points the attack already clamped to it
+            return torch.clamp(x_adv, box[0], box[1])
         delta = self.norm_obj.project(x_adv - x, self.eps)
         return (x + delta).clamp(0.0, 1.0)
 
