@@ -224,8 +224,16 @@ class Attack:
         return get_norm(getattr(self, "norm", self.supported_norms[0]))
 
     def config(self) -> dict:
-        """The attack's name and hyperparameters as a plain dict (for reports)."""
-        return {"attack": self.name, **dataclasses.asdict(self)}
+        """The attack's name and hyperparameters as a plain dict (for reports).
+
+        Fields marked ``runtime`` (how the work is split, never what it computes) are left out, so they change
+        neither reports nor the per-sample random streams that :func:`attacks.evaluate` keys by this dict.
+        """
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("runtime"):
+                del out[f.name]
+        return {"attack": self.name, **out}
 
     # -- the final public call ---------------------------------------------------------------------------------
     def __call__(
