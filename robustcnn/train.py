@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, versions
 from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
+from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError, check_choice
 from robustcnn.models import MODELS, arch_defaults, build_model
 
@@ -124,9 +125,11 @@ class TrainResult:
         return self.meta["metrics"]
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions)."""
-    return int.from_bytes(hashlib.sha256(f"robustcnn:{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions). Ranks other than
+    0 of a distributed run get their own seed for augmentation and dropout (rank 0 keeps the one-process seed)."""
+    text = f"robustcnn:{seed}:{epoch}" + (f":rank{rank}" if rank else "")
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 @contextmanager
@@ -152,17 +155,20 @@ def _lr_factor(step: int, *, total: int, schedule: str, warmup: float) -> float:
 class _Run:
     """The mutable state of one training run: model, optimizer, LR schedule, history."""
 
-    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device) -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device,
+                 dist: DistContext = SINGLE) -> None:
+        self.config, self.device, self.dist = config, device, dist
         self.cuda = device.type == "cuda"
         self.steps = max(1, len(train_data) // config.batch_size)
-        self.batch = min(config.batch_size, len(train_data))
+        self.batch = min(config.batch_size, len(train_data))  # global: each rank takes batch // world_size of it
+        self.local_batch = len(range(dist.rank, self.batch, dist.world_size))
         mean, std = channel_stats(train_data.images)
         self.meta = _model_meta(config, train_data, mean, std)
         with seeded(config.seed, device):
             model = build_model(config.model, in_channels=train_data.shape[0], image_size=train_data.shape[1],
                                 num_classes=len(train_data.classes), mean=mean, std=std, **config.arch_args)
         self.model = model.to(device, memory_format=torch.channels_last)
+        self.net = self.model  # what the steps call: the model, or DistributedDataParallel around it
         self.optimizer = _optimizer(config, self.model)
         total = config.epochs * self.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -187,7 +193,7 @@ class _Run:
         """One optimizer step on a batch; returns the detached summed loss and the number of correct predictions."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         loss.backward()
         self.optimizer.step()
@@ -213,18 +219,22 @@ def _model_meta(config: TrainConfig, data: ImageData, mean: list[float], std: li
 def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransform | None,
                on_step: Callable[[Progress], None] | None, report_every: int) -> dict[str, float]:
     """Train one epoch (0-based ``epoch``): shuffle, index batches, augment on the device, step."""
-    config, device = run.config, run.device
+    config, device, dist = run.config, run.device, run.dist
     generator = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch))
-    order = torch.randperm(len(data), generator=generator, device=device)
+    order = torch.randperm(len(data), generator=generator, device=device)  # the same on every rank
+    if dist.rank:  # each rank its own augmentation (and dropout) draws; rank 0 keeps the one-process ones
+        generator.manual_seed(epoch_seed(config.seed, epoch, dist.rank))
     pad = 2 if data.shape[1] <= 28 else 4
     flip = horizontal_flip_is_sensible(data.name)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     run.model.train()
     start = time.perf_counter()
-    with seeded(epoch_seed(config.seed, epoch), device):
+    with seeded(epoch_seed(config.seed, epoch, dist.rank), device):
         for step in range(run.steps):
             index = order[step * run.batch:(step + 1) * run.batch]
+            if dist.enabled:  # this rank's share of the global batch
+                index = index[dist.rank::dist.world_size]
             images, y = data.images[index], data.labels[index]
             if config.augment:
                 images = augment(images, generator=generator, pad=pad, flip=flip)
@@ -236,6 +246,9 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
             correct += batch_correct
             if on_step is not None and ((step + 1) % report_every == 0 or step + 1 == run.steps):
                 on_step(_progress(epoch, config.epochs, step + 1, run, loss_sum, correct, start))
+    if dist.enabled:  # epoch statistics over every rank's share
+        dist.all_reduce_sum(loss_sum)
+        dist.all_reduce_sum(correct)
     seen = run.steps * run.batch
     seconds = time.perf_counter() - start
     return {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
@@ -244,9 +257,9 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
 
 def _progress(epoch: int, epochs: int, step: int, run: _Run, loss_sum: torch.Tensor, correct: torch.Tensor,
               start: float) -> Progress:
-    seen, seconds = step * run.batch, time.perf_counter() - start
+    seen, seconds = step * run.local_batch, time.perf_counter() - start  # this rank's running means
     return Progress(epoch + 1, epochs, step, run.steps, float(loss_sum) / seen, float(correct) / seen,
-                    seen / max(seconds, 1e-9), seconds)
+                    step * run.batch / max(seconds, 1e-9), seconds)
 
 
 def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu",
@@ -280,7 +293,18 @@ def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = 
 
 
 def _resume(run: _Run, checkpoint: Path) -> None:
-    """Load the resume state from ``checkpoint``, refusing one from a different configuration."""
+    """Load the resume state from ``checkpoint``, refusing one from a different configuration. In a distributed
+    run rank 0 reads the file (it wrote it) and sends it to the other ranks."""
+    doc = run.dist.on_main(lambda: _read_resumable(run, checkpoint))
+    try:
+        run.restore(doc)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+
+
+def _read_resumable(run: _Run, checkpoint: Path) -> dict[str, Any]:
+    if not checkpoint.is_file():
+        raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
     doc = read_checkpoint(checkpoint)
     meta = doc["meta"]
     check_meta(checkpoint, meta, architecture=run.config.model, dataset=run.config.dataset)
@@ -292,10 +316,7 @@ def _resume(run: _Run, checkpoint: Path) -> None:
                               "use the same options, or drop --resume to start over")
     if doc.get("resume") is None:
         raise CheckpointError(f"cannot resume {checkpoint}: it holds no resume state")
-    try:
-        run.restore(doc)
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+    return doc
 
 
 def train(
@@ -311,6 +332,7 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     report_every: int = 10,
     eval_batch_size: int = 250,
+    dist: DistContext = SINGLE,
 ) -> TrainResult:
     """Train ``config.model`` on ``train_data``; evaluate on ``test_data``; return the model and its metadata.
 
@@ -319,23 +341,35 @@ def train(
     continues from that file, which must come from the same config. ``on_step`` gets a :class:`Progress` every
     ``report_every`` steps, ``on_epoch`` each finished epoch's statistics. ``make_batch`` may replace each clean
     batch by the batch to train on (the hook for adversarial training).
+
+    Distributed (``dist`` from :func:`robustcnn.distributed.setup`, one call per rank): ``config.batch_size`` is
+    the global batch, split evenly over the ranks (it must be divisible by their number); every rank draws the
+    same shuffle and trains on its share of every batch in DistributedDataParallel, so gradients are averaged as
+    over the whole batch. Only rank 0 writes the checkpoint and calls ``on_step``/``on_epoch``; the returned
+    model is the unwrapped one on every rank.
     """
     device = torch.device(device)
     for data in (train_data, test_data):
         if data.name != config.dataset:
             raise UsageError(f"config.dataset is {config.dataset!r} but the data given is {data.name!r}")
+    if dist.enabled and config.batch_size % dist.world_size:
+        raise UsageError(f"batch size {config.batch_size} is the global batch and must be divisible by the "
+                         f"{dist.world_size} processes")
+    if not dist.is_main:
+        on_step = on_epoch = None
     train_data = train_data.subset(config.limit).to(device)
-    run = _Run(config, train_data, device)
+    run = _Run(config, train_data, device, dist)
     if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
+        if checkpoint is None:
+            raise CheckpointError("nothing to resume: None does not exist (drop --resume to start a new run)")
         _resume(run, Path(checkpoint))
+    run.net = dist.wrap(run.model, device)
     for epoch in range(run.epochs_done, config.epochs):
         stats = _run_epoch(run, train_data, epoch, make_batch, on_step, report_every)
         run.epochs_done = epoch + 1
         run.meta["history"].append(stats)
         run.meta["epochs_done"] = run.epochs_done
-        if checkpoint is not None:
+        if checkpoint is not None and dist.is_main:
             save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
         if on_epoch is not None:
             on_epoch(stats)
@@ -355,9 +389,9 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
                  "per_class_accuracy": result.per_class_accuracy, "train_loss": last.get("train_loss"),
                  "train_accuracy": last.get("train_accuracy")},
         timing={"train_seconds": seconds, "images_per_second": images / seconds if seconds else 0.0,
-                "device": str(run.device), "threads": torch.get_num_threads()},
+                "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.dist.world_size},
     )
-    if checkpoint is not None:
+    if checkpoint is not None and run.dist.is_main:
         save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
     run.model.eval()
     return TrainResult(run.model, run.meta, checkpoint)
