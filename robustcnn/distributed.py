@@ -155,9 +155,11 @@ def lost_peer(ctx: DistContext, exc: BaseException) -> DistributedError:
     """The one-line error for a failed collective."""
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     detail = detail.split("] ", 1)[-1] if detail.startswith("[") else detail  # drop the backend's source path
+    detail = detail.split(". ", 1)[0][:160].rstrip(". ")  # its first sentence: what happened
     return DistributedError(
         f"rank {ctx.rank} of {ctx.world_size}: lost contact with another process of the distributed run "
-        f"({detail[:160].rstrip('. ')}); stopping. Rerun the same command to resume from the last saved state")
+        f"({detail}); stopping. Run the same command again (train: with --resume) to resume from the last saved "
+        "state")
 
 
 def looks_distributed(exc: BaseException) -> bool:

@@ -220,6 +220,35 @@ def test_a_killed_rank_stops_the_other_and_the_report_resumes(newest, tmp_path):
     assert got["warnings"] == want["warnings"]
 
 
+def test_a_killed_rank_stops_ddp_training_and_one_process_resumes_it(isolated, tmp_path):
+    """A peer lost inside DDP's all-reduce: one clear line; the global batch makes the run resumable anywhere."""
+    args = ("train", "--dataset", "shapes", "--model", "simple", "--limit", "768", "--epochs", "3",
+            "--batch-size", "32", "--device", "cpu", "--json", "--out", str(tmp_path / "runs"))
+    ckpt = tmp_path / "runs" / "shapes-simple.pt"
+    procs = launch_ranks(2, *args)
+    try:
+        deadline = time.monotonic() + 150
+        while not ckpt.exists():
+            assert procs[0].poll() is None, procs[0].stderr.read()
+            assert time.monotonic() < deadline, "no epoch was ever saved"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 1 and out == "", (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 of 2: lost contact") and "--resume" in lines[0]
+    from robustcnn.checkpoint import read_checkpoint
+
+    assert 1 <= read_checkpoint(ckpt)["meta"]["epochs_done"] < 3
+    resumed = run_cli(*args, "--resume")  # one process continues the 2-process run: same global batch
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epochs"] == 3
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
