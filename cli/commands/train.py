@@ -14,7 +14,7 @@ from rich.table import Table
 from cli import output
 from cli.app import app
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
-from robustcnn.advtrain import ADV_DEFAULTS, METHODS, NORMS, AdvConfig
+from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
 from robustcnn.checkpoint import latest_checkpoint, load_model, record_latest
 from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
@@ -69,7 +69,8 @@ def train_command(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"Dataset: {', '.join(DATASETS)}.",
                                          rich_help_panel=TRAINING)] = TrainConfig.dataset,
     epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help=f"Passes over the training set. Default: "
-                                                  f"{TrainConfig.epochs}; with --adv {ADV_DEFAULTS['epochs']}.",
+                                                  f"{TrainConfig.epochs}; with --adv pgd {DEFAULT_EPOCHS['pgd']}, "
+                                                  f"other methods {DEFAULT_EPOCHS['fast']}.",
                                                   rich_help_panel=TRAINING, show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.05 for sgd, 0.002 for adam).",
                                                 rich_help_panel=TRAINING)] = None,
@@ -94,7 +95,7 @@ def train_command(
     adv_norm: Annotated[str, typer.Option("--adv-norm", help="Norm of the budget: linf or l2.",
                                           rich_help_panel=ADVERSARIAL)] = "linf",
     adv_steps: Annotated[Optional[int], typer.Option("--adv-steps", help=f"Attack steps per batch. Default: "
-                                                     f"{ADV_DEFAULTS['steps']} (fast: 1).",
+                                                     f"{DEFAULT_STEPS['pgd']} (fast: 1).",
                                                      rich_help_panel=ADVERSARIAL, show_default=False)] = None,
     adv_alpha: Annotated[Optional[str], typer.Option("--adv-alpha", help="Attack step size in pixel units. Default: "
                                                      "2.5 * eps / steps (fast: 1.25 * eps).",
@@ -123,7 +124,7 @@ def train_command(
     dev = resolve_device(device)
     keep_freed_memory()
     if epochs is None:
-        epochs = ADV_DEFAULTS["epochs"] if adversarial is not None else TrainConfig.epochs
+        epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer, augment=augment,
                          seed=seed, limit=limit, batch_size=batch_size or default_batch_size(dev, training=True))
     suffix = f"-{adversarial.method}" if adversarial is not None else ""
