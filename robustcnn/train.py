@@ -8,6 +8,7 @@ The global RNG is only touched inside ``torch.random.fork_rng``, so callers' ran
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from robustcnn.advtrain import AdvConfig, AdversarialTraining, check_differentiable, overfitting, split_held_out
 from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, versions
 from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
 from robustcnn.distributed import SINGLE, DistContext
@@ -33,6 +35,25 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 #: A hook that turns a clean training batch into the batch the model is trained on (e.g. adversarial examples):
 #: ``make_batch(model, x, y) -> (x', y')`` with x in [0, 1] on the training device.
 BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class BatchPosition:
+    """Which batch a training step is on: the samples' positions in the training set, the epoch (0-based) and the
+    step within it (0-based, of ``steps``). Given to a ``batch_loss`` hook, e.g. to key per-sample randomness."""
+
+    index: torch.Tensor
+    epoch: int
+    step: int
+    steps: int
+
+
+#: A hook that computes a batch's training loss instead of plain cross-entropy (adversarial training):
+#: ``batch_loss(model, x, y, position, net) -> (mean loss, logits the running accuracy is measured on)``: attacks
+#: use ``model``; the loss must come from one forward call of ``net`` (``model``, or DistributedDataParallel around
+#: it, which allows one forward per backward).
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchPosition, nn.Module],
+                     tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -176,25 +197,40 @@ class _Run:
         # AMP in bfloat16 where the GPU has it: no loss scaling needed. Elsewhere (CPU, older GPUs) float32.
         self.amp = self.cuda and torch.cuda.is_bf16_supported()
         self.epochs_done = 0
+        self.batch_loss: BatchLoss | None = None
+        # Adversarial runs keep the best epoch's model (what the checkpoint holds); `model` trains on.
+        self.kept: nn.Module | None = None
 
     def resume_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epochs_done}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "epoch": self.epochs_done}
+        if self.kept is not None:  # the checkpoint's weights are the kept epoch's: save the current ones here
+            state["model"] = self.model.state_dict()
+        return state
 
     def restore(self, doc: dict[str, Any]) -> None:
         state = doc["resume"]
-        self.model.load_state_dict(doc["model"])
+        self.model.load_state_dict(state.get("model", doc["model"]))
+        if self.kept is not None:
+            self.kept.load_state_dict(doc["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done = int(state["epoch"])
         self.meta["history"] = list(doc["meta"].get("history", []))
+        for key in ("kept_epoch", "overfitting"):
+            if key in self.meta:
+                self.meta[key] = copy.deepcopy(doc["meta"].get(key, self.meta[key]))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             position: BatchPosition | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch; returns the detached summed loss and the number of correct predictions."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+            if self.batch_loss is not None:
+                loss, logits = self.batch_loss(self.model, x, y, position, self.net)
+            else:
+                logits = self.net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -241,7 +277,7 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
             x = to_float(images).contiguous(memory_format=torch.channels_last)
             if make_batch is not None:
                 x, y = make_batch(run.model, x, y)
-            batch_loss, batch_correct = run.step(x, y)
+            batch_loss, batch_correct = run.step(x, y, BatchPosition(index, epoch, step, run.steps))
             loss_sum += batch_loss
             correct += batch_correct
             if on_step is not None and ((step + 1) % report_every == 0 or step + 1 == run.steps):
@@ -311,6 +347,8 @@ def _read_resumable(run: _Run, checkpoint: Path) -> dict[str, Any]:
     stored = meta.get("config", {})
     wanted = run.config.to_dict()
     changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    if meta.get("adversarial") != run.meta.get("adversarial"):
+        changed.append(f"adversarial {meta.get('adversarial')!r} -> {run.meta.get('adversarial')!r}")
     if changed:
         raise CheckpointError(f"cannot resume {checkpoint}: it was trained with other options ({'; '.join(changed)}); "
                               "use the same options, or drop --resume to start over")
@@ -328,6 +366,7 @@ def train(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     make_batch: BatchTransform | None = None,
+    adversarial: AdvConfig | None = None,
     on_step: Callable[[Progress], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     report_every: int = 10,
@@ -340,13 +379,19 @@ def train(
     resume state are saved there (atomically) after every epoch and once more with the final metrics; ``resume``
     continues from that file, which must come from the same config. ``on_step`` gets a :class:`Progress` every
     ``report_every`` steps, ``on_epoch`` each finished epoch's statistics. ``make_batch`` may replace each clean
-    batch by the batch to train on (the hook for adversarial training).
+    batch by the batch to train on.
+
+    ``adversarial`` trains for that threat model (see :mod:`robustcnn.advtrain`): the last
+    ``adversarial.val_count`` training images are held out (before ``config.limit`` applies), each epoch's stats
+    gain clean/PGD/FGSM accuracy on them and an ``overfitting`` diagnosis, and the checkpoint and the returned model
+    are those of the epoch with the best PGD accuracy (``meta["kept_epoch"]``).
 
     Distributed (``dist`` from :func:`robustcnn.distributed.setup`, one call per rank): ``config.batch_size`` is
     the global batch, split evenly over the ranks (it must be divisible by their number); every rank draws the
     same shuffle and trains on its share of every batch in DistributedDataParallel, so gradients are averaged as
     over the whole batch. Only rank 0 writes the checkpoint and calls ``on_step``/``on_epoch``; the returned
-    model is the unwrapped one on every rank.
+    model is the unwrapped one on every rank. Adversarial runs attack each rank's share with the unwrapped model
+    and validate on every rank (the same held-out images and weights, so every rank keeps the same epoch).
     """
     device = torch.device(device)
     for data in (train_data, test_data):
@@ -357,8 +402,19 @@ def train(
                          f"{dist.world_size} processes")
     if not dist.is_main:
         on_step = on_epoch = None
+    trainer = None
+    if adversarial is not None:
+        train_data, held_out = split_held_out(train_data, adversarial.val_count)
+        trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
+                                      label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size)
     train_data = train_data.subset(config.limit).to(device)
     run = _Run(config, train_data, device, dist)
+    if trainer is not None:
+        probe = slice(0, min(8, len(train_data)))
+        check_differentiable(run.model, to_float(train_data.images[probe]), train_data.labels[probe],
+                             adversarial.method)
+        run.batch_loss, run.kept = trainer.loss, copy.deepcopy(run.model)
+        run.meta.update(adversarial=adversarial.to_dict(), kept_epoch=0, overfitting=[])
     if resume:
         if checkpoint is None:
             raise CheckpointError("nothing to resume: None does not exist (drop --resume to start a new run)")
@@ -369,19 +425,36 @@ def train(
         run.epochs_done = epoch + 1
         run.meta["history"].append(stats)
         run.meta["epochs_done"] = run.epochs_done
+        if trainer is not None:
+            _validate_epoch(run, trainer, stats)
         if checkpoint is not None and dist.is_main:
-            save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
+            save_checkpoint(checkpoint, run.kept if run.kept is not None else run.model, run.meta, run.resume_state())
         if on_epoch is not None:
             on_epoch(stats)
     return _finish(run, test_data, Path(checkpoint) if checkpoint is not None else None, eval_batch_size)
 
 
+def _validate_epoch(run: _Run, trainer: AdversarialTraining, stats: dict[str, Any]) -> None:
+    """Adversarial runs: add validation accuracies to the epoch's ``stats``, keep the model if it is the most robust
+    so far, and record catastrophic overfitting."""
+    stats.update(trainer.validate(run.model, run.device))
+    diagnosis = overfitting(run.meta["history"])
+    stats["overfitting"] = diagnosis
+    if diagnosis is not None:
+        run.meta["overfitting"].append({"epoch": stats["epoch"], "message": diagnosis})
+    kept = [h for h in run.meta["history"] if h["epoch"] == run.meta["kept_epoch"]]
+    if not kept or stats["val_robust_accuracy"] > kept[0]["val_robust_accuracy"]:
+        run.kept.load_state_dict(run.model.state_dict())
+        run.meta["kept_epoch"] = stats["epoch"]
+
+
 def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch_size: int) -> TrainResult:
     """Evaluate on the test set, store metrics and timing, write the final checkpoint."""
-    result = evaluate(run.model, test_data, device=run.device, batch_size=eval_batch_size)
+    model = run.kept if run.kept is not None else run.model
+    result = evaluate(model, test_data, device=run.device, batch_size=eval_batch_size)
     history = run.meta["history"]
     last = history[-1] if history else {}
-    seconds = sum(h["seconds"] for h in history)
+    seconds = sum(h["seconds"] + h.get("val_seconds", 0.0) for h in history)
     images = sum(h["images_per_second"] * h["seconds"] for h in history)
     run.meta.update(
         complete=True,
@@ -391,7 +464,13 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
         timing={"train_seconds": seconds, "images_per_second": images / seconds if seconds else 0.0,
                 "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.dist.world_size},
     )
+    if run.kept is not None:
+        kept = next(h for h in history if h["epoch"] == run.meta["kept_epoch"])
+        run.meta["metrics"].update(
+            kept_epoch=run.meta["kept_epoch"], val_robust_accuracy=kept["val_robust_accuracy"],
+            val_clean_accuracy=kept["val_clean_accuracy"], val_fgsm_accuracy=kept["val_fgsm_accuracy"],
+            overfitting=run.meta["overfitting"][0]["message"] if run.meta["overfitting"] else None)
     if checkpoint is not None and run.dist.is_main:
-        save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
-    run.model.eval()
-    return TrainResult(run.model, run.meta, checkpoint)
+        save_checkpoint(checkpoint, model, run.meta, run.resume_state())
+    model.eval()
+    return TrainResult(model, run.meta, checkpoint)
