@@ -179,6 +179,22 @@ def test_ddp_training_reaches_the_single_process_accuracy_band(isolated, tmp_pat
     load_model(ckpt)
 
 
+@pytest.mark.parametrize("method", ["trades", "pgd"])
+def test_ddp_adversarial_training_keeps_an_epoch_and_the_threat_model(isolated, tmp_path, method):
+    """Adversarial training under DDP: attacks on each rank's share, the loss through the DDP net in one call."""
+    args = ("train", "--dataset", "shapes", "--model", "simple", "--limit", "512", "--epochs", "2", "--adv", method,
+            "--eps", "0.05", "--adv-steps", "2", "--adv-val", "64", "--batch-size", "32", "--device", "cpu", "--json")
+    two = torchrun(2, *args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    doc = json.loads(two.stdout)
+    assert doc["timing"]["processes"] == 2 and doc["adversarial"]["method"] == method
+    assert doc["kept_epoch"] in (1, 2) and 0.0 <= doc["metrics"]["val_robust_accuracy"] <= 1.0
+    from robustcnn.checkpoint import read_checkpoint
+
+    meta = read_checkpoint(tmp_path / "two" / f"shapes-simple-{method}.pt")["meta"]
+    assert meta["adversarial"]["eps"] == 0.05 and meta["epochs_done"] == 2
+
+
 # -- faults ------------------------------------------------------------------------------------------------------
 def _wait(procs, seconds):
     deadline = time.monotonic() + seconds
