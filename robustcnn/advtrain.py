@@ -218,18 +218,22 @@ class AdversarialTraining:
         with _AttackMode(model, self.config.attack_bn):
             return attack(model, x, y, generator=keys).x_adv.detach()
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, where: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, where: Any,
+             net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean training loss, logits on the adversarial batch)`` — the ``batch_loss`` hook of ``train``.
 
-        ``where`` has ``index`` (training-set positions), ``epoch`` (0-based), ``step`` and ``steps``.
+        ``where`` has ``index`` (training-set positions), ``epoch`` (0-based), ``step`` and ``steps``. The attack
+        runs on ``model``; the loss comes from one forward call of ``net`` (default ``model``; under DDP its
+        wrapper): TRADES and MART run the clean and the adversarial batch through it together.
         """
+        net = model if net is None else net
         progress = where.epoch + (where.step + 1) / where.steps
         x_adv = self.adversarial_examples(model, x, y, where.index, where.epoch, progress)
         method, smooth = self.config.method, self.label_smoothing
         if method in ("pgd", "fast"):
-            logits = model(x_adv)
+            logits = net(x_adv)
             return F.cross_entropy(logits, y, label_smoothing=smooth), logits
-        clean, logits = model(x), model(x_adv)
+        clean, logits = net(torch.cat([x, x_adv])).split(x.shape[0])
         log_clean = F.log_softmax(clean.float(), dim=1)
         log_adv = F.log_softmax(logits.float(), dim=1)
         kl = F.kl_div(log_adv, log_clean, reduction="none", log_target=True).sum(dim=1)  # KL(f(x) || f(x'))

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from robustcnn.advtrain import AdvConfig, AdversarialTraining, check_differentiable, overfitting, split_held_out
 from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, versions
 from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
+from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError, check_choice
 from robustcnn.models import MODELS, arch_defaults, build_model
 
@@ -48,8 +49,11 @@ class BatchPosition:
 
 
 #: A hook that computes a batch's training loss instead of plain cross-entropy (adversarial training):
-#: ``batch_loss(model, x, y, position) -> (mean loss, logits the running accuracy is measured on)``.
-BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchPosition], tuple[torch.Tensor, torch.Tensor]]
+#: ``batch_loss(model, x, y, position, net) -> (mean loss, logits the running accuracy is measured on)``: attacks
+#: use ``model``; the loss must come from one forward call of ``net`` (``model``, or DistributedDataParallel around
+#: it, which allows one forward per backward).
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchPosition, nn.Module],
+                     tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,11 @@ class TrainResult:
         return self.meta["metrics"]
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions)."""
-    return int.from_bytes(hashlib.sha256(f"robustcnn:{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions). Ranks other than
+    0 of a distributed run get their own seed for augmentation and dropout (rank 0 keeps the one-process seed)."""
+    text = f"robustcnn:{seed}:{epoch}" + (f":rank{rank}" if rank else "")
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 @contextmanager
@@ -170,17 +176,20 @@ def _lr_factor(step: int, *, total: int, schedule: str, warmup: float) -> float:
 class _Run:
     """The mutable state of one training run: model, optimizer, LR schedule, history."""
 
-    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device) -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device,
+                 dist: DistContext = SINGLE) -> None:
+        self.config, self.device, self.dist = config, device, dist
         self.cuda = device.type == "cuda"
         self.steps = max(1, len(train_data) // config.batch_size)
-        self.batch = min(config.batch_size, len(train_data))
+        self.batch = min(config.batch_size, len(train_data))  # global: each rank takes batch // world_size of it
+        self.local_batch = len(range(dist.rank, self.batch, dist.world_size))
         mean, std = channel_stats(train_data.images)
         self.meta = _model_meta(config, train_data, mean, std)
         with seeded(config.seed, device):
             model = build_model(config.model, in_channels=train_data.shape[0], image_size=train_data.shape[1],
                                 num_classes=len(train_data.classes), mean=mean, std=std, **config.arch_args)
         self.model = model.to(device, memory_format=torch.channels_last)
+        self.net = self.model  # what the steps call: the model, or DistributedDataParallel around it
         self.optimizer = _optimizer(config, self.model)
         total = config.epochs * self.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -218,9 +227,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.batch_loss is not None:
-                loss, logits = self.batch_loss(self.model, x, y, position)
+                loss, logits = self.batch_loss(self.model, x, y, position, self.net)
             else:
-                logits = self.model(x)
+                logits = self.net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         loss.backward()
         self.optimizer.step()
@@ -246,18 +255,22 @@ def _model_meta(config: TrainConfig, data: ImageData, mean: list[float], std: li
 def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransform | None,
                on_step: Callable[[Progress], None] | None, report_every: int) -> dict[str, float]:
     """Train one epoch (0-based ``epoch``): shuffle, index batches, augment on the device, step."""
-    config, device = run.config, run.device
+    config, device, dist = run.config, run.device, run.dist
     generator = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch))
-    order = torch.randperm(len(data), generator=generator, device=device)
+    order = torch.randperm(len(data), generator=generator, device=device)  # the same on every rank
+    if dist.rank:  # each rank its own augmentation (and dropout) draws; rank 0 keeps the one-process ones
+        generator.manual_seed(epoch_seed(config.seed, epoch, dist.rank))
     pad = 2 if data.shape[1] <= 28 else 4
     flip = horizontal_flip_is_sensible(data.name)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     run.model.train()
     start = time.perf_counter()
-    with seeded(epoch_seed(config.seed, epoch), device):
+    with seeded(epoch_seed(config.seed, epoch, dist.rank), device):
         for step in range(run.steps):
             index = order[step * run.batch:(step + 1) * run.batch]
+            if dist.enabled:  # this rank's share of the global batch
+                index = index[dist.rank::dist.world_size]
             images, y = data.images[index], data.labels[index]
             if config.augment:
                 images = augment(images, generator=generator, pad=pad, flip=flip)
@@ -269,6 +282,9 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
             correct += batch_correct
             if on_step is not None and ((step + 1) % report_every == 0 or step + 1 == run.steps):
                 on_step(_progress(epoch, config.epochs, step + 1, run, loss_sum, correct, start))
+    if dist.enabled:  # epoch statistics over every rank's share
+        dist.all_reduce_sum(loss_sum)
+        dist.all_reduce_sum(correct)
     seen = run.steps * run.batch
     seconds = time.perf_counter() - start
     return {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
@@ -277,9 +293,9 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
 
 def _progress(epoch: int, epochs: int, step: int, run: _Run, loss_sum: torch.Tensor, correct: torch.Tensor,
               start: float) -> Progress:
-    seen, seconds = step * run.batch, time.perf_counter() - start
+    seen, seconds = step * run.local_batch, time.perf_counter() - start  # this rank's running means
     return Progress(epoch + 1, epochs, step, run.steps, float(loss_sum) / seen, float(correct) / seen,
-                    seen / max(seconds, 1e-9), seconds)
+                    step * run.batch / max(seconds, 1e-9), seconds)
 
 
 def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu",
@@ -313,7 +329,18 @@ def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = 
 
 
 def _resume(run: _Run, checkpoint: Path) -> None:
-    """Load the resume state from ``checkpoint``, refusing one from a different configuration."""
+    """Load the resume state from ``checkpoint``, refusing one from a different configuration. In a distributed
+    run rank 0 reads the file (it wrote it) and sends it to the other ranks."""
+    doc = run.dist.on_main(lambda: _read_resumable(run, checkpoint))
+    try:
+        run.restore(doc)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+
+
+def _read_resumable(run: _Run, checkpoint: Path) -> dict[str, Any]:
+    if not checkpoint.is_file():
+        raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
     doc = read_checkpoint(checkpoint)
     meta = doc["meta"]
     check_meta(checkpoint, meta, architecture=run.config.model, dataset=run.config.dataset)
@@ -327,10 +354,7 @@ def _resume(run: _Run, checkpoint: Path) -> None:
                               "use the same options, or drop --resume to start over")
     if doc.get("resume") is None:
         raise CheckpointError(f"cannot resume {checkpoint}: it holds no resume state")
-    try:
-        run.restore(doc)
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+    return doc
 
 
 def train(
@@ -347,6 +371,7 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     report_every: int = 10,
     eval_batch_size: int = 250,
+    dist: DistContext = SINGLE,
 ) -> TrainResult:
     """Train ``config.model`` on ``train_data``; evaluate on ``test_data``; return the model and its metadata.
 
@@ -360,18 +385,30 @@ def train(
     ``adversarial.val_count`` training images are held out (before ``config.limit`` applies), each epoch's stats
     gain clean/PGD/FGSM accuracy on them and an ``overfitting`` diagnosis, and the checkpoint and the returned model
     are those of the epoch with the best PGD accuracy (``meta["kept_epoch"]``).
+
+    Distributed (``dist`` from :func:`robustcnn.distributed.setup`, one call per rank): ``config.batch_size`` is
+    the global batch, split evenly over the ranks (it must be divisible by their number); every rank draws the
+    same shuffle and trains on its share of every batch in DistributedDataParallel, so gradients are averaged as
+    over the whole batch. Only rank 0 writes the checkpoint and calls ``on_step``/``on_epoch``; the returned
+    model is the unwrapped one on every rank. Adversarial runs attack each rank's share with the unwrapped model
+    and validate on every rank (the same held-out images and weights, so every rank keeps the same epoch).
     """
     device = torch.device(device)
     for data in (train_data, test_data):
         if data.name != config.dataset:
             raise UsageError(f"config.dataset is {config.dataset!r} but the data given is {data.name!r}")
+    if dist.enabled and config.batch_size % dist.world_size:
+        raise UsageError(f"batch size {config.batch_size} is the global batch and must be divisible by the "
+                         f"{dist.world_size} processes")
+    if not dist.is_main:
+        on_step = on_epoch = None
     trainer = None
     if adversarial is not None:
         train_data, held_out = split_held_out(train_data, adversarial.val_count)
         trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
                                       label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size)
     train_data = train_data.subset(config.limit).to(device)
-    run = _Run(config, train_data, device)
+    run = _Run(config, train_data, device, dist)
     if trainer is not None:
         probe = slice(0, min(8, len(train_data)))
         check_differentiable(run.model, to_float(train_data.images[probe]), train_data.labels[probe],
@@ -379,9 +416,10 @@ def train(
         run.batch_loss, run.kept = trainer.loss, copy.deepcopy(run.model)
         run.meta.update(adversarial=adversarial.to_dict(), kept_epoch=0, overfitting=[])
     if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
+        if checkpoint is None:
+            raise CheckpointError("nothing to resume: None does not exist (drop --resume to start a new run)")
         _resume(run, Path(checkpoint))
+    run.net = dist.wrap(run.model, device)
     for epoch in range(run.epochs_done, config.epochs):
         stats = _run_epoch(run, train_data, epoch, make_batch, on_step, report_every)
         run.epochs_done = epoch + 1
@@ -389,7 +427,7 @@ def train(
         run.meta["epochs_done"] = run.epochs_done
         if trainer is not None:
             _validate_epoch(run, trainer, stats)
-        if checkpoint is not None:
+        if checkpoint is not None and dist.is_main:
             save_checkpoint(checkpoint, run.kept if run.kept is not None else run.model, run.meta, run.resume_state())
         if on_epoch is not None:
             on_epoch(stats)
@@ -424,7 +462,7 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
                  "per_class_accuracy": result.per_class_accuracy, "train_loss": last.get("train_loss"),
                  "train_accuracy": last.get("train_accuracy")},
         timing={"train_seconds": seconds, "images_per_second": images / seconds if seconds else 0.0,
-                "device": str(run.device), "threads": torch.get_num_threads()},
+                "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.dist.world_size},
     )
     if run.kept is not None:
         kept = next(h for h in history if h["epoch"] == run.meta["kept_epoch"])
@@ -432,7 +470,7 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
             kept_epoch=run.meta["kept_epoch"], val_robust_accuracy=kept["val_robust_accuracy"],
             val_clean_accuracy=kept["val_clean_accuracy"], val_fgsm_accuracy=kept["val_fgsm_accuracy"],
             overfitting=run.meta["overfitting"][0]["message"] if run.meta["overfitting"] else None)
-    if checkpoint is not None:
+    if checkpoint is not None and run.dist.is_main:
         save_checkpoint(checkpoint, model, run.meta, run.resume_state())
     model.eval()
     return TrainResult(model, run.meta, checkpoint)

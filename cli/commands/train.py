@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cli import output
 from cli.app import app
+from cli.distributed import refuse_distributed, session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
 from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
 from robustcnn.checkpoint import latest_checkpoint, load_model, record_latest
@@ -117,11 +118,20 @@ def train_command(
     """Train a CNN on real data (Fashion-MNIST by default), save it, and record it as the newest run.
 
     With --adv, train it to resist attacks within --eps (adversarial training) instead.
+
+    Under torchrun (`torchrun --nproc_per_node N -m cli train ...`) it trains with DistributedDataParallel:
+    --batch-size is the global batch, split over the N processes; rank 0 alone writes and prints.
     """
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--limit", limit)):
         positive(name, value)
     adversarial = _adversarial_config(dataset, adv, eps, adv_norm, adv_steps, adv_alpha, beta, eps_warmup, adv_val)
-    dev = resolve_device(device)
+    with session(device) as (ctx, dev):
+        _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size,
+               data_dir, json_mode, adversarial)
+
+
+def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size, data_dir,
+           json_mode, adversarial: AdvConfig | None) -> None:
     keep_freed_memory()
     if epochs is None:
         epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
@@ -129,13 +139,13 @@ def train_command(
                          seed=seed, limit=limit, batch_size=batch_size or default_batch_size(dev, training=True))
     suffix = f"-{adversarial.method}" if adversarial is not None else ""
     path = out / f"{config.dataset}-{config.model}{suffix}.pt"
-    train_data = load_dataset(config.dataset, train=True, data_dir=data_dir)
-    test_data = load_dataset(config.dataset, train=False, data_dir=data_dir)
+    train_data = ctx.main_first(lambda: load_dataset(config.dataset, train=True, data_dir=data_dir))
+    test_data = ctx.main_first(lambda: load_dataset(config.dataset, train=False, data_dir=data_dir))
     done = {"epochs": 0}
     fields = [TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
               TextColumn("{task.fields[speed]:,.0f} img/s")]
     try:
-        with _sigterm_interrupts(), output.progress(json_mode, *fields) as bar:
+        with _sigterm_interrupts(), output.progress(json_mode or not ctx.is_main, *fields) as bar:
             task = bar.add_task("training", total=None, loss=float("nan"), acc=0.0, speed=0.0)
 
             def on_step(p: Progress) -> None:
@@ -149,12 +159,13 @@ def train_command(
                     _report_epoch(stats, config.epochs, json_mode)
 
             result = train(config, train_data, test_data, device=dev, checkpoint=path, resume=resume,
-                           adversarial=adversarial, on_step=on_step, on_epoch=on_epoch)
+                           adversarial=adversarial, on_step=on_step, on_epoch=on_epoch, dist=ctx)
     except KeyboardInterrupt:
         kept = f"{path} holds epoch {done['epochs']}" if done["epochs"] else "no epoch was completed"
         raise Interrupted(f"interrupted: {kept}; rerun with --resume to continue") from None
-    record_latest(path, result.meta)
-    _report_training(result.meta, path, json_mode)
+    if ctx.is_main:
+        record_latest(path, result.meta)
+        _report_training(result.meta, path, json_mode)
 
 
 def _adversarial_config(dataset: str, method: str | None, eps: str | None, norm: str, steps: int | None,
@@ -245,6 +256,7 @@ def eval_command(
     json_mode: Json = False,
 ) -> None:
     """Clean test accuracy (overall and per class) of a checkpoint; the newest run's by default."""
+    refuse_distributed("eval")
     positive("--batch-size", batch_size)
     dev = resolve_device(device)
     keep_freed_memory()
