@@ -35,11 +35,12 @@ from attacks.boundary import Boundary  # noqa: E402
 from attacks.patch import LocalizedPatch, UniversalPatch  # noqa: E402
 from attacks.onepixel import OnePixel  # noqa: E402
 from attacks.greedyl0 import GreedyL0  # noqa: E402
+from attacks.trades import KLPGD  # noqa: E402  (not registered: the TRADES inner maximization)
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
     "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
     "Square", "SimBA", "NES", "SPSA", "HopSkipJump", "Boundary",
-    "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0",
+    "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0", "KLPGD",
 ]

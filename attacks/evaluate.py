@@ -16,7 +16,7 @@ import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -171,6 +171,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """How the samples of each stage are split over cooperating processes (e.g. the ranks of ``torchrun``).
+
+    This process attacks every ``world_size``-th sample of a stage, starting at ``rank``; ``all_gather(obj)``
+    must return every process's ``obj`` in rank order (``torch.distributed.all_gather_object`` does). The parts
+    are merged back in sample order, so every process ends each stage with the result one process would have
+    had: a sample's random stream is keyed by its index in the whole data, never by its position in a part.
+    """
+
+    rank: int
+    world_size: int
+    all_gather: Callable[[Any], list]
+
+    def part(self, idx: Tensor) -> Tensor:
+        """This process's share of the samples at ``idx`` (strided, so work stays balanced after a cascade)."""
+        return idx[self.rank :: self.world_size]
+
+
+def _active(shard: Optional[Shard]) -> bool:
+    return shard is not None and shard.world_size > 1
+
+
 @dataclass
 class StageResult:
     """One attack of a cascade run on the samples at ``idx`` (positions in the evaluated data)."""
@@ -183,15 +206,43 @@ class StageResult:
     x_adv: Optional[Tensor] = None  # aligned with idx, on the CPU
 
 
+def merge_stages(parts: Sequence[StageResult]) -> StageResult:
+    """Join one stage's results on disjoint sets of samples (one part per process) into the result of one run on
+    all of them: per-sample arrays and statistics in sample order, ``seconds`` the slowest part's wall time."""
+    idx = torch.cat([p.idx for p in parts])
+    order = torch.sort(idx, stable=True).indices
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])[order]  # noqa: E731
+    fooled, norms, queries = cat("fooled"), cat("norms"), cat("queries")
+    gradients = torch.tensor([g for p in parts for g in p.stats.gradients], dtype=torch.long)
+    first = parts[0].stats
+    st = AttackStats(name=first.name, config=first.config, seen=int(idx.numel()), successes=int(fooled.sum()),
+                     seconds=max(p.stats.seconds for p in parts))
+    st.queries = queries.tolist()
+    st.gradients = gradients[order].tolist()
+    st.norms = norms[fooled].tolist()
+    st.success_queries = queries[fooled].tolist()
+    x_adv = cat("x_adv") if all(p.x_adv is not None for p in parts) else None
+    return StageResult(idx=idx[order], fooled=fooled, norms=norms, queries=queries, stats=st, x_adv=x_adv)
+
+
 def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: Attack, name: str, *,
               batch_size: int, device: torch.device, seed: int, target: Optional[Tensor] = None,
-              keep_examples: bool = False, progress: Optional[ProgressFn] = None) -> StageResult:
+              keep_examples: bool = False, progress: Optional[ProgressFn] = None,
+              shard: Optional[Shard] = None) -> StageResult:
     """Run ``atk`` on the samples at ``idx`` in batches. Each sample draws from its own random stream, keyed by
     (seed, its index in the data, the attack's config), so results do not depend on batching or cascade order.
 
     The building block of :func:`evaluate`'s cascade, and of resumable reports that save after each stage.
-    The model must already be in the mode it is to be attacked in.
+    The model must already be in the mode it is to be attacked in. With ``shard``, this process attacks its part
+    of ``idx`` and every process returns the merged result (all processes must call it with the same ``idx``).
     """
+    if _active(shard):
+        world = shard.world_size
+        scaled = None if progress is None else \
+            (lambda nm, done, total: progress(nm, min(done * world, idx.numel()), idx.numel()))
+        mine = run_stage(model, x_all, y_all, shard.part(idx), atk, name, batch_size=batch_size, device=device,
+                         seed=seed, target=target, keep_examples=keep_examples, progress=scaled)
+        return merge_stages(shard.all_gather(mine))
     st = AttackStats(name=name, config=atk.config())
     fooled = torch.zeros(idx.numel(), dtype=torch.bool)
     norms = torch.full((idx.numel(),), float("nan"))
@@ -221,8 +272,18 @@ def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: 
     return StageResult(idx=idx, fooled=fooled, norms=norms, queries=queries, stats=st, x_adv=x_adv)
 
 
-def correctly_classified(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int, device: torch.device) -> Tensor:
-    """Boolean mask (on the CPU) of the samples the model classifies correctly without attack."""
+def correctly_classified(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int, device: torch.device,
+                         shard: Optional[Shard] = None) -> Tensor:
+    """Boolean mask (on the CPU) of the samples the model classifies correctly without attack.
+    With ``shard``, each process classifies its part and every process returns the whole mask."""
+    if _active(shard):
+        everything = torch.arange(x.shape[0])
+        part = shard.part(everything)
+        parts = shard.all_gather(correctly_classified(model, x[part], y[part], batch_size=batch_size, device=device))
+        out = torch.zeros(x.shape[0], dtype=torch.bool)
+        for r, ok in enumerate(parts):
+            out[everything[r :: shard.world_size]] = ok
+        return out
     out = torch.zeros(x.shape[0], dtype=torch.bool)
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
@@ -268,6 +329,7 @@ def evaluate(
     keep_examples: bool = False,
     target: Optional[Tensor] = None,
     progress: Optional[ProgressFn] = None,
+    shard: Optional[Shard] = None,
 ) -> Report:
     """Clean and worst-case robust accuracy of ``model`` on ``data`` under a cascade of attacks.
 
@@ -284,6 +346,9 @@ def evaluate(
         target: per-sample target classes (n,) for targeted attacks; a sample then counts as fooled only when
             the attack reaches its target, and ``robust`` means "target not reached".
         progress: called as ``progress(attack_name, samples_done, samples_total)``.
+        shard: split every stage's samples over cooperating processes (see :class:`Shard`); each process must
+            pass the same data and arguments and gets the same report, equal to the one-process report sample by
+            sample (``seconds`` aside).
     """
     start = time.perf_counter()
     dev = _model_device(model) if device is None else torch.device(device)
@@ -306,7 +371,7 @@ def evaluate(
     model.eval()
     try:
         notes = sanity_warnings(model, x_all[:64].to(dev), y_all[:64].to(dev)) if n else []
-        clean = correctly_classified(model, x_all, y_all, batch_size=batch_size, device=dev)
+        clean = correctly_classified(model, x_all, y_all, batch_size=batch_size, device=dev, shard=shard)
         robust = clean.clone()
         fooled_by = torch.full((n,), -1, dtype=torch.long)
         norms = torch.full((n,), float("nan"))
@@ -316,7 +381,7 @@ def evaluate(
         for ai, (atk, name) in enumerate(zip(attack_list, names)):
             stage = run_stage(model, x_all, y_all, robust.nonzero().squeeze(1), atk, name, batch_size=batch_size,
                               device=dev, seed=seed, target=target, keep_examples=keep_examples,
-                              progress=progress)
+                              progress=progress, shard=shard)
             stats[name] = stage.stats
             won = stage.idx[stage.fooled]
             robust[won] = False
@@ -331,6 +396,7 @@ def evaluate(
 
     config = {
         "seed": seed, "batch_size": batch_size, "device": str(dev), "targeted": target is not None,
+        "processes": shard.world_size if _active(shard) else 1,
         "attacks": [a.config() for a in attack_list],
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
     }

@@ -56,6 +56,21 @@ def dlr(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
 LOSSES: dict[str, Objective] = {"ce": cross_entropy, "dlr": dlr, "margin": margin}
 
 
+def kl_from_reference(logits: Tensor, y: Tensor, reference: Optional[Tensor]) -> Tensor:
+    """``KL(reference || softmax(logits))`` per sample: how far the prediction moved from a reference distribution.
+
+    ``reference`` holds per-sample *log*-probabilities ``(N, K)``, passed where targeted objectives get their target
+    (an attack sets it with :meth:`attacks.base.Context.retarget`); ``y`` is unused. This is the inner objective of
+    TRADES (Zhang et al. 2019), whose reference is the model's own prediction on the clean input. It is not in
+    :data:`LOSSES` because it needs that reference, which only an attack built for it (:class:`attacks.KLPGD`)
+    provides.
+    """
+    if reference is None or reference.dim() != 2 or reference.shape != logits.shape:
+        raise ValueError("the KL objective needs reference log-probabilities of the logits' shape (N, K)")
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return F.kl_div(log_p, reference.float(), reduction="none", log_target=True).sum(dim=1)
+
+
 def get_loss(name: str) -> Objective:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")

@@ -1,6 +1,6 @@
 """Catastrophic overfitting, and whether the report catches it (issue 5).
 
-    python benchmarks/bench_catastrophic.py [--eps 0.2] [--epochs 5] [--n 1000]
+    python benchmarks/bench_catastrophic.py [--eps 0.2] [--epochs 5] [--n 1000] [--out DIR [--resume]]
 
 Trains the `simple` CNN on Fashion-MNIST with plain single-step FGSM adversarial training (no random start,
 step = eps: the recipe known to overfit catastrophically), then prints clean accuracy, accuracy under FGSM and
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--model", default="simple")
     ap.add_argument("--suite", default="standard")
     ap.add_argument("--out", default=None, help="folder for the checkpoint and the report (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue (or reuse, when complete) the FGSM-AT checkpoint already in --out")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="catastrophic-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,7 @@ def main() -> None:
     fgsm_train = attacks.FGSM(eps=args.eps, early_stop=False)
     t0 = time.perf_counter()
     result = train(config, train_data, test_data, checkpoint=out / "fgsm-at.pt",
-                   make_batch=attack_batches(fgsm_train, seed=0))
+                   make_batch=attack_batches(fgsm_train, seed=0), resume=args.resume and (out / "fgsm-at.pt").exists())
     print(f"trained {args.model} with FGSM-AT at eps={args.eps} for {args.epochs} epochs in "
           f"{time.perf_counter() - t0:.0f}s -> {out / 'fgsm-at.pt'}")
     model = result.model.eval()

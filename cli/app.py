@@ -17,7 +17,8 @@ from typer.core import TyperGroup
 import robustcnn
 from cli import output
 from attacks import NonFiniteOutputError
-from robustcnn.errors import RobustCNNError
+from robustcnn.distributed import Forwarded
+from robustcnn.errors import RobustCNNError, UsageError
 
 try:  # Typer >= 0.20 vendors Click; older releases use the click package
     from typer._click import exceptions as _cx
@@ -25,7 +26,23 @@ except ImportError:  # pragma: no cover - depends on the installed Typer
     from click import exceptions as _cx
 
 
-def _fail(message: str, code: int) -> None:
+def _rank() -> int:
+    """This process's rank when ``torchrun`` started several (0 otherwise)."""
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except (KeyError, ValueError):
+        return 0
+
+
+def _fail(message: str, code: int, *, shared: bool = False) -> None:
+    """One line on stderr, then exit. Under torchrun, ranks other than 0 stay silent about errors every rank has
+    alike (``shared``: usage errors, interruptions, errors rank 0 forwarded): rank 0 says it once. Their own
+    failures they report, prefixed with their rank."""
+    rank = _rank()
+    if rank and shared:
+        sys.exit(code)
+    if rank and not message.startswith("rank "):
+        message = f"rank {rank}: {message}"
     output.stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(code)
 
@@ -41,13 +58,13 @@ class _Group(TyperGroup):
             sys.exit(0)
         except _cx.UsageError as exc:
             where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
-            _fail(f"{where}{exc.format_message()}", 2)
+            _fail(f"{where}{exc.format_message()}", 2, shared=True)
         except _cx.ClickException as exc:
-            _fail(exc.format_message(), exc.exit_code)
+            _fail(exc.format_message(), exc.exit_code, shared=True)
         except (typer.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130)
+            _fail("interrupted", 130, shared=True)
         except RobustCNNError as exc:
-            _fail(str(exc), exc.exit_code)
+            _fail(str(exc), exc.exit_code, shared=isinstance(exc, (UsageError, Forwarded)) or exc.exit_code == 130)
         except NonFiniteOutputError as exc:
             _fail(str(exc), 1)
         except OSError as exc:

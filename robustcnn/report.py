@@ -25,6 +25,7 @@ import attacks
 from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
+from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError
 from robustcnn.fsutil import atomic_write
 from robustcnn.jsonutil import json_safe
@@ -79,11 +80,12 @@ def prepare_folder(out: Path, request: ReportRequest) -> dict:
 
 
 class _Saver:
-    def __init__(self, out: Path, state: dict):
-        self.path, self.state = out / STATE, state
+    def __init__(self, out: Path, state: dict, enabled: bool = True):
+        self.path, self.state, self.enabled = out / STATE, state, enabled
 
     def save(self) -> None:
-        atomic_write(self.path, lambda f: torch.save(self.state, f))
+        if self.enabled:  # rank 0 of a distributed run, or the only process
+            atomic_write(self.path, lambda f: torch.save(self.state, f))
 
 
 def _stage_key(eps_i: int, attack_i: int) -> str:
@@ -92,22 +94,29 @@ def _stage_key(eps_i: int, attack_i: int) -> str:
 
 def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, out: Path, *,
                device: torch.device, batch_size: int, progress: Optional[ProgressFn] = None,
-               stop_after: Optional[int] = None) -> tuple[dict, Optional[tuple[Tensor, Tensor]]]:
+               stop_after: Optional[int] = None, dist: DistContext = SINGLE,
+               ) -> tuple[dict, Optional[tuple[Tensor, Tensor]]]:
     """Run (or resume) the report. Returns the ``report.json`` document and the gallery examples
     ``(indices, adversarial images)`` fooled at the smallest positive eps (or None).
-    ``stop_after`` (tests): stop after that many newly run stages, as an interruption would."""
-    state = prepare_folder(out, request)
-    saver = _Saver(out, state)
+    ``stop_after`` (tests): stop after that many newly run stages, as an interruption would.
+
+    Distributed (every rank calls it with the same arguments): rank 0 prepares the folder and sends the resume
+    state to the others; every stage's samples are split over the ranks and the per-sample results gathered, so
+    every rank holds the state one process would have, and rank 0 alone saves it. The document is the same as
+    one process's, sample by sample, whatever the number of processes or the batch size."""
+    state = dist.on_main(lambda: prepare_folder(out, request))
+    saver = _Saver(out, state, enabled=dist.is_main)
+    shard = dist.shard
     start = time.perf_counter()
     flags = [m.training for m in model.modules()]
     model.eval()
     try:
-        clean = correctly_classified(model, x, y, batch_size=batch_size, device=device)
+        clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=shard)
         if "checks" not in state:
             main_eps = max([e for e in request.eps if e > 0], default=0.0)
             state["checks"] = sanity_warnings(model, x[:64].to(device), y[:64].to(device)) + (
                 attack_checks(model, x, y, eps=main_eps, norm=request.norm, device=device, seed=request.seed,
-                              batch_size=batch_size) if main_eps > 0 else [])
+                              batch_size=batch_size, shard=shard) if main_eps > 0 else [])
             saver.save()
         notes = list(state["checks"])
         ran = 0
@@ -125,7 +134,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
                     stage = run_stage(model, x, y, robust.nonzero().squeeze(1), atk, atk.name,
                                       batch_size=batch_size, device=device, seed=request.seed,
                                       keep_examples=ei == _gallery_index(request.eps),
-                                      progress=progress)
+                                      progress=progress, shard=shard)
                     state["stages"][key] = {
                         "idx": stage.idx, "fooled": stage.fooled, "norms": stage.norms, "queries": stage.queries,
                         "x_adv": stage.x_adv[stage.fooled] if stage.x_adv is not None else None,
@@ -146,12 +155,12 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
                         raise KeyboardInterrupt
                     earlier = ((fooled_by >= 0) & (fooled_by < ai)).nonzero().squeeze(1)
                     stage = run_stage(model, x, y, earlier, atk, atk.name, batch_size=batch_size, device=device,
-                                      seed=request.seed, progress=progress)
+                                      seed=request.seed, progress=progress, shard=shard)
                     state["stages"][key] = {"idx": stage.idx, "fooled": stage.fooled}
                     saver.save()
                     ran += 1
             results.append(_eps_result(eps, ei, bounded, state, clean, robust, fooled_by))
-        others = _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress)
+        others = _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress, shard)
     finally:
         for m, f in zip(model.modules(), flags):
             m.training = f
@@ -192,7 +201,8 @@ def _eps_result(eps, ei, bounded, state, clean, robust, fooled_by) -> dict:
     }
 
 
-def _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress) -> list[dict]:
+def _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress,
+                         shard=None) -> list[dict]:
     """Patch and pixel attacks of the suite: each on every correctly classified sample, reported on its own."""
     suite = attacks.build_suite(request.suite, attack_names=request.attacks, eps=max(request.eps), norm=request.norm)
     rows = []
@@ -200,7 +210,7 @@ def _other_threat_models(model, x, y, request, state, saver, clean, device, batc
         key = f"other:{ai}"
         if key not in state["stages"]:
             stage = run_stage(model, x, y, clean.nonzero().squeeze(1), atk, atk.name, batch_size=batch_size,
-                              device=device, seed=request.seed, progress=progress)
+                              device=device, seed=request.seed, progress=progress, shard=shard)
             state["stages"][key] = {"stats": {**stage.stats.to_dict(), "kind": atk.kind},
                                     "accuracy": (clean.sum() - stage.fooled.sum()).item() / len(y)}
             saver.save()
@@ -228,7 +238,7 @@ def _consistency_warnings(results: list[dict], n: int) -> list[str]:
 
 
 def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, device: torch.device,
-                  seed: int, batch_size: int, probe_n: int = 200) -> list[str]:
+                  seed: int, batch_size: int, probe_n: int = 200, shard=None) -> list[str]:
     """Two probes for gradient masking on the first ``probe_n`` samples: more PGD steps must not help the model,
     and an unbounded PGD (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
     out = []
@@ -238,7 +248,7 @@ def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: s
         with warnings.catch_warnings():  # the report records the model-level warnings once, elsewhere
             warnings.simplefilter("ignore")
             return attacks.evaluate(model, (xs, ys), [atk], batch_size=batch_size, device=device,
-                                    seed=seed).robust_accuracy
+                                    seed=seed, shard=shard).robust_accuracy
 
     few, many = acc(attacks.PGD(eps=eps, norm=norm, steps=10)), acc(attacks.PGD(eps=eps, norm=norm, steps=50))
     if many > few + 1e-12:

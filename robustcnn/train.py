@@ -8,6 +8,7 @@ The global RNG is only touched inside ``torch.random.fork_rng``, so callers' ran
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -20,8 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from robustcnn.advtrain import AdvConfig, AdversarialTraining, check_differentiable, overfitting, split_held_out
 from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, versions
 from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
+from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError, check_choice
 from robustcnn.models import MODELS, arch_defaults, build_model
 
@@ -32,6 +35,25 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 #: A hook that turns a clean training batch into the batch the model is trained on (e.g. adversarial examples):
 #: ``make_batch(model, x, y) -> (x', y')`` with x in [0, 1] on the training device.
 BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class BatchPosition:
+    """Which batch a training step is on: the samples' positions in the training set, the epoch (0-based) and the
+    step within it (0-based, of ``steps``). Given to a ``batch_loss`` hook, e.g. to key per-sample randomness."""
+
+    index: torch.Tensor
+    epoch: int
+    step: int
+    steps: int
+
+
+#: A hook that computes a batch's training loss instead of plain cross-entropy (adversarial training):
+#: ``batch_loss(model, x, y, position, net) -> (mean loss, logits the running accuracy is measured on)``: attacks
+#: use ``model``; the loss must come from one forward call of ``net`` (``model``, or DistributedDataParallel around
+#: it, which allows one forward per backward).
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchPosition, nn.Module],
+                     tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -124,9 +146,11 @@ class TrainResult:
         return self.meta["metrics"]
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions)."""
-    return int.from_bytes(hashlib.sha256(f"robustcnn:{seed}:{epoch}".encode()).digest()[:8], "little") >> 1
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed for one epoch, derived from the run's seed (stable across Python versions). Ranks other than
+    0 of a distributed run get their own seed for augmentation and dropout (rank 0 keeps the one-process seed)."""
+    text = f"robustcnn:{seed}:{epoch}" + (f":rank{rank}" if rank else "")
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 @contextmanager
@@ -152,17 +176,20 @@ def _lr_factor(step: int, *, total: int, schedule: str, warmup: float) -> float:
 class _Run:
     """The mutable state of one training run: model, optimizer, LR schedule, history."""
 
-    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device) -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: TrainConfig, train_data: ImageData, device: torch.device,
+                 dist: DistContext = SINGLE) -> None:
+        self.config, self.device, self.dist = config, device, dist
         self.cuda = device.type == "cuda"
         self.steps = max(1, len(train_data) // config.batch_size)
-        self.batch = min(config.batch_size, len(train_data))
+        self.batch = min(config.batch_size, len(train_data))  # global: each rank takes batch // world_size of it
+        self.local_batch = len(range(dist.rank, self.batch, dist.world_size))
         mean, std = channel_stats(train_data.images)
         self.meta = _model_meta(config, train_data, mean, std)
         with seeded(config.seed, device):
             model = build_model(config.model, in_channels=train_data.shape[0], image_size=train_data.shape[1],
                                 num_classes=len(train_data.classes), mean=mean, std=std, **config.arch_args)
         self.model = model.to(device, memory_format=torch.channels_last)
+        self.net = self.model  # what the steps call: the model, or DistributedDataParallel around it
         self.optimizer = _optimizer(config, self.model)
         total = config.epochs * self.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -170,25 +197,40 @@ class _Run:
         # AMP in bfloat16 where the GPU has it: no loss scaling needed. Elsewhere (CPU, older GPUs) float32.
         self.amp = self.cuda and torch.cuda.is_bf16_supported()
         self.epochs_done = 0
+        self.batch_loss: BatchLoss | None = None
+        # Adversarial runs keep the best epoch's model (what the checkpoint holds); `model` trains on.
+        self.kept: nn.Module | None = None
 
     def resume_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epochs_done}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "epoch": self.epochs_done}
+        if self.kept is not None:  # the checkpoint's weights are the kept epoch's: save the current ones here
+            state["model"] = self.model.state_dict()
+        return state
 
     def restore(self, doc: dict[str, Any]) -> None:
         state = doc["resume"]
-        self.model.load_state_dict(doc["model"])
+        self.model.load_state_dict(state.get("model", doc["model"]))
+        if self.kept is not None:
+            self.kept.load_state_dict(doc["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done = int(state["epoch"])
         self.meta["history"] = list(doc["meta"].get("history", []))
+        for key in ("kept_epoch", "overfitting"):
+            if key in self.meta:
+                self.meta[key] = copy.deepcopy(doc["meta"].get(key, self.meta[key]))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             position: BatchPosition | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on a batch; returns the detached summed loss and the number of correct predictions."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+            if self.batch_loss is not None:
+                loss, logits = self.batch_loss(self.model, x, y, position, self.net)
+            else:
+                logits = self.net(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -213,29 +255,36 @@ def _model_meta(config: TrainConfig, data: ImageData, mean: list[float], std: li
 def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransform | None,
                on_step: Callable[[Progress], None] | None, report_every: int) -> dict[str, float]:
     """Train one epoch (0-based ``epoch``): shuffle, index batches, augment on the device, step."""
-    config, device = run.config, run.device
+    config, device, dist = run.config, run.device, run.dist
     generator = torch.Generator(device=device).manual_seed(epoch_seed(config.seed, epoch))
-    order = torch.randperm(len(data), generator=generator, device=device)
+    order = torch.randperm(len(data), generator=generator, device=device)  # the same on every rank
+    if dist.rank:  # each rank its own augmentation (and dropout) draws; rank 0 keeps the one-process ones
+        generator.manual_seed(epoch_seed(config.seed, epoch, dist.rank))
     pad = 2 if data.shape[1] <= 28 else 4
     flip = horizontal_flip_is_sensible(data.name)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     run.model.train()
     start = time.perf_counter()
-    with seeded(epoch_seed(config.seed, epoch), device):
+    with seeded(epoch_seed(config.seed, epoch, dist.rank), device):
         for step in range(run.steps):
             index = order[step * run.batch:(step + 1) * run.batch]
+            if dist.enabled:  # this rank's share of the global batch
+                index = index[dist.rank::dist.world_size]
             images, y = data.images[index], data.labels[index]
             if config.augment:
                 images = augment(images, generator=generator, pad=pad, flip=flip)
             x = to_float(images).contiguous(memory_format=torch.channels_last)
             if make_batch is not None:
                 x, y = make_batch(run.model, x, y)
-            batch_loss, batch_correct = run.step(x, y)
+            batch_loss, batch_correct = run.step(x, y, BatchPosition(index, epoch, step, run.steps))
             loss_sum += batch_loss
             correct += batch_correct
             if on_step is not None and ((step + 1) % report_every == 0 or step + 1 == run.steps):
                 on_step(_progress(epoch, config.epochs, step + 1, run, loss_sum, correct, start))
+    if dist.enabled:  # epoch statistics over every rank's share
+        dist.all_reduce_sum(loss_sum)
+        dist.all_reduce_sum(correct)
     seen = run.steps * run.batch
     seconds = time.perf_counter() - start
     return {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_accuracy": float(correct) / seen,
@@ -244,9 +293,9 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
 
 def _progress(epoch: int, epochs: int, step: int, run: _Run, loss_sum: torch.Tensor, correct: torch.Tensor,
               start: float) -> Progress:
-    seen, seconds = step * run.batch, time.perf_counter() - start
+    seen, seconds = step * run.local_batch, time.perf_counter() - start  # this rank's running means
     return Progress(epoch + 1, epochs, step, run.steps, float(loss_sum) / seen, float(correct) / seen,
-                    seen / max(seconds, 1e-9), seconds)
+                    step * run.batch / max(seconds, 1e-9), seconds)
 
 
 def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = "cpu",
@@ -280,22 +329,32 @@ def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = 
 
 
 def _resume(run: _Run, checkpoint: Path) -> None:
-    """Load the resume state from ``checkpoint``, refusing one from a different configuration."""
+    """Load the resume state from ``checkpoint``, refusing one from a different configuration. In a distributed
+    run rank 0 reads the file (it wrote it) and sends it to the other ranks."""
+    doc = run.dist.on_main(lambda: _read_resumable(run, checkpoint))
+    try:
+        run.restore(doc)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+
+
+def _read_resumable(run: _Run, checkpoint: Path) -> dict[str, Any]:
+    if not checkpoint.is_file():
+        raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
     doc = read_checkpoint(checkpoint)
     meta = doc["meta"]
     check_meta(checkpoint, meta, architecture=run.config.model, dataset=run.config.dataset)
     stored = meta.get("config", {})
     wanted = run.config.to_dict()
     changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    if meta.get("adversarial") != run.meta.get("adversarial"):
+        changed.append(f"adversarial {meta.get('adversarial')!r} -> {run.meta.get('adversarial')!r}")
     if changed:
         raise CheckpointError(f"cannot resume {checkpoint}: it was trained with other options ({'; '.join(changed)}); "
                               "use the same options, or drop --resume to start over")
     if doc.get("resume") is None:
         raise CheckpointError(f"cannot resume {checkpoint}: it holds no resume state")
-    try:
-        run.restore(doc)
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+    return doc
 
 
 def train(
@@ -307,10 +366,12 @@ def train(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     make_batch: BatchTransform | None = None,
+    adversarial: AdvConfig | None = None,
     on_step: Callable[[Progress], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     report_every: int = 10,
     eval_batch_size: int = 250,
+    dist: DistContext = SINGLE,
 ) -> TrainResult:
     """Train ``config.model`` on ``train_data``; evaluate on ``test_data``; return the model and its metadata.
 
@@ -318,36 +379,82 @@ def train(
     resume state are saved there (atomically) after every epoch and once more with the final metrics; ``resume``
     continues from that file, which must come from the same config. ``on_step`` gets a :class:`Progress` every
     ``report_every`` steps, ``on_epoch`` each finished epoch's statistics. ``make_batch`` may replace each clean
-    batch by the batch to train on (the hook for adversarial training).
+    batch by the batch to train on.
+
+    ``adversarial`` trains for that threat model (see :mod:`robustcnn.advtrain`): the last
+    ``adversarial.val_count`` training images are held out (before ``config.limit`` applies), each epoch's stats
+    gain clean/PGD/FGSM accuracy on them and an ``overfitting`` diagnosis, and the checkpoint and the returned model
+    are those of the epoch with the best PGD accuracy (``meta["kept_epoch"]``).
+
+    Distributed (``dist`` from :func:`robustcnn.distributed.setup`, one call per rank): ``config.batch_size`` is
+    the global batch, split evenly over the ranks (it must be divisible by their number); every rank draws the
+    same shuffle and trains on its share of every batch in DistributedDataParallel, so gradients are averaged as
+    over the whole batch. Only rank 0 writes the checkpoint and calls ``on_step``/``on_epoch``; the returned
+    model is the unwrapped one on every rank. Adversarial runs attack each rank's share with the unwrapped model
+    and validate on every rank (the same held-out images and weights, so every rank keeps the same epoch).
     """
     device = torch.device(device)
     for data in (train_data, test_data):
         if data.name != config.dataset:
             raise UsageError(f"config.dataset is {config.dataset!r} but the data given is {data.name!r}")
+    if dist.enabled and config.batch_size % dist.world_size:
+        raise UsageError(f"batch size {config.batch_size} is the global batch and must be divisible by the "
+                         f"{dist.world_size} processes")
+    if not dist.is_main:
+        on_step = on_epoch = None
+    trainer = None
+    if adversarial is not None:
+        train_data, held_out = split_held_out(train_data, adversarial.val_count)
+        trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
+                                      label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size)
     train_data = train_data.subset(config.limit).to(device)
-    run = _Run(config, train_data, device)
+    run = _Run(config, train_data, device, dist)
+    if trainer is not None:
+        probe = slice(0, min(8, len(train_data)))
+        check_differentiable(run.model, to_float(train_data.images[probe]), train_data.labels[probe],
+                             adversarial.method)
+        run.batch_loss, run.kept = trainer.loss, copy.deepcopy(run.model)
+        run.meta.update(adversarial=adversarial.to_dict(), kept_epoch=0, overfitting=[])
     if resume:
-        if checkpoint is None or not Path(checkpoint).is_file():
-            raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
+        if checkpoint is None:
+            raise CheckpointError("nothing to resume: None does not exist (drop --resume to start a new run)")
         _resume(run, Path(checkpoint))
+    run.net = dist.wrap(run.model, device)
     for epoch in range(run.epochs_done, config.epochs):
         stats = _run_epoch(run, train_data, epoch, make_batch, on_step, report_every)
         run.epochs_done = epoch + 1
         run.meta["history"].append(stats)
         run.meta["epochs_done"] = run.epochs_done
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
+        if trainer is not None:
+            _validate_epoch(run, trainer, stats)
+        if checkpoint is not None and dist.is_main:
+            save_checkpoint(checkpoint, run.kept if run.kept is not None else run.model, run.meta, run.resume_state())
         if on_epoch is not None:
             on_epoch(stats)
     return _finish(run, test_data, Path(checkpoint) if checkpoint is not None else None, eval_batch_size)
 
 
+def _validate_epoch(run: _Run, trainer: AdversarialTraining, stats: dict[str, Any]) -> None:
+    """Adversarial runs: add validation accuracies to the epoch's ``stats``, keep the model if it is the most robust
+    so far, and record catastrophic overfitting."""
+    stats.update(trainer.validate(run.model, run.device))
+    diagnosis = overfitting(run.meta["history"])
+    stats["overfitting"] = diagnosis
+    if diagnosis is not None:
+        run.meta["overfitting"].append({"epoch": stats["epoch"], "message": diagnosis})
+    kept = [h for h in run.meta["history"] if h["epoch"] == run.meta["kept_epoch"]]
+    if not kept or stats["val_robust_accuracy"] > kept[0]["val_robust_accuracy"]:
+        run.kept.load_state_dict(run.model.state_dict())
+        run.meta["kept_epoch"] = stats["epoch"]
+
+
 def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch_size: int) -> TrainResult:
     """Evaluate on the test set, store metrics and timing, write the final checkpoint."""
-    result = evaluate(run.model, test_data, device=run.device, batch_size=eval_batch_size)
+    model = run.kept if run.kept is not None else run.model
+    result = evaluate(model, test_data, device=run.device, batch_size=eval_batch_size)
     history = run.meta["history"]
     last = history[-1] if history else {}
-    seconds = sum(h["seconds"] for h in history)
+    seconds = sum(h["seconds"] + h.get("val_seconds", 0.0) for h in history)
     images = sum(h["images_per_second"] * h["seconds"] for h in history)
     run.meta.update(
         complete=True,
@@ -355,9 +462,15 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
                  "per_class_accuracy": result.per_class_accuracy, "train_loss": last.get("train_loss"),
                  "train_accuracy": last.get("train_accuracy")},
         timing={"train_seconds": seconds, "images_per_second": images / seconds if seconds else 0.0,
-                "device": str(run.device), "threads": torch.get_num_threads()},
+                "device": str(run.device), "threads": torch.get_num_threads(), "processes": run.dist.world_size},
     )
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, run.model, run.meta, run.resume_state())
-    run.model.eval()
-    return TrainResult(run.model, run.meta, checkpoint)
+    if run.kept is not None:
+        kept = next(h for h in history if h["epoch"] == run.meta["kept_epoch"])
+        run.meta["metrics"].update(
+            kept_epoch=run.meta["kept_epoch"], val_robust_accuracy=kept["val_robust_accuracy"],
+            val_clean_accuracy=kept["val_clean_accuracy"], val_fgsm_accuracy=kept["val_fgsm_accuracy"],
+            overfitting=run.meta["overfitting"][0]["message"] if run.meta["overfitting"] else None)
+    if checkpoint is not None and run.dist.is_main:
+        save_checkpoint(checkpoint, model, run.meta, run.resume_state())
+    model.eval()
+    return TrainResult(model, run.meta, checkpoint)

@@ -13,6 +13,7 @@ from rich.table import Table
 import attacks
 from cli import output
 from cli.app import app
+from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, parse_eps_list, positive
 from robustcnn.errors import UsageError
 from robustcnn.plots import check_png_path, save_grid
@@ -68,15 +69,13 @@ def _targets(y: torch.Tensor, classes: int, targeted: bool, target_class: Option
     return (y + 1 + torch.randint(classes - 1, y.shape, generator=g)) % classes  # a random wrong class each
 
 
-def _load(checkpoint: Optional[Path], device: str, data_dir: Optional[Path], n: Optional[int]):
+def _load(checkpoint: Optional[Path], dev: torch.device, data_dir: Optional[Path], n: Optional[int], ctx):
     from robustcnn.checkpoint import latest_checkpoint, load_model
     from robustcnn.data import load_dataset
-    from robustcnn.device import resolve_device
 
-    dev = resolve_device(device)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
     model, meta = load_model(path, device=dev)
-    data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
+    data = ctx.main_first(lambda: load_dataset(meta["dataset"], train=False, data_dir=data_dir))
     count = len(data) if n is None else min(n, len(data))
     return model, meta, path, dev, data.images[:count], data.labels[:count], tuple(data.classes)
 
@@ -165,7 +164,7 @@ def attack_cmd(
                                            "class (seeded).", rich_help_panel=ATTACK)] = False,
     target_class: Annotated[Optional[int], typer.Option(help="Targeted mode: aim every image at this class index.",
                                                         rich_help_panel=ATTACK)] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Attack only the first N test images (default: all).")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", "-n", help="Attack only the first N test images (default: all). Under torchrun write -n: torchrun reads --n as one of its own options.")] = None,
     save_examples: Annotated[Optional[Path], typer.Option(
         help="Write a PNG grid of originals, adversarial images and amplified perturbations.")] = None,
     per_sample: Annotated[bool, typer.Option("--per-sample", help="With --json: include per-image results "
@@ -196,34 +195,38 @@ def attack_cmd(
     if patch is not None and spec.name != "patch":
         raise UsageError(f"--patch applies to --method patch only, not {spec.name}")
 
-    model, meta, path, dev, images, labels, classes = _load(checkpoint, device, data_dir, n)
-    target = _targets(labels, len(classes), targeted, target_class, seed)
-    if spec.name == "patch":
-        built = [_with_patch(atk, patch, model, meta, data_dir, dev, target_class, seed) for atk in built]
-    rows, last = [], None
-    with output.progress(json_out) as bar:
-        for e, atk in zip(eps_list, built):
-            task = bar.add_task(f"{spec.name} eps={_fmt(atk.eps) if hasattr(atk, 'eps') else '-'}", total=None)
-            report = attacks.evaluate(
-                model, (images, labels), [atk], batch_size=batch_size, device=dev, seed=seed, target=target,
-                keep_examples=save_examples is not None and last is None,
-                progress=lambda _name, done, total, task=task: bar.update(task, completed=done, total=total),
-            )
-            last = last or report
-            rows.append({"eps": getattr(atk, "eps", None), **report.to_dict(per_sample=per_sample)})
+    with session(device) as (ctx, dev):
+        model, meta, path, dev, images, labels, classes = _load(checkpoint, dev, data_dir, n, ctx)
+        target = _targets(labels, len(classes), targeted, target_class, seed)
+        if spec.name == "patch":
+            built = [_with_patch(atk, patch, model, meta, data_dir, dev, target_class, seed) for atk in built]
+        rows, last = [], None
+        with output.progress(json_out or not ctx.is_main) as bar:
+            for e, atk in zip(eps_list, built):
+                task = bar.add_task(f"{spec.name} eps={_fmt(atk.eps) if hasattr(atk, 'eps') else '-'}", total=None)
+                report = attacks.evaluate(
+                    model, (images, labels), [atk], batch_size=batch_size, device=dev, seed=seed, target=target,
+                    keep_examples=save_examples is not None and last is None,
+                    progress=lambda _name, done, total, task=task: bar.update(task, completed=done, total=total),
+                    shard=ctx.shard,
+                )
+                last = last or report
+                rows.append({"eps": getattr(atk, "eps", None), **report.to_dict(per_sample=per_sample)})
+        if not ctx.is_main:  # rank 0 writes and prints; the others are done
+            return
 
-    if save_examples is not None:
-        fooled = (~last.robust & last.clean_correct).nonzero().squeeze(1)
-        save_grid(save_examples, images[fooled].float() / 255, last.x_adv[fooled], labels[fooled], model, classes, dev)
-    if json_out:
-        output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "method": spec.name,
-                          "targeted": target is not None, "results": rows})
-        return
-    output.stdout.print(_table(spec.name, rows, target is not None, spec.kind))
-    for w in rows[0]["warnings"]:
-        output.stderr.print(f"[yellow]warning:[/] {w}")
-    if save_examples is not None:
-        output.stdout.print(f"examples written to {save_examples}")
+        if save_examples is not None:
+            fooled = (~last.robust & last.clean_correct).nonzero().squeeze(1)
+            save_grid(save_examples, images[fooled].float() / 255, last.x_adv[fooled], labels[fooled], model, classes, dev)
+        if json_out:
+            output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "method": spec.name,
+                              "targeted": target is not None, "results": rows})
+            return
+        output.stdout.print(_table(spec.name, rows, target is not None, spec.kind))
+        for w in rows[0]["warnings"]:
+            output.stderr.print(f"[yellow]warning:[/] {w}")
+        if save_examples is not None:
+            output.stdout.print(f"examples written to {save_examples}")
 
 
 @app.command("attacks")

@@ -20,6 +20,7 @@ from attacks.norms import patch_shape
 from attacks.patch import PatchTraining, check_patch, noise_patch, train_patch
 from cli import output
 from cli.app import app
+from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
 from robustcnn.errors import RobustCNNError, UsageError
 
@@ -154,6 +155,7 @@ def train_cmd(
     The patch is trained on training images with random location, scale and rotation, then pasted at random
     locations on test images; a same-size random-noise patch ("noise") is measured beside it as the control.
     """
+    refuse_distributed("patch train")
     areas = parse_areas(area)
     for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--batch-size", batch_size)):
         positive(name, value)

@@ -13,6 +13,7 @@ from rich.table import Table
 import attacks
 from cli import output
 from cli.app import app
+from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps_list, positive
 from robustcnn.errors import RobustCNNError, UsageError
 
@@ -25,6 +26,12 @@ DEFAULT_EPS = {
 
 class ReportBelowThreshold(RobustCNNError):
     """--fail-under was not met (exit 1)."""
+
+
+class ReportInterrupted(RobustCNNError):
+    """Ctrl-C, or SIGTERM in a distributed run (exit code 130, like a shell)."""
+
+    exit_code = 130
 
 
 def _request_folder(request) -> Path:
@@ -63,7 +70,7 @@ def report_cmd(
     eps: Annotated[Optional[str], typer.Option(help="Budgets in [0,1] pixel units, e.g. 0,0.02,0.05,0.1 or 8/255. "
                                                "Default: the dataset's usual one (Fashion-MNIST 0.1 Linf).")] = None,
     norm: Annotated[str, typer.Option(help="Threat model of the budgets: linf or l2.")] = "linf",
-    n: Annotated[int, typer.Option("--n", help="Number of test images (the first N).")] = 1000,
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of test images (the first N). Under torchrun write -n: torchrun reads --n as one of its own options.")] = 1000,
     out: Annotated[Optional[Path], typer.Option(help="Report folder. Default: reports/<dataset>-<model hash>-... "
                                                 "(re-running the same command resumes it).")] = None,
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the worst-case robust accuracy at any "
@@ -82,7 +89,7 @@ def report_cmd(
     """
     from robustcnn.checkpoint import latest_checkpoint, load_model
     from robustcnn.data import load_dataset
-    from robustcnn.device import default_batch_size, resolve_device
+    from robustcnn.device import default_batch_size
     from robustcnn.plots import save_grid
     from robustcnn.report import ReportRequest, file_sha256, run_report, write_report
 
@@ -100,49 +107,56 @@ def report_cmd(
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
 
-    dev = resolve_device(device)
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
-    model, meta = load_model(path, device=dev)
-    eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"))
-    try:  # every usage error before any work
-        for e in eps_list:
-            attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
-    count = min(n, len(data))
-    x, y = data.images[:count].float().div(255), data.labels[:count]
-    request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
-                            seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
-    folder = out if out is not None else _request_folder(request)
+    with session(device) as (ctx, dev):
+        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
+        model, meta = load_model(path, device=dev)
+        eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"))
+        try:  # every usage error before any work
+            for e in eps_list:
+                attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        data = ctx.main_first(lambda: load_dataset(meta["dataset"], train=False, data_dir=data_dir))
+        count = min(n, len(data))
+        x, y = data.images[:count].float().div(255), data.labels[:count]
+        request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
+                                seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
+        folder = out if out is not None else _request_folder(request)
 
-    with output.progress(json_out) as bar:
-        tasks: dict[str, int] = {}
+        with output.progress(json_out or not ctx.is_main) as bar:
+            tasks: dict[str, int] = {}
 
-        def progress(name: str, done: int, total: int) -> None:
-            key = f"{name}:{total}"
-            if key not in tasks:
-                tasks[key] = bar.add_task(name, total=total)
-            bar.update(tasks[key], completed=done)
+            def progress(name: str, done: int, total: int) -> None:
+                key = f"{name}:{total}"
+                if key not in tasks:
+                    tasks[key] = bar.add_task(name, total=total)
+                bar.update(tasks[key], completed=done)
 
-        doc, gallery = run_report(model, x, y, request, folder, device=dev,
-                                  batch_size=batch_size or default_batch_size(dev, training=False), progress=progress)
-    doc["model"] = {"checkpoint": str(path), "architecture": meta.get("architecture"), "dataset": meta["dataset"]}
-    draw = None
-    if gallery is not None:
-        idx, x_adv = gallery
-        draw = lambda p: save_grid(p, x[idx], x_adv, y[idx], model, list(data.classes), dev)  # noqa: E731
-    write_report(folder, doc, classes=list(data.classes), gallery=draw)
+            try:
+                doc, gallery = run_report(model, x, y, request, folder, device=dev, dist=ctx,
+                                          batch_size=batch_size or default_batch_size(dev, training=False),
+                                          progress=progress)
+            except KeyboardInterrupt:
+                raise ReportInterrupted(f"interrupted: the finished attacks are saved in {folder}/; run the same "
+                                        "command again to resume") from None
+        if not ctx.is_main:  # rank 0 writes the files and prints; the others are done
+            return
+        doc["model"] = {"checkpoint": str(path), "architecture": meta.get("architecture"), "dataset": meta["dataset"]}
+        draw = None
+        if gallery is not None:
+            idx, x_adv = gallery
+            draw = lambda p: save_grid(p, x[idx], x_adv, y[idx], model, list(data.classes), dev)  # noqa: E731
+        write_report(folder, doc, classes=list(data.classes), gallery=draw)
 
-    if json_out:
-        output.emit_json({**doc, "folder": str(folder)})
-    else:
-        output.stdout.print(_table(doc))
-        for w in doc["warnings"]:
-            output.stderr.print(f"[yellow]warning:[/] {w}")
-        output.stdout.print(f"report written to {folder}/ (report.json, report.md, accuracy_vs_eps.png"
-                            + (", gallery.png)" if draw else ")"))
-    if fail_under is not None:
-        worst = min(r["robust_accuracy"] for r in doc["results"])
-        if worst < fail_under:
-            raise ReportBelowThreshold(f"worst-case robust accuracy {worst:.2%} is below --fail-under {fail_under:.2%}")
+        if json_out:
+            output.emit_json({**doc, "folder": str(folder)})
+        else:
+            output.stdout.print(_table(doc))
+            for w in doc["warnings"]:
+                output.stderr.print(f"[yellow]warning:[/] {w}")
+            output.stdout.print(f"report written to {folder}/ (report.json, report.md, accuracy_vs_eps.png"
+                                + (", gallery.png)" if draw else ")"))
+        if fail_under is not None:
+            worst = min(r["robust_accuracy"] for r in doc["results"])
+            if worst < fail_under:
+                raise ReportBelowThreshold(f"worst-case robust accuracy {worst:.2%} is below --fail-under {fail_under:.2%}")

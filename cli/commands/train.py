@@ -13,17 +13,22 @@ from rich.table import Table
 
 from cli import output
 from cli.app import app
-from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
+from cli.distributed import refuse_distributed, session
+from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
+from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
 from robustcnn.checkpoint import latest_checkpoint, load_model, record_latest
 from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
-from robustcnn.errors import RobustCNNError
+from robustcnn.errors import RobustCNNError, UsageError
 from robustcnn.models import MODELS
 from robustcnn.perf import keep_freed_memory
 from robustcnn.train import OPTIMIZERS, Progress, TrainConfig, evaluate, train
 
 TRAINING = "Training"
+ADVERSARIAL = "Adversarial training"
 SAVING = "Checkpoint"
+#: --eps when --adv is given without one: the budget reports use for the dataset (Linf).
+USUAL_EPS = {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"}
 
 
 class Interrupted(RobustCNNError):
@@ -64,8 +69,10 @@ def train_command(
                                        rich_help_panel=TRAINING)] = TrainConfig.model,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"Dataset: {', '.join(DATASETS)}.",
                                          rich_help_panel=TRAINING)] = TrainConfig.dataset,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Passes over the training set.",
-                                        rich_help_panel=TRAINING)] = TrainConfig.epochs,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help=f"Passes over the training set. Default: "
+                                                  f"{TrainConfig.epochs}; with --adv pgd {DEFAULT_EPOCHS['pgd']}, "
+                                                  f"other methods {DEFAULT_EPOCHS['fast']}.",
+                                                  rich_help_panel=TRAINING, show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.05 for sgd, 0.002 for adam).",
                                                 rich_help_panel=TRAINING)] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help=f"Optimizer: {', '.join(OPTIMIZERS)}.",
@@ -79,27 +86,66 @@ def train_command(
                                       "<dataset>-<model>.pt after every epoch.", rich_help_panel=SAVING)] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last "
                                          "complete epoch (same options required).", rich_help_panel=SAVING)] = False,
+    adv: Annotated[Optional[str], typer.Option("--adv", help="Adversarial training: pgd (Madry et al.), trades "
+                                               "(Zhang et al.), fast (FGSM with random start, Wong et al.) or mart "
+                                               "(Wang et al.). Keeps the epoch most robust on held-out training "
+                                               "images.", rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+    eps: Annotated[Optional[str], typer.Option("--eps", help="Budget to train for, in [0, 1] pixel units: 0.1 or "
+                                               "8/255. Default: the dataset's usual Linf budget (Fashion-MNIST 0.1).",
+                                               rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+    adv_norm: Annotated[str, typer.Option("--adv-norm", help="Norm of the budget: linf or l2.",
+                                          rich_help_panel=ADVERSARIAL)] = "linf",
+    adv_steps: Annotated[Optional[int], typer.Option("--adv-steps", help=f"Attack steps per batch. Default: "
+                                                     f"{DEFAULT_STEPS['pgd']} (fast: 1).",
+                                                     rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+    adv_alpha: Annotated[Optional[str], typer.Option("--adv-alpha", help="Attack step size in pixel units. Default: "
+                                                     "2.5 * eps / steps (fast: 1.25 * eps).",
+                                                     rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="Weight of the robustness term of trades and mart. "
+                                                  "Default: 6.", rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+    eps_warmup: Annotated[float, typer.Option("--eps-warmup", help="Epochs over which the training budget rises "
+                                              "linearly from 0 to --eps (0: none).",
+                                              rich_help_panel=ADVERSARIAL)] = 0.0,
+    adv_val: Annotated[int, typer.Option("--adv-val", help="Training images held out (never trained on) to measure "
+                                         "clean, PGD-10 and FGSM accuracy after every epoch.",
+                                         rich_help_panel=ADVERSARIAL)] = AdvConfig.val_count,
     seed: Seed = 0,
     device: Device = "auto",
     batch_size: BatchSize = None,
     data_dir: DataDir = None,
     json_mode: Json = False,
 ) -> None:
-    """Train a CNN on real data (Fashion-MNIST by default), save it, and record it as the newest run."""
+    """Train a CNN on real data (Fashion-MNIST by default), save it, and record it as the newest run.
+
+    With --adv, train it to resist attacks within --eps (adversarial training) instead.
+
+    Under torchrun (`torchrun --nproc_per_node N -m cli train ...`) it trains with DistributedDataParallel:
+    --batch-size is the global batch, split over the N processes; rank 0 alone writes and prints.
+    """
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--limit", limit)):
         positive(name, value)
-    dev = resolve_device(device)
+    adversarial = _adversarial_config(dataset, adv, eps, adv_norm, adv_steps, adv_alpha, beta, eps_warmup, adv_val)
+    with session(device) as (ctx, dev):
+        _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size,
+               data_dir, json_mode, adversarial)
+
+
+def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size, data_dir,
+           json_mode, adversarial: AdvConfig | None) -> None:
     keep_freed_memory()
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer, augment=augment,
                          seed=seed, limit=limit, batch_size=batch_size or default_batch_size(dev, training=True))
-    path = out / f"{config.dataset}-{config.model}.pt"
-    train_data = load_dataset(config.dataset, train=True, data_dir=data_dir)
-    test_data = load_dataset(config.dataset, train=False, data_dir=data_dir)
+    suffix = f"-{adversarial.method}" if adversarial is not None else ""
+    path = out / f"{config.dataset}-{config.model}{suffix}.pt"
+    train_data = ctx.main_first(lambda: load_dataset(config.dataset, train=True, data_dir=data_dir))
+    test_data = ctx.main_first(lambda: load_dataset(config.dataset, train=False, data_dir=data_dir))
     done = {"epochs": 0}
     fields = [TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
               TextColumn("{task.fields[speed]:,.0f} img/s")]
     try:
-        with _sigterm_interrupts(), output.progress(json_mode, *fields) as bar:
+        with _sigterm_interrupts(), output.progress(json_mode or not ctx.is_main, *fields) as bar:
             task = bar.add_task("training", total=None, loss=float("nan"), acc=0.0, speed=0.0)
 
             def on_step(p: Progress) -> None:
@@ -107,26 +153,93 @@ def train_command(
                            completed=(p.epoch - 1) * p.steps + p.step, loss=p.loss, acc=p.accuracy,
                            speed=p.images_per_second)
 
+            def on_epoch(stats: dict[str, Any]) -> None:
+                done.update(epochs=stats["epoch"])
+                if adversarial is not None:
+                    _report_epoch(stats, config.epochs, json_mode)
+
             result = train(config, train_data, test_data, device=dev, checkpoint=path, resume=resume,
-                           on_step=on_step, on_epoch=lambda stats: done.update(epochs=stats["epoch"]))
+                           adversarial=adversarial, on_step=on_step, on_epoch=on_epoch, dist=ctx)
     except KeyboardInterrupt:
         kept = f"{path} holds epoch {done['epochs']}" if done["epochs"] else "no epoch was completed"
         raise Interrupted(f"interrupted: {kept}; rerun with --resume to continue") from None
-    record_latest(path, result.meta)
-    _report_training(result.meta, path, json_mode)
+    if ctx.is_main:
+        record_latest(path, result.meta)
+        _report_training(result.meta, path, json_mode)
+
+
+def _adversarial_config(dataset: str, method: str | None, eps: str | None, norm: str, steps: int | None,
+                        alpha: str | None, beta: float | None, warmup: float, val: int) -> AdvConfig | None:
+    """The --adv options as an :class:`AdvConfig` (None without --adv); usage errors for anything inconsistent."""
+    if method is None:
+        given = [flag for flag, value, unset in (("--eps", eps, None), ("--adv-norm", norm, "linf"),
+                                                 ("--adv-steps", steps, None), ("--adv-alpha", alpha, None),
+                                                 ("--beta", beta, None), ("--eps-warmup", warmup, 0.0),
+                                                 ("--adv-val", val, AdvConfig.val_count)) if value != unset]
+        if given:
+            raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to adversarial "
+                             f"training: add --adv {'|'.join(METHODS)}")
+        return None
+    if eps is None:
+        if str(norm).strip().lower() != "linf":
+            raise UsageError(f"--adv-norm {norm} needs an explicit --eps (in [0, 1] pixel units)")
+        eps = USUAL_EPS.get(str(dataset).strip().lower(), "8/255")
+    budget = parse_eps(eps)
+    if budget <= 0:
+        raise UsageError(f"--eps must be > 0 for adversarial training, got {eps}")
+    step = None
+    if alpha is not None:
+        try:
+            step = parse_eps(alpha)
+        except UsageError:
+            raise UsageError(f"invalid --adv-alpha {alpha!r}: write a number > 0 such as 0.02 or 2/255") from None
+    return AdvConfig(method=method, eps=budget, norm=norm, steps=steps, alpha=step, beta=beta, eps_warmup=warmup,
+                     val_count=val)
+
+
+def _report_epoch(stats: dict[str, Any], epochs: int, json_mode: bool) -> None:
+    """One line per epoch of an adversarial run (stderr): clean and robust held-out accuracy; overfitting warnings."""
+    if not json_mode:
+        output.stderr.print(
+            f"epoch {stats['epoch']}/{epochs}: train loss {stats['train_loss']:.4f}, held-out accuracy clean "
+            f"{_percent(stats['val_clean_accuracy'])}, PGD {_percent(stats['val_robust_accuracy'])}, FGSM "
+            f"{_percent(stats['val_fgsm_accuracy'])}", highlight=False)
+    if stats.get("overfitting"):
+        output.stderr.print(f"[bold yellow]warning:[/] {stats['overfitting']}; the checkpoint keeps the most robust "
+                            "epoch", highlight=False)
+
+
+def _threat_model(adv: dict[str, Any]) -> str:
+    norm = {"linf": "Linf", "l2": "L2"}[adv["norm"]]
+    steps = "FGSM + random start" if adv["method"] == "fast" else f"{adv['steps']} steps"
+    beta = f", beta {adv['beta']:g}" if adv.get("beta") is not None else ""
+    warm = f", eps warm-up {adv['eps_warmup']:g} epochs" if adv.get("eps_warmup") else ""
+    return f"{adv['method']}: {norm} eps {adv['eps']:.4g}, {steps}, alpha {adv['alpha']:.4g}{beta}{warm}"
 
 
 def _report_training(meta: dict[str, Any], path: Path, json_mode: bool) -> None:
     metrics, timing = meta["metrics"], meta["timing"]
+    adv = meta.get("adversarial")
     if json_mode:
-        output.emit_json({"checkpoint": str(path), "model": meta["architecture"], "dataset": meta["dataset"],
-                          "epochs": meta["epochs_done"], "metrics": metrics, "timing": timing,
-                          "config": meta["config"], "history": meta["history"]})
+        doc = {"checkpoint": str(path), "model": meta["architecture"], "dataset": meta["dataset"],
+               "epochs": meta["epochs_done"], "metrics": metrics, "timing": timing,
+               "config": meta["config"], "history": meta["history"]}
+        if adv is not None:
+            doc.update(adversarial=adv, kept_epoch=meta["kept_epoch"], overfitting=meta["overfitting"])
+        output.emit_json(doc)
         return
     table = Table(title=f"{meta['architecture']} on {meta['dataset']}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
+    if adv is not None:
+        table.add_row("adversarial training", _threat_model(adv))
     table.add_row("test accuracy", _percent(metrics["test_accuracy"]))
+    if adv is not None:
+        table.add_row("robust accuracy", f"{_percent(metrics['val_robust_accuracy'])} (PGD-{adv['val_steps']} on "
+                      f"{adv['val_count']:,} held-out training images)")
+        table.add_row("kept epoch", f"{meta['kept_epoch']} (most robust on the held-out images)")
+        if metrics.get("overfitting"):
+            table.add_row("[yellow]warning[/]", metrics["overfitting"])
     table.add_row("epochs", str(meta["epochs_done"]))
     table.add_row("training time", _duration(timing["train_seconds"]))
     table.add_row("throughput", f"{timing['images_per_second']:,.0f} img/s on {timing['device']}")
@@ -143,6 +256,7 @@ def eval_command(
     json_mode: Json = False,
 ) -> None:
     """Clean test accuracy (overall and per class) of a checkpoint; the newest run's by default."""
+    refuse_distributed("eval")
     positive("--batch-size", batch_size)
     dev = resolve_device(device)
     keep_freed_memory()
