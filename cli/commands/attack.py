@@ -108,11 +108,12 @@ def _fmt(v: float, digits: int = 4) -> str:
 def _table(method: str, rows: list[dict], targeted: bool, kind: str = "white-box") -> Table:
     """One row per budget. Black-box methods show their query budget and the queries per *successful* image (mean
     and median: the usual black-box figure) instead of backward passes, which they never make."""
-    t = Table(title=f"{method} on {rows[0]['n']} test images — accuracy clean and under attack"
-                    + (" (targeted: 'robust' = target not reached)" if targeted else ""), title_justify="left")
     queries = kind in QUERY_KINDS
+    t = Table(title=f"{method} on {rows[0]['n']} test images — accuracy clean and under attack"
+                    + (" (targeted: 'robust' = target not reached)" if targeted else ""), title_justify="left",
+              caption="q mean, q median: queries per successful image" if queries else None, caption_justify="left")
     cols = ["eps", "clean", "robust", "success", "mean norm", "max norm", "fwd/img"]
-    cols += ["budget", "q/success mean", "q/success median"] if queries else ["bwd/img"]
+    cols += ["budget", "q mean", "q median"] if queries else ["bwd/img"]
     for col in cols + ["time"]:
         t.add_column(col, justify="right", min_width=min(len(col), 7))
     for r in rows:
