@@ -224,8 +224,16 @@ class Attack:
         return get_norm(getattr(self, "norm", self.supported_norms[0]))
 
     def config(self) -> dict:
-        """The attack's name and hyperparameters as a plain dict (for reports)."""
-        return {"attack": self.name, **dataclasses.asdict(self)}
+        """The attack's name and hyperparameters as a plain dict (for reports).
+
+        Fields marked ``runtime`` (how the work is split, never what it computes) are left out, so they change
+        neither reports nor the per-sample random streams that :func:`attacks.evaluate` keys by this dict.
+        """
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("runtime"):
+                del out[f.name]
+        return {"attack": self.name, **out}
 
     # -- the final public call ---------------------------------------------------------------------------------
     def __call__(
@@ -325,6 +333,9 @@ class BoundedAttack(Attack):
         check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
+        box = self.norm_obj.box(x, self.eps)
+        if box is not None:  # Linf: ball and [0, 1] in one clamp, exact on points the attack already clamped to it
+            return torch.clamp(x_adv, box[0], box[1])
         delta = self.norm_obj.project(x_adv - x, self.eps)
         return (x + delta).clamp(0.0, 1.0)
 

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -27,6 +27,13 @@ from attacks.oracle import QueryOracle
 from attacks.rng import SampleRNG
 
 State = dict[str, Tensor]
+
+
+def rows_per_call_field():
+    """The ``rows_per_call`` field of every black-box attack: the most query rows one model call runs (None: the
+    oracle's measured default for the device, :func:`attacks.oracle.default_rows_per_call`). A runtime setting: it
+    changes speed, never results or counts, and is left out of :meth:`~attacks.base.Attack.config`."""
+    return field(default=None, metadata={"runtime": True})
 
 #: Probes per sample in one model call of the estimators (NES/SPSA pairs, HopSkipJump's boundary samples): one call
 #: serves every sample of the work set. Fixed, not derived from the batch size, so that each sample's random draws
@@ -78,12 +85,15 @@ class ScoreAttack(BoundedAttack):
 
     max_queries: int = 1000
     loss: str = "margin"
+    rows_per_call: Optional[int] = rows_per_call_field()
 
     def _validate(self) -> None:
         super()._validate()
         check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
         check_choice("loss", self.loss, self._objectives())
+        if self.rows_per_call is not None:
+            check_int("rows_per_call", self.rows_per_call)
 
     def _objectives(self) -> dict[str, Objective]:
         """The objectives ``loss`` may name."""
@@ -102,7 +112,7 @@ class ScoreAttack(BoundedAttack):
         raise NotImplementedError
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        oracle = QueryOracle(ctx, "score", self.max_queries)
+        oracle = QueryOracle(ctx, "score", self.max_queries, self.rows_per_call)
         search = ScoreSearch(oracle, self._objectives()[self.loss], self.norm_obj, self.eps)
         state = self._start(search)
         it = 0
@@ -127,7 +137,7 @@ class ScoreSearch:
 
     def project(self, x0: Tensor, x: Tensor) -> Tensor:
         """The point of the ball around ``x0`` and of the [0, 1] box closest to ``x`` (projection, then clamp)."""
-        return (x0 + self.norm.project(x - x0, self.eps)).clamp(0.0, 1.0)
+        return self.norm.project(x - x0, self.eps).add_(x0).clamp_(0.0, 1.0)
 
     def evaluate(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query ``x`` (one row per sample at ``ids``): returns (logits, objective value, fooled)."""
@@ -143,14 +153,22 @@ class ScoreSearch:
     def accept(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Query ``cand`` for the samples where ``mask`` holds (all by default) and keep it where it improves the
         objective or fools the model (greedy random search). Updates ``state`` in place; returns where it moved."""
+        if mask is None:  # every sample: no gathering
+            logits, value, fooled = self.evaluate(cand, state["ids"])
+            moved = (value > state["value"]) | fooled
+            for key, new in (("x", cand), ("logits", logits), ("value", value)):
+                state[key][moved] = new[moved]
+            state["fooled"] |= fooled
+            return moved
         moved = torch.zeros_like(state["fooled"])
-        pos = torch.arange(moved.numel(), device=cand.device) if mask is None else mask.nonzero()[:, 0]
+        pos = mask.nonzero()[:, 0]
         if pos.numel() == 0:
             return moved
-        logits, value, fooled = self.evaluate(cand[pos], state["ids"][pos])
+        cand = cand[pos]
+        logits, value, fooled = self.evaluate(cand, state["ids"][pos])
         take = (value > state["value"][pos]) | fooled
         won = pos[take]
-        for key, new in (("x", cand[pos]), ("logits", logits), ("value", value)):
+        for key, new in (("x", cand), ("logits", logits), ("value", value)):
             state[key][won] = new[take]
         state["fooled"][pos] |= fooled
         moved[won] = True
@@ -226,19 +244,28 @@ class EstimatedGradientAttack(ScoreAttack):
         grad = torch.zeros_like(x)
         per_call = PROBES_PER_CALL // 2
         for first in range(0, pairs, per_call):
-            pos = (~state["fooled"]).nonzero()[:, 0]
-            if pos.numel() == 0:
+            live = (~state["fooled"]).nonzero()[:, 0]
+            if live.numel() == 0:
                 break
-            m, k = pos.numel(), min(per_call, pairs - first)
-            u = self._noise(search.oracle.rng, ids[pos], (k, *x.shape[1:])).to(x)
-            probes = torch.cat([x[pos, None] + self.sigma * u, x[pos, None] - self.sigma * u], dim=1).flatten(0, 1)
-            rows = ids[pos].repeat_interleave(2 * k)
-            probes = search.project(search.oracle.x[rows], probes)
-            logits, f, fooled = search.evaluate(probes, rows)
-            f = f.reshape(m, 2 * k)
-            diff = (f[:, :k] - f[:, k:]).reshape(m, k, *([1] * (x.dim() - 1)))
-            grad[pos] += (diff * u).sum(dim=1)
-            self._adopt(state, pos, fooled.reshape(m, 2 * k), probes, logits, f.flatten())
+            k = min(per_call, pairs - first)
+            # One round queries 2k probes of every live sample. It runs in groups of samples that fill one model call
+            # of the oracle's size, so the probes, their projection and the estimate stay in cache; the draws, the
+            # queries and the result are the same as in one call (each sample's stream is its own).
+            group = max(1, search.oracle.rows_per_call // (2 * k))
+            for g in range(0, live.numel(), group):
+                pos = live[g:g + group]
+                m = pos.numel()
+                u = self._noise(search.oracle.rng, ids[pos], (k, *x.shape[1:])).to(x)
+                su = u * self.sigma
+                xp = x[pos, None]
+                probes = torch.cat([xp + su, xp - su], dim=1).flatten(0, 1)
+                rows = ids[pos].repeat_interleave(2 * k)
+                probes = search.project(search.oracle.x[rows], probes)
+                logits, f, fooled = search.evaluate(probes, rows)
+                f = f.reshape(m, 2 * k)
+                diff = (f[:, :k] - f[:, k:]).reshape(m, k, *([1] * (x.dim() - 1)))
+                grad[pos] += (diff * u).sum(dim=1)
+                self._adopt(state, pos, fooled.reshape(m, 2 * k), probes, logits, f.flatten())
         return grad / (2 * self.sigma * pairs)
 
     @staticmethod
@@ -272,19 +299,23 @@ class DecisionAttack(MinNormAttack):
     targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
 
     max_queries: int = 1000
+    rows_per_call: Optional[int] = rows_per_call_field()
 
     def _validate(self) -> None:
         super()._validate()
         if self.eps is not None:
             check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
+        if self.rows_per_call is not None:
+            check_int("rows_per_call", self.rows_per_call)
 
     def _minimize(self, search: "DecisionSearch", state: State) -> State:
         """Shrink the perturbation of every sample in the work set; return what is left of it."""
         raise NotImplementedError
 
     def _run(self, ctx: Context) -> tuple[Tensor, None]:
-        search = DecisionSearch(QueryOracle(ctx, "decision", self.max_queries), self.norm_obj, self.eps)
+        search = DecisionSearch(QueryOracle(ctx, "decision", self.max_queries, self.rows_per_call), self.norm_obj,
+                                self.eps)
         state = search.start()
         state = self._minimize(search, state)
         search.results.retire(state, torch.ones_like(state["ids"], dtype=torch.bool), key="best")

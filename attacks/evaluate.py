@@ -59,6 +59,11 @@ class AttackStats:
         return float(np.median(self._q("queries"))) if self.seen else float("nan")
 
     @property
+    def queries_mean_success(self) -> float:
+        """Mean forward passes per *successful* sample."""
+        return float(self._q("success_queries").mean()) if self.success_queries else float("nan")
+
+    @property
     def queries_median_success(self) -> float:
         """Median forward passes per *successful* sample (the usual black-box figure)."""
         return float(np.median(self._q("success_queries"))) if self.success_queries else float("nan")
@@ -84,7 +89,8 @@ class AttackStats:
         return {
             "name": self.name, "config": self.config, "seen": self.seen, "successes": self.successes,
             "success_rate": self.success_rate, "queries_mean": self.queries_mean,
-            "queries_median": self.queries_median, "queries_median_success": self.queries_median_success,
+            "queries_median": self.queries_median, "queries_mean_success": self.queries_mean_success,
+            "queries_median_success": self.queries_median_success,
             "gradients_mean": self.gradients_mean,
             "max_norm": self.max_norm, "mean_norm": self.mean_norm, "median_norm": self.median_norm,
             "seconds": self.seconds,

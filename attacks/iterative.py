@@ -50,34 +50,46 @@ def _single_run(
     eot_samples: int,
     early_stop: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One run from one start over the samples at ``idx``: returns (x_adv, logits, fooled) for those samples."""
-    x0 = ctx.x[idx]
-    out_x = x0.clone()
-    out_logits: Optional[Tensor] = None
-    fooled = torch.zeros(idx.numel(), dtype=torch.bool, device=x0.device)
+    """One run from one start over the samples at ``idx``: returns (x_adv, logits, fooled) for those samples.
 
-    pos = torch.arange(idx.numel(), device=x0.device)  # positions (in idx) of the samples still worked on
+    The per-step work outside the model is kept to a few in-place passes (:meth:`Norm.ascend`, with the Linf box
+    ``[max(x - eps, 0), min(x + eps, 1)]`` computed once), success is read from the logits the step's own forward
+    pass produced, and without early exit nothing waits on the device between steps.
+    """
+    n = idx.numel()
+    whole = n == ctx.n and bool(torch.equal(idx, torch.arange(n, device=idx.device)))
+    x0 = ctx.x if whole else ctx.x[idx]  # never written to
+    out_x: Optional[Tensor] = None  # filled lazily: without early exit the last iterate is returned as it is
+    out_logits: Optional[Tensor] = None
+    fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
+
+    pos = torch.arange(n, device=x0.device)  # positions (in idx) of the samples still worked on
+    ids = idx
     base = x0
-    cur = x0
+    box = norm.box(x0, eps)
     if random_start:
         start = norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)
-        cur = (x0 + start).clamp(0.0, 1.0)
+        cur = start.add_(x0).clamp_(0.0, 1.0)
+    else:
+        cur = x0.clone()  # the loop updates its iterate in place
     velocity = torch.zeros_like(x0) if momentum is not None else None
 
     for t in range(steps + 1):
-        ids = idx[pos]
         last = t == steps
         if last:
             logits, grad = ctx.logits(cur, ids), None
         else:
             logits, grad = _value_and_grad(ctx, cur, ids, objective, eot_samples)
-        if out_logits is None:
-            out_logits = logits.new_empty(idx.numel(), logits.shape[1])
 
-        adv = ctx.is_adversarial(logits, ids)
+        if last and out_x is None and pos.numel() == n:  # nobody left early: the last iterate is the result
+            return cur, logits, ctx.is_adversarial(logits, ids)
         if early_stop or last:
+            adv = ctx.is_adversarial(logits, ids)
             take = adv if not last else torch.ones_like(adv)
             if take.any():
+                if out_x is None:
+                    out_x = x0.clone()
+                    out_logits = logits.new_empty(n, logits.shape[1])
                 where = pos[take]
                 out_x[where], out_logits[where], fooled[where] = cur[take], logits[take], adv[take]
             if last:
@@ -85,15 +97,16 @@ def _single_run(
             if adv.any():  # compact the state to the samples that still resist
                 keep = ~adv
                 pos, base, cur, grad = pos[keep], base[keep], cur[keep], grad[keep]
+                box = None if box is None else (box[0][keep], box[1][keep])
                 velocity = velocity[keep] if velocity is not None else None
+                ids = idx[pos]
                 if pos.numel() == 0:
                     break
 
         if velocity is not None:
             velocity = momentum * velocity + _l1_normalized(grad)
-            grad = velocity
-        stepped = cur + alpha * norm.steepest(grad)
-        cur = (base + norm.project(stepped - base, eps)).clamp(0.0, 1.0)
+            grad = velocity.clone()  # ascend may overwrite its gradient argument
+        cur = norm.ascend(cur, grad, alpha, base, eps, box)
 
     return out_x, out_logits, fooled
 

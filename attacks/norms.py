@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from typing import Optional
+
 from attacks.rng import SampleRNG
 
 _TINY = 1e-12
@@ -49,6 +51,21 @@ class Norm:
         """The unit-norm direction that increases a linear function with gradient ``grad`` the most."""
         raise NotImplementedError
 
+    def box(self, x0: Tensor, eps: float | Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """Per-element bounds ``(lo, hi)`` of the ball around ``x0`` intersected with [0, 1], when that set is a box
+        (Linf); ``None`` otherwise. Computed once per run, it turns projection and clamping into one ``clamp``."""
+        return None
+
+    def ascend(self, cur: Tensor, grad: Tensor, alpha: float, x0: Tensor, eps: float | Tensor,
+               box: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """One projected steepest-ascent step: ``cur + alpha * steepest(grad)``, projected onto the ``eps``-ball
+        around ``x0`` and the [0, 1] box (``box`` is :meth:`box`'s result, or None).
+
+        Works in place where it can: the caller must own ``cur`` and ``grad`` and not use them afterwards.
+        """
+        stepped = cur + alpha * self.steepest(grad)
+        return (x0 + self.project(stepped - x0, eps)).clamp(0.0, 1.0)
+
     def __repr__(self) -> str:
         return f"Norm({self.name!r})"
 
@@ -69,6 +86,25 @@ class Linf(Norm):
 
     def steepest(self, grad: Tensor) -> Tensor:
         return grad.sign()
+
+    def box(self, x0: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
+        e = _per_sample(eps, x0)
+        return (x0 - e).clamp_(min=0.0), (x0 + e).clamp_(max=1.0)
+
+    def ascend(self, cur, grad, alpha, x0, eps, box=None):
+        # sign, step and projection-with-clamping as three in-place passes over the batch (the box is precomputed)
+        lo, hi = box if box is not None else self.box(x0, eps)
+        direction = grad.sign_() if _owned(grad) else grad.sign()
+        if isinstance(alpha, Tensor):
+            cur = cur.addcmul_(direction, _per_sample(alpha, cur))
+        else:
+            cur = cur.add_(direction, alpha=alpha)
+        return cur.clamp_(lo, hi)
+
+
+def _owned(t: Tensor) -> bool:
+    """Whether ``t`` may be overwritten element by element (no two elements share memory, e.g. not an expand)."""
+    return t.is_contiguous()
 
 
 class L2(Norm):
@@ -95,6 +131,18 @@ class L2(Norm):
     def steepest(self, grad: Tensor) -> Tensor:
         n = _flat(grad).norm(dim=1).reshape(-1, *([1] * (grad.dim() - 1)))
         return grad / (n + _TINY)
+
+    def ascend(self, cur, grad, alpha, x0, eps, box=None):
+        if not (_owned(grad) and _owned(cur)):
+            return super().ascend(cur, grad, alpha, x0, eps, box)
+        shape = (-1, *([1] * (grad.dim() - 1)))
+        scale = _flat(grad).norm(dim=1).add_(_TINY).reciprocal_()  # alpha / |grad|: the step along grad
+        scale = scale * alpha.to(scale) if isinstance(alpha, Tensor) else scale.mul_(alpha)
+        delta = cur.addcmul_(grad, scale.reshape(shape)).sub_(x0)  # the step, then relative to x0
+        n = _flat(delta).norm(dim=1)
+        e = eps.to(n) if isinstance(eps, Tensor) else torch.full_like(n, eps)
+        factor = torch.where(n > e, e / (n + _TINY), torch.ones_like(n))
+        return delta.mul_(factor.reshape(shape)).add_(x0).clamp_(0.0, 1.0)
 
 
 class L0(Norm):

@@ -114,10 +114,13 @@ class Square(ScoreAttack):
         ids = torch.arange(n, device=x0.device)
         if self.norm == "linf":  # vertical stripes of +-eps
             delta = self.eps * rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0)
+            # the two values a window can take, computed once: the ball's faces clamped to [0, 1]
+            bounds = {"up": (x0 + self.eps).clamp(max=1.0), "down": (x0 - self.eps).clamp(min=0.0)}
         else:
             delta = self._bump_grid(search.oracle.rng, ids, c, h, w).to(x0)
             delta = delta * expand(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
-        return search.start((x0 + delta).clamp(0.0, 1.0), ids)
+            bounds = {}
+        return search.start((x0 + delta).clamp(0.0, 1.0), ids, **bounds)
 
     @staticmethod
     def _bump_grid(rng: SampleRNG, ids: Tensor, c: int, h: int, w: int) -> Tensor:
@@ -134,21 +137,21 @@ class Square(ScoreAttack):
     # -- one iteration ------------------------------------------------------------------------------------------
     def _step(self, search: ScoreSearch, state: State, it: int) -> State:
         ids = state["ids"]
-        x0 = search.oracle.x[ids]
-        h, w = x0.shape[2:]
+        h, w = state["x"].shape[2:]
         win = _Windows(search.oracle.rng, ids, self._side(it, h, w), h, w)
         if self.norm == "linf":
-            cand = self._linf_candidate(search.oracle.rng, ids, state["x"], x0, win)
+            cand = self._linf_candidate(search.oracle.rng, ids, state["x"], state["up"], state["down"], win)
         else:
-            cand = self._l2_candidate(search.oracle.rng, ids, state["x"], x0, win)
+            cand = self._l2_candidate(search.oracle.rng, ids, state["x"], search.oracle.x[ids], win)
         search.accept(state, cand)
         return state
 
-    def _linf_candidate(self, rng: SampleRNG, ids: Tensor, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
-        """Set each image's window to ``x0 +- eps`` (a random sign per channel), redrawing the signs of a proposal
-        that would change nothing (rejection sampling on the signs alone: which sign moves which channel is known)."""
-        c = x0.shape[1]
-        up, down = (x0 + self.eps).clamp(max=1.0), (x0 - self.eps).clamp(min=0.0)
+    def _linf_candidate(self, rng: SampleRNG, ids: Tensor, cur: Tensor, up: Tensor, down: Tensor,
+                        win: _Windows) -> Tensor:
+        """Set each image's window to ``x0 +- eps`` (``up``/``down``, clamped to [0, 1]; a random sign per channel),
+        redrawing the signs of a proposal that would change nothing (rejection sampling on the signs alone: which
+        sign moves which channel is known)."""
+        c = cur.shape[1]
         moves_up = (((up - cur).abs() > 1e-7) & win.mask).flatten(2).any(dim=2)  # (n, c)
         moves_down = (((down - cur).abs() > 1e-7) & win.mask).flatten(2).any(dim=2)
         signs = rademacher(rng, ids, (c,)) > 0

@@ -1,17 +1,22 @@
 """Black-box attacks on a trained model: queries to success, and the cost of a query (issue 4).
 
     python benchmarks/bench_blackbox.py [--checkpoint PATH] [--n 1000] [--n-decision 200] [--eps 0.1]
-                                        [--queries 1000] [--batch-size 250] [--threads N]
+                                        [--queries 1000] [--batch-size 250] [--rows-per-call N] [--repeats 1]
+                                        [--threads N] [--clock wall|cpu] [--skip-decision]
 
-On a shared machine run it under the CPU lock; with other processes on the cores, one thread gives steadier ratios.
+On a shared machine use ``--threads 1 --clock cpu``: with other processes on the cores, every multi-threaded
+operation waits for its slowest thread, and wall time measures the neighbours as much as the attack.
 
 1. Score-based attacks at Linf ``eps`` with ``queries`` per image, on the test images the model classifies
    correctly, next to white-box PGD-20: success rate, and the distribution of queries to success (median, mean,
    90th percentile over the fooled images). Target: Square within 5 points of PGD-20, median queries < 100.
-   Cost of a query, in the same table: the attack's wall time per 1000 queries per image, relative to 1000 bare
-   forward passes per image at the full batch size ("vs bare fwd"), and relative to the forward passes the attack
-   itself made ("vs own fwd": the batches shrink as images are fooled, so this ratio is the attack's own
-   bookkeeping). Target <= 1.2x.
+   Cost of a query, in the same table: the attack's time per 1000 queries per image ("s/1000q/img"), and its
+   overhead: attack time / the time of the same forward passes run bare ("vs bare fwd"). The bare baseline replays
+   exactly the model calls the attack's oracle made (same number of images, same batch sizes: the oracle splits
+   large queries into calls of ``rows_per_call`` rows, and calls shrink as images are fooled) with nothing else;
+   the attack and the replay run interleaved ``--repeats`` times and the figure is the median ratio. Target
+   <= 1.2x. "fwd@B" is the same time relative to bare forward passes at the oracle's full call size B, for
+   reference (it also charges the attack for its small calls near the end).
 2. Decision-based attacks with the same budget, unbounded: the median norm reached (L2, and Linf for
    HopSkipJump-Linf). Target: HopSkipJump below Boundary in L2.
 """
@@ -19,6 +24,8 @@ On a shared machine run it under the CPU lock; with other processes on the cores
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import time
 
 import numpy as np
@@ -26,40 +33,57 @@ import torch
 from torch import nn
 
 import attacks
+from attacks.oracle import default_rows_per_call
 
 try:  # run as a script from the repository root or from benchmarks/
     from _common import best_time, load_trained
 except ImportError:  # pragma: no cover
     from benchmarks._common import best_time, load_trained
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
 
 class TimedModel(nn.Module):
-    """Adds up the wall time of the wrapped model's forward passes."""
+    """Adds up the time of the wrapped model's forward passes and records each call's batch size."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
         self.seconds = 0.0
+        self.sizes: list[int] = []
 
     def forward(self, x):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = self.inner(x)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += clock() - t0
+        self.sizes.append(x.shape[0])
         return out
 
 
 def run_batched(atk: attacks.Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
-    """Attack ``x`` batch by batch (seeded per batch): returns (success, queries, norms, seconds, forward seconds)."""
+    """Attack ``x`` batch by batch (seeded per batch): returns (success, queries, norms, seconds, model calls' sizes).
+
+    The sizes include the referee's passes (decision attacks), which the time includes too."""
     timed = TimedModel(model).eval()
     out = {"success": [], "queries": [], "norms": []}
-    t0 = time.perf_counter()
+    t0 = clock()
     for i, first in enumerate(range(0, len(y), batch_size)):
         res = atk(timed, x[first:first + batch_size], y[first:first + batch_size],
                   generator=torch.Generator().manual_seed(i))
         for key in out:
             out[key].append(getattr(res, key))
-    seconds = time.perf_counter() - t0
-    return (*(torch.cat(v) for v in out.values()), seconds, timed.seconds)
+    seconds = clock() - t0
+    return (*(torch.cat(v) for v in out.values()), seconds, timed.sizes)
+
+
+def replay(model: nn.Module, pool: torch.Tensor, sizes: list[int]) -> float:
+    """Time of bare forward passes with exactly the batch sizes in ``sizes`` (images from ``pool``)."""
+    t0 = clock()
+    with torch.no_grad():
+        for size in sizes:
+            model(pool[:size])
+    return clock() - t0
 
 
 def distribution(q: torch.Tensor) -> str:
@@ -69,23 +93,42 @@ def distribution(q: torch.Tensor) -> str:
     return f"{np.median(a):>7.0f} {a.mean():>7.1f} {np.percentile(a, 90):>7.0f}"
 
 
-def score_section(model, x, y, eps: float, queries: int, batch_size: int, t_fwd_image: float) -> None:
-    print(f"\n1) score-based at Linf eps={eps}, {queries} queries/image, on {len(y)} correctly classified images")
+def score_section(model, x, y, eps: float, queries: int, batch_size: int, rows_per_call: int, repeats: int) -> None:
+    print(f"\n1) score-based at Linf eps={eps}, {queries} queries/image, on {len(y)} correctly classified images, "
+          f"batch {batch_size}, oracle calls of at most {rows_per_call} rows")
     pgd = run_batched(attacks.PGD(eps=eps, steps=20), model, x, y, batch_size)
     print(f"   white-box PGD-20: success {pgd[0].float().mean():.2%}")
+    pool = x.repeat((rows_per_call + len(x) - 1) // len(x) + 1, 1, 1, 1)[: max(rows_per_call, batch_size)]
+    with torch.no_grad():
+        t_full = best_time(lambda: model(pool[:rows_per_call]), repeats=5) / rows_per_call
+    print(f"   bare forward pass: {t_full * 1e6:.1f} us/image at batch {rows_per_call} "
+          f"({'CPU' if clock is time.process_time else 'wall'} time)")
     print(f"   {'attack':<12} {'success':>8} {'median':>7} {'mean':>7} {'p90':>7}   {'s/1000q/img':>11} "
-          f"{'vs bare fwd':>11} {'vs own fwd':>10}")
+          f"{'vs bare fwd':>11} {'(min..max)':>15} {'fwd@B':>6}")
     runs = [("square", attacks.Square(eps=eps, max_queries=queries)),
             ("simba-dct", attacks.SimBA(eps=eps, basis="dct", max_queries=queries)),
             ("simba-pixel", attacks.SimBA(eps=eps, basis="pixel", max_queries=queries)),
             ("nes", attacks.NES(eps=eps, max_queries=queries)),
             ("spsa", attacks.SPSA(eps=eps, max_queries=queries))]
     for label, atk in runs:
-        ok, q, _, seconds, fwd = run_batched(atk, model, x, y, batch_size)
+        atk = dataclasses.replace(atk, rows_per_call=rows_per_call)
+        times, ratios = [], []
+        for r in range(repeats):
+            if r % 2 == 0:  # alternate the order: drift cancels
+                ok, q, _, seconds, sizes = run_batched(atk, model, x, y, batch_size)
+                bare = replay(model, pool, sizes)
+            else:
+                bare = replay(model, pool, sizes)
+                ok, q, _, seconds, sizes = run_batched(atk, model, x, y, batch_size)
+            times.append(seconds)
+            ratios.append(seconds / bare)
+        seconds = statistics.median(times)
         per_1000 = seconds / q.sum().item() * 1000
+        spread = f"({min(ratios):.2f}..{max(ratios):.2f})" if repeats > 1 else ""
         print(f"   {label:<12} {ok.float().mean():>8.2%} {distribution(q[ok])}   {per_1000 * 1e3:>9.1f}ms "
-              f"{per_1000 / (1000 * t_fwd_image):>10.2f}x {seconds / fwd:>9.2f}x")
-    print("   (median/mean/p90: queries to success over the fooled images)")
+              f"{statistics.median(ratios):>10.2f}x {spread:>15} {per_1000 / (1000 * t_full):>5.2f}x")
+    print("   (median/mean/p90: queries to success over the fooled images; vs bare fwd: attack time / the same model")
+    print("   calls run bare, the overhead figure)")
 
 
 def decision_section(model, x, y, queries: int, batch_size: int) -> None:
@@ -111,10 +154,18 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--rows-per-call", type=int, help="most query rows per model call (default: the oracle's "
+                                                           "measured default for the device)")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved attack / bare-replay repeats per attack")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="timer: wall time, or this process's CPU time (steadier on a busy machine)")
+    ap.add_argument("--skip-decision", action="store_true", help="run part 1 only")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     model, x, y, path = load_trained(args.checkpoint, max(args.n, args.n_decision))
     report(model, x, y, args, source=str(path))
 
@@ -125,12 +176,11 @@ def report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Na
         correct = model(x).argmax(1) == y
     print(f"model: {source}  clean accuracy {correct.float().mean():.2%} on {len(y)}  "
           f"torch threads: {torch.get_num_threads()}")
-    xb = x[: args.batch_size]
-    with torch.no_grad():
-        t_fwd = best_time(lambda: model(xb), repeats=10) / len(xb)
-    print(f"bare forward pass: {t_fwd * 1e6:.1f} us/image at batch {len(xb)}")
     xs, ys = x[: args.n][correct[: args.n]], y[: args.n][correct[: args.n]]
-    score_section(model, xs, ys, args.eps, args.queries, args.batch_size, t_fwd)
+    rows = getattr(args, "rows_per_call", None) or default_rows_per_call(x.device)
+    score_section(model, xs, ys, args.eps, args.queries, args.batch_size, rows, getattr(args, "repeats", 1))
+    if getattr(args, "skip_decision", False):
+        return
     xd, yd = x[: args.n_decision][correct[: args.n_decision]], y[: args.n_decision][correct[: args.n_decision]]
     decision_section(model, xd, yd, args.queries, args.batch_size)
 

@@ -193,6 +193,36 @@ def test_a_samples_result_does_not_depend_on_its_batch(name, trained):
     assert torch.equal(whole.x_adv[10:15], part.x_adv) and torch.equal(whole.queries[10:15], part.queries)
 
 
+@pytest.mark.parametrize("name", BLACK_BOX)
+def test_the_size_of_model_calls_changes_neither_results_nor_counts(name, trained, monkeypatch):
+    """rows_per_call splits the oracle's queries into smaller model calls: same images, same queries, same result,
+    and it is not part of the attack's config (reports and per-sample streams are keyed by the config)."""
+    model, x, y = trained
+    keys = sample_keys(3, torch.arange(12))
+    big = build(name, max_queries=120)
+    small = build(name, max_queries=120, rows_per_call=5)
+    a, big_calls = run_recorded(monkeypatch, big, model, x[:12], y[:12], generator=keys)
+    b, calls = run_recorded(monkeypatch, small, model, x[:12], y[:12], generator=keys)
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.queries, b.queries) and torch.equal(a.success, b.success)
+    assert big.config() == small.config() and "rows_per_call" not in small.config()
+    assert sum(c.shape[0] for c in calls) == sum(c.shape[0] for c in big_calls)  # the same rows ...
+    assert len(calls) > len(big_calls)  # ... in more, smaller calls
+
+
+def test_row_chunks_cut_only_between_samples():
+    from attacks.oracle import row_chunks
+
+    idx = torch.tensor([0, 0, 1, 2, 2, 2, 2, 2, 2, 3, 4, 4])
+    chunks = row_chunks(idx, 4)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(idx)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, nothing lost
+    for a, b in chunks:
+        assert a == 0 or idx[a] != idx[a - 1]  # a cut never splits one sample's rows
+        assert b - a <= 4 or len(set(idx[a:b].tolist())) == 1  # longer only for one sample's own rows
+    assert (2, 3) in chunks or any(a <= 2 < b for a, b in chunks)
+    assert row_chunks(idx, 100) == [(0, len(idx))]
+
+
 def _rescaled(model: nn.Module) -> nn.Module:
     """Same top label as ``model`` on every input, different scores (a positive per-row scale and shift)."""
 

@@ -47,6 +47,34 @@ def test_per_sample_and_targeted(newest):
     assert row["config"]["targeted"]
 
 
+def test_black_box_table_json_and_simba_basis(newest):
+    doc = _json(run_cli("attack", "--method", "simba", "--basis", "pixel", "--eps", "0.3", "--queries", "50",
+                        "--n", "16", "--per-sample", "--json"))
+    row = doc["results"][0]
+    st = row["attacks"]["simba"]
+    assert st["config"]["basis"] == "pixel" and st["config"]["max_queries"] == 50
+    assert "queries_mean_success" in st and "queries_median_success" in st
+    assert len(row["per_sample"]["queries"]) == 16 and max(row["per_sample"]["queries"]) <= 50
+    result = run_cli("attack", "--method", "simba", "--basis", "dct", "--eps", "0.3", "--queries", "50", "--n", "16")
+    assert result.exit_code == 0, result.stderr
+    assert all(col in result.stdout for col in ("budget", "q mean", "q median", "queries per successful")), \
+        result.stdout
+    assert "bwd/img" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--method", "pgd", "--basis", "dct"), "--basis does not apply to pgd"),
+        (("--method", "square", "--basis", "pixel"), "--basis does not apply to square"),
+        (("--method", "simba", "--basis", "wavelet"), "basis must be one of pixel, dct"),
+    ],
+)
+def test_basis_is_only_for_simba_and_validated(newest, args, message):
+    line = assert_one_line_error(run_cli("attack", "--n", "8", *args), 2)
+    assert message in line
+
+
 def test_help_lists_every_registered_attack():
     result = run_cli("attack", "--help")
     assert result.exit_code == 0

@@ -23,8 +23,11 @@ ATTACK = "Attack options (each applies only to the methods that have it)"
 #: CLI option -> attack dataclass field. An option the user sets must exist on the chosen attack.
 OPTION_FIELDS = {
     "norm": "norm", "steps": "steps", "alpha": "alpha", "restarts": "restarts", "loss": "loss", "c": "c",
-    "queries": "max_queries", "pixels": "pixels", "area": "area",
+    "queries": "max_queries", "pixels": "pixels", "area": "area", "basis": "basis",
 }
+
+#: Attack kinds that spend queries rather than gradients: their table shows queries per successful image.
+QUERY_KINDS = ("score", "decision")
 
 
 def build_attack(method: str, eps: Optional[float], options: dict[str, Any]) -> attacks.Attack:
@@ -102,16 +105,29 @@ def _fmt(v: float, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
 
 
-def _table(method: str, rows: list[dict], targeted: bool) -> Table:
+def _table(method: str, rows: list[dict], targeted: bool, kind: str = "white-box") -> Table:
+    """One row per budget. Black-box methods show their query budget and the queries per *successful* image (mean
+    and median: the usual black-box figure) instead of backward passes, which they never make."""
+    queries = kind in QUERY_KINDS
     t = Table(title=f"{method} on {rows[0]['n']} test images — accuracy clean and under attack"
-                    + (" (targeted: 'robust' = target not reached)" if targeted else ""), title_justify="left")
-    for col in ("eps", "clean", "robust", "success", "mean norm", "max norm", "fwd/img", "bwd/img", "time"):
+                    + (" (targeted: 'robust' = target not reached)" if targeted else ""), title_justify="left",
+              caption="q mean, q median: queries per successful image" if queries else None, caption_justify="left")
+    cols = ["eps", "clean", "robust", "success", "mean norm", "max norm", "fwd/img"]
+    cols += ["budget", "q mean", "q median"] if queries else ["bwd/img"]
+    for col in cols + ["time"]:
         t.add_column(col, justify="right", min_width=min(len(col), 7))
     for r in rows:
         a = r["attacks"][method] if method in r["attacks"] else next(iter(r["attacks"].values()))
-        t.add_row(_fmt(r["eps"], 3), f"{r['clean_accuracy']:.1%}", f"{r['robust_accuracy']:.1%}",
-                  f"{a['success_rate']:.1%}" if a["seen"] else "-", _fmt(a["mean_norm"], 3), _fmt(a["max_norm"], 3),
-                  _fmt(a["queries_mean"], 3), _fmt(a["gradients_mean"], 3), f"{r['seconds']:.1f}s")
+        cells = [_fmt(r["eps"], 3), f"{r['clean_accuracy']:.1%}", f"{r['robust_accuracy']:.1%}",
+                 f"{a['success_rate']:.1%}" if a["seen"] else "-", _fmt(a["mean_norm"], 3), _fmt(a["max_norm"], 3),
+                 _fmt(a["queries_mean"], 3)]
+        if queries:
+            budget = a["config"].get("max_queries")
+            cells += [str(budget) if budget is not None else "-", _fmt(a["queries_mean_success"], 4),
+                      _fmt(a["queries_median_success"], 4)]
+        else:
+            cells.append(_fmt(a["gradients_mean"], 3))
+        t.add_row(*cells, f"{r['seconds']:.1f}s")
     return t
 
 
@@ -138,6 +154,9 @@ def attack_cmd(
                                                   rich_help_panel=ATTACK)] = None,
     area: Annotated[Optional[float], typer.Option(help="Patch area as a fraction of the image (patch attacks).",
                                                   rich_help_panel=ATTACK)] = None,
+    basis: Annotated[Optional[str], typer.Option(help="SimBA: search directions, pixel (single pixels) or dct "
+                                                 "(low-frequency cosine images first).",
+                                                 rich_help_panel=ATTACK)] = None,
     patch: Annotated[Optional[Path], typer.Option(
         help="--method patch: a saved patch (.pt or .png from `robustcnn patch train`). Without it a patch of "
              "--area is first trained on 2,000 training images, then evaluated on the test images.",
@@ -166,7 +185,8 @@ def attack_cmd(
     positive("--n", n)
     positive("--batch-size", batch_size)
     options = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha) if alpha is not None else None,
-               "restarts": restarts, "loss": loss, "c": c, "queries": queries, "pixels": pixels, "area": area}
+               "restarts": restarts, "loss": loss, "c": c, "queries": queries, "pixels": pixels, "area": area,
+               "basis": basis}
     built = [build_attack(method, e, options) for e in eps_list]  # every usage error before any work
     if save_examples is not None:
         check_png_path(save_examples, "--save-examples")
@@ -203,7 +223,7 @@ def attack_cmd(
             output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "method": spec.name,
                               "targeted": target is not None, "results": rows})
             return
-        output.stdout.print(_table(spec.name, rows, target is not None))
+        output.stdout.print(_table(spec.name, rows, target is not None, spec.kind))
         for w in rows[0]["warnings"]:
             output.stderr.print(f"[yellow]warning:[/] {w}")
         if save_examples is not None:
