@@ -75,6 +75,9 @@ class Context:
         self.aim = target  # the class the objectives aim at; may differ from the goal (see `retarget`)
         self.queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.gradients = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        # False for :meth:`Attack.perturb`: nobody reads success, so an attack may skip passes made only to learn it
+        self.verify = True
+        self.final_logits: Optional[Tensor] = None  # what ``_run`` returned besides x_adv (None: not computed)
 
     @property
     def generator(self):
@@ -256,22 +259,8 @@ class Attack:
                 :func:`attacks.rng.sample_keys`) — then each sample's result is independent of the batch it is in.
                 None means a generator seeded with 0, so calls are reproducible by default.
         """
-        x, y, target = self._check_inputs(model, x, y, target)
-        if model.training:
-            warnings.warn(
-                f"{self.name}: the model is in training mode (dropout/batch-norm statistics change its outputs); "
-                "call model.eval() before attacking it",
-                stacklevel=2,
-            )
-        rng = _make_rng(generator, x)
-        flags = _snapshot_training_flags(model)
-        ctx = Context(model, x, y, target, rng)
-        try:
-            x_adv, logits = self._run(ctx)
-        finally:
-            for m, f in zip(model.modules(), flags):
-                m.training = f
-        raw = x_adv.detach().to(x.dtype)
+        ctx, raw = self._attack(model, x, y, target, generator, verify=True)
+        x, logits = ctx.x, ctx.final_logits
         x_adv = self._enforce(x, raw)
         # The referee's pass sets `success`; it is not charged to the attacker's queries. It runs on every sample
         # when the attack returned no logits, and on the samples `_enforce` had to change otherwise.
@@ -291,6 +280,44 @@ class Attack:
             norms=self._measure(x, x_adv),
             gradients=ctx.gradients,
         )
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Optional[Tensor | int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Only the adversarial examples of :meth:`__call__` (same arguments, same draws), for adversarial training.
+
+        Nobody is told which samples were fooled, so passes made only to find out are skipped: the referee's, and
+        the final forward pass of iterative attacks that do not stop early. ``x_adv`` is the same as ``__call__``'s
+        except where a fooled sample's early exit would have kept an earlier iterate; it is inside the budget and
+        [0, 1] all the same.
+        """
+        ctx, raw = self._attack(model, x, y, target, generator, verify=False)
+        return self._enforce(ctx.x, raw)
+
+    def _attack(self, model, x, y, target, generator, *, verify: bool) -> tuple["Context", Tensor]:
+        """Check the inputs and run the attack: (its context, with ``final_logits`` set, and the raw ``x_adv``)."""
+        x, y, target = self._check_inputs(model, x, y, target)
+        if model.training:
+            warnings.warn(
+                f"{self.name}: the model is in training mode (dropout/batch-norm statistics change its outputs); "
+                "call model.eval() before attacking it",
+                stacklevel=3,
+            )
+        rng = _make_rng(generator, x)
+        flags = _snapshot_training_flags(model)
+        ctx = Context(model, x, y, target, rng)
+        ctx.verify = verify
+        try:
+            x_adv, ctx.final_logits = self._run(ctx)
+        finally:
+            for m, f in zip(model.modules(), flags):
+                m.training = f
+        return ctx, x_adv.detach().to(x.dtype)
 
     def _check_inputs(self, model, x, y, target):
         if not isinstance(model, nn.Module):

@@ -76,6 +76,8 @@ def _single_run(
 
     for t in range(steps + 1):
         last = t == steps
+        if last and not ctx.verify and not early_stop:  # Attack.perturb: nobody reads the final iterate's success
+            return cur, None, fooled
         if last:
             logits, grad = ctx.logits(cur, ids), None
         else:
@@ -115,6 +117,8 @@ def with_restarts(ctx: Context, idx: Tensor, restarts: int, run) -> tuple[Tensor
     """Call ``run(ctx, idx) -> (x_adv, logits, fooled)`` up to ``restarts`` times, each later time only on the
     samples still unfooled, so more restarts can only lower accuracy. Returns results for the samples at ``idx``."""
     x_out, logits_out, fooled = run(ctx, idx)
+    if logits_out is None:  # Attack.perturb without early exit: which samples are fooled is unknown, keep the run
+        return x_out, logits_out, fooled
     for _ in range(restarts - 1):
         left = (~fooled).nonzero().squeeze(1)
         if left.numel() == 0:

@@ -216,7 +216,7 @@ class AdversarialTraining:
         attack = self._full if eps == self.config.eps else self.config.inner_attack(eps)
         keys = sample_keys(self.seed, index, stream=1 + epoch)
         with _AttackMode(model, self.config.attack_bn):
-            return attack(model, x, y, generator=keys).x_adv.detach()
+            return attack.perturb(model, x, y, generator=keys).detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, where: Any,
              net: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,6 +73,8 @@ def test_same_seed_same_result(name, trained):
     a = atk(model, x[:16], y[:16], generator=torch.Generator().manual_seed(7))
     b = atk(model, x[:16], y[:16], generator=torch.Generator().manual_seed(7))
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success) and torch.equal(a.queries, b.queries)
+    # perturb (adversarial training) makes the same examples: it only skips passes that learn who was fooled
+    assert torch.equal(atk.perturb(model, x[:16], y[:16], generator=torch.Generator().manual_seed(7)), a.x_adv)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if attacks.get(n).targeted])

@@ -148,3 +148,32 @@ def test_l0_counts_pixels_not_channels():
     d[0, :, 1, 1] = 0.5  # one pixel, all channels
     d[1, 0, 0, 0] = d[1, 2, 3, 3] = 0.1  # two pixels
     assert get_norm("l0").measure(d).tolist() == [1.0, 2.0]
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name, kw", [("pgd", {"steps": 3, "early_stop": False}), ("fgsm", {"early_stop": False}),
+                                      ("pgd", {"steps": 3, "restarts": 2, "early_stop": False})])
+def test_perturb_returns_the_same_examples_without_the_verification_passes(trained, name, kw):
+    """Attack.perturb (adversarial training) gives __call__'s x_adv, inside the budget, with fewer model passes."""
+    model, x, y = trained
+    x, y = x[:32], y[:32]
+    atk = attacks.build(name, eps=0.1, **kw)
+    keys = sample_keys(4, torch.arange(32))
+    counted = _Counting(model).eval()
+    res = atk(counted, x, y, generator=keys)
+    full = counted.rows
+    counted.rows = 0
+    x_adv = atk.perturb(counted, x, y, generator=keys)
+    assert counted.rows < full
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    if kw.get("restarts", 1) == 1:
+        assert torch.equal(x_adv, res.x_adv)
