@@ -15,8 +15,8 @@ import json
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch

@@ -18,13 +18,14 @@ from robustcnn.errors import UsageError
 
 
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
+    """Let SIGTERM stop a command the way Ctrl-C does (what is saved stays as it is)."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
+    except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
@@ -40,7 +41,7 @@ def session(device: str) -> Iterator[tuple[DistContext, torch.device]]:
     ok = False
     try:
         if ctx.enabled:
-            with _sigterm_interrupts():
+            with sigterm_interrupts():
                 yield ctx, dev
         else:
             yield ctx, dev

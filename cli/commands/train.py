@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import TextColumn
@@ -13,7 +11,7 @@ from rich.table import Table
 
 from cli import output
 from cli.app import app
-from cli.distributed import refuse_distributed, session
+from cli.distributed import refuse_distributed, session, sigterm_interrupts
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
 from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
 from robustcnn.checkpoint import latest_checkpoint, load_model, record_latest
@@ -35,23 +33,6 @@ class Interrupted(RobustCNNError):
     """Ctrl-C or SIGTERM during training (exit code 130, like a shell)."""
 
     exit_code = 130
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Let SIGTERM stop training the way Ctrl-C does (the last complete checkpoint stays as it is)."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _duration(seconds: float) -> str:
@@ -145,7 +126,7 @@ def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out,
     fields = [TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
               TextColumn("{task.fields[speed]:,.0f} img/s")]
     try:
-        with _sigterm_interrupts(), output.progress(json_mode or not ctx.is_main, *fields) as bar:
+        with sigterm_interrupts(), output.progress(json_mode or not ctx.is_main, *fields) as bar:
             task = bar.add_task("training", total=None, loss=float("nan"), acc=0.0, speed=0.0)
 
             def on_step(p: Progress) -> None:
