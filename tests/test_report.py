@@ -130,3 +130,27 @@ def test_out_that_is_a_file_is_refused_and_kept(newest, tmp_path):
     f.write_text("keep me")
     assert_one_line_error(run_cli("report", "--n", "8", "--suite", "quick", "--out", str(f)), 2)
     assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("fgsm, pgd, flagged", [(0.8, 0.2, True), (0.9, 0.85, False), (0.3, 0.1, False),
+                                                (0.95, 0.94, False)])
+def test_single_step_masking_is_flagged(monkeypatch, fgsm, pgd, flagged):
+    """FGSM leaving far more accuracy than PGD-10 (catastrophic overfitting) gets a warning; small gaps do not."""
+    import robustcnn.report as report
+
+    class Fake:
+        def __init__(self, acc):
+            self.robust_accuracy = acc
+
+    def fake_evaluate(model, data, attack_list, **kw):
+        (atk,) = attack_list
+        if isinstance(atk, attacks.FGSM):
+            return Fake(fgsm)
+        return Fake(0.0 if atk.eps >= 1 else pgd)
+
+    monkeypatch.setattr(report.attacks, "evaluate", fake_evaluate)
+    monkeypatch.setattr(report, "correctly_classified", lambda model, x, y, **kw: torch.ones(len(y), dtype=torch.bool))
+    x, y = torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    notes = report.attack_checks(torch.nn.Identity(), x, y, eps=0.1, norm="linf", device=torch.device("cpu"),
+                                 seed=0, batch_size=8)
+    assert any("FGSM leaves" in n for n in notes) == flagged, notes
