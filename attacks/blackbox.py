@@ -117,8 +117,8 @@ class ScoreAttack(BoundedAttack):
         state = self._start(search)
         it = 0
         while True:
-            state = search.results.retire(state, state["fooled"])
-            state = search.results.retire(state, search.oracle.remaining(state["ids"]) < self._iteration_cost())
+            done = state["fooled"] | (search.oracle.remaining(state["ids"]) < self._iteration_cost())
+            state = search.results.retire(state, done)
             if state["ids"].numel() == 0:
                 return search.results.x_adv, search.results.logits
             state = self._step(search, state, it)
@@ -153,11 +153,11 @@ class ScoreSearch:
     def accept(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Query ``cand`` for the samples where ``mask`` holds (all by default) and keep it where it improves the
         objective or fools the model (greedy random search). Updates ``state`` in place; returns where it moved."""
-        if mask is None:  # every sample: no gathering
+        if mask is None:  # every sample: no gathering, and selects instead of masked copies (no index lists)
             logits, value, fooled = self.evaluate(cand, state["ids"])
             moved = (value > state["value"]) | fooled
             for key, new in (("x", cand), ("logits", logits), ("value", value)):
-                state[key][moved] = new[moved]
+                state[key] = torch.where(expand(moved, new), new, state[key])
             state["fooled"] |= fooled
             return moved
         moved = torch.zeros_like(state["fooled"])

@@ -32,7 +32,7 @@ from attacks.rng import SampleRNG
 
 #: (end of the phase in queries out of 10,000, divisor of p_init) — the paper's schedule.
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
-_RESAMPLES = 10  # Linf: redraws of the signs when a proposal would leave the window unchanged
+_RESAMPLES = 10  # Linf: sign proposals per image and iteration (the first that changes the window is taken)
 
 
 def p_schedule(p_init: float, it: int, budget: int) -> float:
@@ -67,24 +67,35 @@ def _twin_bump(s: int) -> Tensor:
 
 
 class _Windows:
-    """One random ``s x s`` window per image (top-left corner uniform over the valid positions)."""
+    """One random ``s x s`` window per image, its top-left corner uniform over the valid positions, picked by the
+    uniform numbers ``u_rows, u_cols`` (one per image, in [0, 1))."""
 
-    def __init__(self, rng: SampleRNG, ids: Tensor, s: int, h: int, w: int):
-        self.s = s
-        self.rows, in_rows = self._offsets(rng.integers(ids, h - s + 1), s, h)
-        self.cols, in_cols = self._offsets(rng.integers(ids, w - s + 1), s, w)
-        self.mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (n, 1, h, w)
+    def __init__(self, u_rows: Tensor, u_cols: Tensor, s: int, h: int, w: int):
+        self.s, self.h, self.w = s, h, w
+        self.top = (u_rows * (h - s + 1)).long().clamp_(max=h - s)
+        self.left = (u_cols * (w - s + 1)).long().clamp_(max=w - s)
 
-    @staticmethod
-    def _offsets(start: Tensor, s: int, size: int) -> tuple[Tensor, Tensor]:
-        rel = torch.arange(size, device=start.device)[None, :] - start[:, None]
-        return rel.clamp(0, s - 1), (rel >= 0) & (rel < s)
+    @property
+    def mask(self) -> Tensor:
+        """Boolean ``(n, 1, h, w)``: where each image's window lies."""
+        rows = torch.arange(self.h, device=self.top.device)[None, :] - self.top[:, None]
+        cols = torch.arange(self.w, device=self.left.device)[None, :] - self.left[:, None]
+        in_rows, in_cols = (rows >= 0) & (rows < self.s), (cols >= 0) & (cols < self.s)
+        return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+    @property
+    def flat(self) -> Tensor:
+        """``(n, s * s)`` flat pixel positions (``row * w + col``) of each image's window, row-major."""
+        span = torch.arange(self.s, device=self.top.device)
+        rows, cols = self.top[:, None] + span, self.left[:, None] + span
+        return (rows[:, :, None] * self.w + cols[:, None, :]).flatten(1)
 
     def place(self, pattern: Tensor) -> Tensor:
         """Per-image ``(n, s, s)`` patterns written into their windows of an otherwise zero ``(n, 1, h, w)``."""
         n = pattern.shape[0]
-        vals = pattern[torch.arange(n, device=pattern.device)[:, None, None], self.rows[:, :, None], self.cols[:, None, :]]
-        return vals[:, None] * self.mask
+        out = pattern.new_zeros(n, 1, self.h * self.w)
+        out.scatter_(2, self.flat[:, None, :], pattern.reshape(n, 1, -1))
+        return out.reshape(n, 1, self.h, self.w)
 
 
 @register
@@ -136,45 +147,60 @@ class Square(ScoreAttack):
 
     # -- one iteration ------------------------------------------------------------------------------------------
     def _step(self, search: ScoreSearch, state: State, it: int) -> State:
+        # Every random number of the iteration comes from one draw per image (one call of the per-sample streams,
+        # whose fixed cost would otherwise dominate an iteration on the few images left late in a run).
         ids = state["ids"]
-        h, w = state["x"].shape[2:]
-        win = _Windows(search.oracle.rng, ids, self._side(it, h, w), h, w)
+        x0 = search.oracle.x
+        c, h, w = x0.shape[1:]
         if self.norm == "linf":
-            cand = self._linf_candidate(search.oracle.rng, ids, state["x"], state["up"], state["down"], win)
+            u = search.oracle.rng.uniform(ids, (2 + _RESAMPLES * c,))
+            win = _Windows(u[:, 0], u[:, 1], self._side(it, h, w), h, w)
+            cand = self._linf_candidate(u[:, 2:].reshape(-1, _RESAMPLES, c) < 0.5, state["x"], state["up"],
+                                        state["down"], win)
         else:
-            cand = self._l2_candidate(search.oracle.rng, ids, state["x"], search.oracle.x[ids], win)
+            u = search.oracle.rng.uniform(ids, (5 + c,))
+            win = _Windows(u[:, 0], u[:, 1], self._side(it, h, w), h, w)
+            cand = self._l2_candidate(u[:, 2:], state["x"], x0[ids], win)
         search.accept(state, cand)
         return state
 
-    def _linf_candidate(self, rng: SampleRNG, ids: Tensor, cur: Tensor, up: Tensor, down: Tensor,
-                        win: _Windows) -> Tensor:
-        """Set each image's window to ``x0 +- eps`` (``up``/``down``, clamped to [0, 1]; a random sign per channel),
-        redrawing the signs of a proposal that would change nothing (rejection sampling on the signs alone: which
-        sign moves which channel is known)."""
-        c = cur.shape[1]
-        moves_up = (((up - cur).abs() > 1e-7) & win.mask).flatten(2).any(dim=2)  # (n, c)
-        moves_down = (((down - cur).abs() > 1e-7) & win.mask).flatten(2).any(dim=2)
-        signs = rademacher(rng, ids, (c,)) > 0
-        for _ in range(_RESAMPLES):
-            idle = ~torch.where(signs, moves_up, moves_down).any(dim=1)
-            if not bool(idle.any()):
-                break
-            signs[idle] = rademacher(rng, ids[idle], (c,)) > 0
-        return torch.where(win.mask, torch.where(signs[:, :, None, None], up, down), cur)
+    @staticmethod
+    def _linf_candidate(signs: Tensor, cur: Tensor, up: Tensor, down: Tensor, win: _Windows) -> Tensor:
+        """Set each image's window to ``x0 +- eps`` (``up``/``down``, clamped to [0, 1]; a sign per channel).
 
-    def _l2_candidate(self, rng: SampleRNG, ids: Tensor, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
-        """Move the mass of a second window into the first, add a fresh bump there, and rescale to norm ``eps``."""
+        ``signs`` ``(n, R, c)`` are ``R`` independent sign proposals per image; the first one that changes the
+        window is taken (the last when none does): rejection sampling on the signs alone, vectorized, since which
+        sign moves which channel is known without a query. Only the windows' pixels are read and written."""
+        n, c = cur.shape[:2]
+        where = win.flat[:, None, :].expand(n, c, -1)  # (n, c, s*s)
+        up_w, down_w = up.flatten(2).gather(2, where), down.flatten(2).gather(2, where)
+        cur_w = cur.flatten(2).gather(2, where)
+        moves_up = ((up_w - cur_w).abs() > 1e-7).any(dim=2)  # (n, c)
+        moves_down = ((down_w - cur_w).abs() > 1e-7).any(dim=2)
+        moves = torch.where(signs, moves_up[:, None, :], moves_down[:, None, :]).any(dim=2)  # (n, R)
+        moves[:, -1] = True
+        first = moves.to(torch.uint8).argmax(dim=1)
+        chosen = signs[torch.arange(n, device=signs.device), first]  # (n, c)
+        cand = cur.clone(memory_format=torch.contiguous_format)  # contiguous: flatten(2) below is a view
+        cand.flatten(2).scatter_(2, where, torch.where(chosen[:, :, None], up_w, down_w))
+        return cand
+
+    def _l2_candidate(self, u: Tensor, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
+        """Move the mass of a second window into the first, add a fresh bump there, and rescale to norm ``eps``.
+
+        ``u`` ``(n, 3 + c)``: uniform numbers for the second window's corner, the bump's orientation and its sign
+        per channel."""
         c, h, w = x0.shape[1:]
-        other = _Windows(rng, ids, win.s, h, w)
+        other = _Windows(u[:, 0], u[:, 1], win.s, h, w)
         delta = cur - x0
         m1, both = win.mask.to(x0), (win.mask | other.mask).to(x0)
         window_norm = (delta * m1).flatten(2).norm(dim=2)[..., None, None]  # (n, c, 1, 1)
         union_norm = (delta * both).flatten(2).norm(dim=2)[..., None, None]
         total_sq = delta.flatten(1).pow(2).sum(dim=1)
         bump = _twin_bump(win.s).to(x0)
-        flip = rng.uniform(ids, (1, 1)) < 0.5
-        patterns = torch.where(flip, bump.t(), bump)
-        fresh = win.place(patterns) * rademacher(rng, ids, (c, 1, 1)).to(x0)
+        patterns = torch.where((u[:, 2] < 0.5)[:, None, None], bump.t(), bump)
+        signs = (u[:, 3:] < 0.5).to(x0) * 2 - 1
+        fresh = win.place(patterns) * signs[:, :, None, None]
         fresh = fresh + delta * m1 / (window_norm + 1e-10)
         budget = ((self.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
         fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()

@@ -3,6 +3,7 @@
     python benchmarks/bench_blackbox.py [--checkpoint PATH] [--n 1000] [--n-decision 200] [--eps 0.1]
                                         [--queries 1000] [--batch-size 250] [--rows-per-call N] [--repeats 1]
                                         [--threads N] [--clock wall|cpu] [--skip-decision]
+                                        [--attacks square,simba-dct,...]
 
 On a shared machine use ``--threads 1 --clock cpu``: with other processes on the cores, every multi-threaded
 operation waits for its slowest thread, and wall time measures the neighbours as much as the attack.
@@ -93,7 +94,8 @@ def distribution(q: torch.Tensor) -> str:
     return f"{np.median(a):>7.0f} {a.mean():>7.1f} {np.percentile(a, 90):>7.0f}"
 
 
-def score_section(model, x, y, eps: float, queries: int, batch_size: int, rows_per_call: int, repeats: int) -> None:
+def score_section(model, x, y, eps: float, queries: int, batch_size: int, rows_per_call: int, repeats: int,
+                  only: tuple[str, ...] = ()) -> None:
     print(f"\n1) score-based at Linf eps={eps}, {queries} queries/image, on {len(y)} correctly classified images, "
           f"batch {batch_size}, oracle calls of at most {rows_per_call} rows")
     pgd = run_batched(attacks.PGD(eps=eps, steps=20), model, x, y, batch_size)
@@ -111,6 +113,8 @@ def score_section(model, x, y, eps: float, queries: int, batch_size: int, rows_p
             ("nes", attacks.NES(eps=eps, max_queries=queries)),
             ("spsa", attacks.SPSA(eps=eps, max_queries=queries))]
     for label, atk in runs:
+        if only and label not in only:
+            continue
         atk = dataclasses.replace(atk, rows_per_call=rows_per_call)
         times, ratios = [], []
         for r in range(repeats):
@@ -161,6 +165,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                     help="timer: wall time, or this process's CPU time (steadier on a busy machine)")
     ap.add_argument("--skip-decision", action="store_true", help="run part 1 only")
+    ap.add_argument("--attacks", default="", help="comma-separated score-based attacks of part 1 to run (default: all "
+                                                  "of square, simba-dct, simba-pixel, nes, spsa)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,7 +184,8 @@ def report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Na
           f"torch threads: {torch.get_num_threads()}")
     xs, ys = x[: args.n][correct[: args.n]], y[: args.n][correct[: args.n]]
     rows = getattr(args, "rows_per_call", None) or default_rows_per_call(x.device)
-    score_section(model, xs, ys, args.eps, args.queries, args.batch_size, rows, getattr(args, "repeats", 1))
+    only = tuple(a for a in getattr(args, "attacks", "").split(",") if a)
+    score_section(model, xs, ys, args.eps, args.queries, args.batch_size, rows, getattr(args, "repeats", 1), only)
     if getattr(args, "skip_decision", False):
         return
     xd, yd = x[: args.n_decision][correct[: args.n_decision]], y[: args.n_decision][correct[: args.n_decision]]

@@ -294,6 +294,51 @@ def test_universal_patch_transfers_to_unseen_images(task):
     assert trained >= 0.5 and trained > noise.success.float().mean() + 0.3
 
 
+def test_sink_objective_leaves_the_sink_class_out():
+    """Towards the sink class for every image, except the images that already belong to it (zero loss there)."""
+    from attacks.losses import cross_entropy
+    from attacks.patch import _sink_objective
+
+    logits = torch.randn(6, 4, generator=_gen(3))
+    y = torch.tensor([0, 1, 2, 3, 2, 0])
+    sink = torch.full((6,), 2)
+    value = _sink_objective(cross_entropy)(logits, y, sink)
+    assert torch.equal(value[y == 2], torch.zeros(2))
+    assert torch.allclose(value[y != 2], cross_entropy(logits, y, sink)[y != 2])
+
+
+def test_sink_search_picks_the_best_trial_and_only_when_untargeted(task, monkeypatch):
+    """Untargeted with ``sink``: one trial of the plain loss and one per class, then the best trial's patch goes on
+    training with its own objective; targeted training (or ``sink=False``) runs no trial at all."""
+    import attacks.patch as patch_mod
+
+    model = task[0]
+    xtr, ytr = _blobs(128, seed=7)
+    calls = []
+    real_optimize, real_rate = patch_mod._optimize, patch_mod._fooling_rate
+
+    def spy_optimize(ctx, patch, training, objective, steps):
+        calls.append((None if ctx.aim is None else int(ctx.aim[0]), steps))
+        return real_optimize(ctx, patch, training, objective, steps)
+
+    rates = iter([0.1, 0.2, 0.9, 0.3, 0.4])  # plain, then classes 0..3: class 1 has the best trial
+    monkeypatch.setattr(patch_mod, "_optimize", spy_optimize)
+    monkeypatch.setattr(patch_mod, "_fooling_rate", lambda ctx, patch: next(rates))
+    training = patch_mod.PatchTraining(steps=7, trial_steps=3, batch_size=32)
+    train_patch(model, xtr, ytr, area=0.05, generator=_gen(), training=training)
+    assert calls == [(None, 3), (0, 3), (1, 3), (2, 3), (3, 3), (1, 7)]
+
+    calls.clear()
+    targeted = train_patch(model, xtr, ytr, area=0.05, target=2, generator=_gen(), training=training)
+    assert calls == [(2, 7)]
+    calls.clear()
+    monkeypatch.setattr(patch_mod, "_fooling_rate", real_rate)
+    plain = patch_mod.PatchTraining(steps=7, trial_steps=3, batch_size=32, sink=False)
+    assert torch.equal(train_patch(model, xtr, ytr, area=0.05, target=2, generator=_gen(), training=plain), targeted)
+    train_patch(model, xtr, ytr, area=0.05, generator=_gen(), training=plain)
+    assert calls == [(2, 7), (None, 7)]
+
+
 # -- bad input -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("area", [0, 1, -0.1, 1.5, float("nan"), "0.05"])
 @pytest.mark.parametrize("cls", [attacks.UniversalPatch, attacks.LocalizedPatch])

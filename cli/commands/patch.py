@@ -137,6 +137,9 @@ def train_cmd(
                                                   "index. Default: untargeted.", rich_help_panel=PATCH)] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (one minibatch each).",
                                        rich_help_panel=PATCH)] = PatchTraining.steps,
+    sink: Annotated[bool, typer.Option("--sink/--no-sink", help="Untargeted: pull every image towards the one class "
+                                       "whose short trial fools the most training images (stronger than pushing "
+                                       "each image away from its own class).", rich_help_panel=PATCH)] = PatchTraining.sink,
     train_images: Annotated[int, typer.Option("--train-images", help="Training images the patch is trained on.",
                                               rich_help_panel=PATCH)] = 10000,
     n: Annotated[int, typer.Option("--n", help="Held-out test images the patch is measured on.",
@@ -175,7 +178,7 @@ def train_cmd(
         for a in areas:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             patch = train_patch(model, train_x, train_y, area=a, target=target, generator=gen,
-                                training=PatchTraining(steps=steps, batch_size=batch_size or 256))
+                                training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink))
             png, pt = save_patch(patch, _default_stem(out, meta["dataset"], a, target, len(areas) > 1))
             noise = noise_patch(tuple(patch.shape), torch.Generator(device="cpu").manual_seed(seed + 1))
             rows.append({"area_requested": a, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
@@ -185,7 +188,7 @@ def train_cmd(
     if json_out:
         output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
                           "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
-                          "steps": steps, "seed": seed, "results": rows})
+                          "steps": steps, "sink": sink and target is None, "seed": seed, "results": rows})
         return
     output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
 
