@@ -189,13 +189,14 @@ def _sink_objective(loss: Objective) -> Objective:
     return objective
 
 
-def _fooling_rate(ctx: Context, patch: Tensor) -> float:
-    """Untargeted success of ``patch`` pasted at random locations on the first training images (counted passes)."""
+def _fooling_rate(ctx: Context, patch: Tensor) -> tuple[float, int]:
+    """Untargeted success of ``patch`` pasted at random locations on the first training images (counted passes),
+    and the number of classes the model's outputs have."""
     _, _, h, w = ctx.x.shape
     idx = torch.arange(min(ctx.n, _TRIAL_IMAGES), device=ctx.x.device)
     rows, cols = random_corners(ctx.rng, idx, tuple(patch.shape[-2:]), h, w)
-    fooled = ctx.is_adversarial(ctx.logits(paste(ctx.x[idx], patch, rows, cols), idx), idx)
-    return fooled.float().mean().item()
+    logits = ctx.logits(paste(ctx.x[idx], patch, rows, cols), idx)
+    return ctx.is_adversarial(logits, idx).float().mean().item(), logits.shape[1]
 
 
 def fit_patch(ctx: Context, shape: tuple[int, int], training: PatchTraining) -> Tensor:
@@ -210,15 +211,17 @@ def fit_patch(ctx: Context, shape: tuple[int, int], training: PatchTraining) -> 
     plain = target_checked(get_loss(training.loss))
     if ctx.targeted or not training.sink:
         return _optimize(ctx, grey, training, plain, training.steps)
-    classes = ctx.logits(ctx.x[:1], torch.zeros(1, dtype=torch.long, device=ctx.x.device)).shape[1]
+    # the plain loss's trial first: scoring it also tells how many classes there are to try as sinks
+    patch = _optimize(ctx, grey, training, plain, training.trial_steps)
+    rate, classes = _fooling_rate(ctx, patch)
+    best = (rate, ctx, plain, patch)
     sink = _sink_objective(get_loss(training.loss))
-    trials = [(ctx, plain)] + [(ctx.retarget(torch.full_like(ctx.y, k)), sink) for k in range(classes)]
-    best = None
-    for view, objective in trials:
-        patch = _optimize(view, grey, training, objective, training.trial_steps)
-        rate = _fooling_rate(ctx, patch)
-        if best is None or rate > best[0]:
-            best = (rate, view, objective, patch)
+    for k in range(classes):
+        view = ctx.retarget(torch.full_like(ctx.y, k))
+        patch = _optimize(view, grey, training, sink, training.trial_steps)
+        rate, _ = _fooling_rate(ctx, patch)
+        if rate > best[0]:
+            best = (rate, view, sink, patch)
     _, view, objective, patch = best
     return _optimize(view, patch, training, objective, training.steps)
 
@@ -367,8 +370,8 @@ class LocalizedPatch(PatchAttack):
     ``center`` or ``random``. ``restarts``: locations tried per image that is not yet fooled (5 by default, the
     searched location of LaVAN: on a normally trained Fashion-MNIST CNN at 5 % area one location fools 62 % of the
     correctly classified images, three 78 %, five 81 %); after the first, ``saliency`` takes the next most salient
-    window that does not overlap the ones tried, the other rules a random one. The first gradient pass, on the clean image, also leaves misclassified images as they are. ``loss``:
-    ``margin`` (default), ``ce`` or ``dlr``.
+    window that does not overlap the ones tried, the other rules a random one. The first gradient pass, on the
+    clean image, also leaves misclassified images as they are. ``loss``: ``margin`` (default), ``ce`` or ``dlr``.
     """
 
     name = "lavan"

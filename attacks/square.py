@@ -46,7 +46,12 @@ def p_schedule(p_init: float, it: int, budget: int) -> float:
 
 def rademacher(rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Independent +-1 entries of shape ``(len(idx), *shape)`` from the streams of the samples at ``idx``."""
-    return (rng.uniform(idx, shape) < 0.5).to(torch.float32) * 2 - 1
+    return signs_of(rng.uniform(idx, shape))
+
+
+def signs_of(u: Tensor) -> Tensor:
+    """+-1 (float32) from uniform numbers in [0, 1): -1 below one half."""
+    return (u < 0.5).to(torch.float32) * 2 - 1
 
 
 def _bump(a: int, b: int) -> Tensor:
@@ -191,19 +196,18 @@ class Square(ScoreAttack):
         ``u`` ``(n, 3 + c)``: uniform numbers for the second window's corner, the bump's orientation and its sign
         per channel."""
         c, h, w = x0.shape[1:]
-        other = _Windows(u[:, 0], u[:, 1], win.s, h, w)
+        in_win, in_other = win.mask, _Windows(u[:, 0], u[:, 1], win.s, h, w).mask
         delta = cur - x0
-        m1, both = win.mask.to(x0), (win.mask | other.mask).to(x0)
+        m1, both = in_win.to(x0), (in_win | in_other).to(x0)
         window_norm = (delta * m1).flatten(2).norm(dim=2)[..., None, None]  # (n, c, 1, 1)
         union_norm = (delta * both).flatten(2).norm(dim=2)[..., None, None]
         total_sq = delta.flatten(1).pow(2).sum(dim=1)
         bump = _twin_bump(win.s).to(x0)
         patterns = torch.where((u[:, 2] < 0.5)[:, None, None], bump.t(), bump)
-        signs = (u[:, 3:] < 0.5).to(x0) * 2 - 1
-        fresh = win.place(patterns) * signs[:, :, None, None]
+        fresh = win.place(patterns) * signs_of(u[:, 3:]).to(x0)[:, :, None, None]
         fresh = fresh + delta * m1 / (window_norm + 1e-10)
         budget = ((self.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
         fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()
-        delta = torch.where(win.mask, fresh, torch.where(other.mask, torch.zeros_like(delta), delta))
+        delta = torch.where(in_win, fresh, torch.where(in_other, torch.zeros_like(delta), delta))
         delta = delta * expand(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
         return (x0 + delta).clamp(0.0, 1.0)

@@ -323,7 +323,7 @@ def test_sink_search_picks_the_best_trial_and_only_when_untargeted(task, monkeyp
 
     rates = iter([0.1, 0.2, 0.9, 0.3, 0.4])  # plain, then classes 0..3: class 1 has the best trial
     monkeypatch.setattr(patch_mod, "_optimize", spy_optimize)
-    monkeypatch.setattr(patch_mod, "_fooling_rate", lambda ctx, patch: next(rates))
+    monkeypatch.setattr(patch_mod, "_fooling_rate", lambda ctx, patch: (next(rates), real_rate(ctx, patch)[1]))
     training = patch_mod.PatchTraining(steps=7, trial_steps=3, batch_size=32)
     train_patch(model, xtr, ytr, area=0.05, generator=_gen(), training=training)
     assert calls == [(None, 3), (0, 3), (1, 3), (2, 3), (3, 3), (1, 7)]
