@@ -119,10 +119,15 @@ class Context:
 
     def logits(self, x: Tensor, idx: Tensor) -> Tensor:
         """Model outputs without gradient; counts one query for each sample in ``idx``."""
-        with torch.no_grad():
-            out = self._check(self.model(x))
+        out = self.uncounted_logits(x)
         self.queries.index_add_(0, idx, torch.ones_like(idx))
         return out
+
+    def uncounted_logits(self, x: Tensor) -> Tensor:
+        """Model outputs without gradient, checked, and *not* counted: for a caller that has counted them already
+        (the black-box oracle counts before the model runs, to refuse a query over budget)."""
+        with torch.no_grad():
+            return self._check(self.model(x))
 
     def forward_graph(self, x: Tensor, idx: Tensor) -> Tensor:
         """Logits *with* the autograd graph, for attacks that differentiate through a reparametrization of the
@@ -225,6 +230,12 @@ class Attack:
     @property
     def norm_obj(self) -> Norm:
         return get_norm(getattr(self, "norm", self.supported_norms[0]))
+
+    def samples_per_call(self, batch_size: int) -> int:
+        """How many samples a caller that works in batches of ``batch_size`` (:func:`attacks.evaluate`) should
+        hand this attack per call: ``batch_size``, unless the attack schedules its own work set (the score-based
+        attacks take many batches at once and keep their model calls full)."""
+        return batch_size
 
     def config(self) -> dict:
         """The attack's name and hyperparameters as a plain dict (for reports).

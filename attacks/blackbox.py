@@ -1,9 +1,10 @@
 """What the black-box attacks share: their base classes, the work-set bookkeeping, and the common search steps.
 
 * :class:`ScoreAttack` — sees scores through a :class:`~attacks.oracle.QueryOracle`, stays inside an Lp ball of
-  radius ``eps``, at most ``max_queries`` queries per sample. Subclasses write ``_start`` (the first query) and
-  ``_step`` (one iteration); :meth:`ScoreAttack._run` is the one loop that drops a sample as soon as it is fooled or
-  cannot pay for another iteration.
+  radius ``eps``, at most ``max_queries`` queries per sample. Subclasses write ``_start`` (the first query of some
+  samples) and ``_step`` (one iteration); :meth:`ScoreAttack._run` is the one loop that drops a sample as soon as it
+  is fooled or cannot pay for another iteration, and refills the work set with samples not yet started (each
+  sample counts its own iterations, ``state["it"]``), so that model calls stay full until the last samples.
 * :class:`DecisionAttack` — sees labels only and *minimizes* the perturbation from an adversarial starting point.
   With ``eps=None`` it spends its budget shrinking the perturbation and reports the norm reached; with ``eps`` a
   sample stops as soon as an adversarial point within ``eps`` is found (and counts as a success only then).
@@ -35,6 +36,10 @@ def rows_per_call_field():
     changes speed, never results or counts, and is left out of :meth:`~attacks.base.Attack.config`."""
     return field(default=None, metadata={"runtime": True})
 
+#: Batches of samples a score-based attack takes per call from :func:`attacks.evaluate` (see
+#: :meth:`ScoreAttack.samples_per_call`): its work set stays one model call wide either way.
+REFILL_BATCHES = 16
+
 #: Probes per sample in one model call of the estimators (NES/SPSA pairs, HopSkipJump's boundary samples): one call
 #: serves every sample of the work set. Fixed, not derived from the batch size, so that each sample's random draws
 #: (and its result) are the same whatever batch it is attacked in; it also bounds memory.
@@ -44,6 +49,30 @@ PROBES_PER_CALL = 32
 def subset(state: State, mask: Tensor) -> State:
     """The rows of every tensor in ``state`` where ``mask`` holds."""
     return {k: v[mask] for k, v in state.items()}
+
+
+def join(state: Optional[State], new: State) -> State:
+    """Two work sets with the same keys as one (``state`` first); ``state`` may be None."""
+    if state is None or state["ids"].numel() == 0:
+        return new
+    return {k: torch.cat([v, new[k]]) for k, v in state.items()}
+
+
+def work_set_field():
+    """The ``work_set`` field of the score-based attacks: the most samples iterated on at once (None:
+    :func:`default_work_set`). A runtime setting like ``rows_per_call``: each sample's draws and iterations are its
+    own, so it changes speed and memory only, never results or counts."""
+    return field(default=None, metadata={"runtime": True})
+
+
+#: Bytes of image state a default work set may hold (several copies of each image: current point, candidate, ...).
+WORK_SET_BYTES = 1 << 30
+
+
+def default_work_set(x: Tensor, rows_per_call: int) -> int:
+    """One full model call of samples (one query each per iteration), fewer for large images (memory)."""
+    per_sample = max(1, x[:1].numel() * x.element_size() * 8)
+    return max(1, min(rows_per_call, WORK_SET_BYTES // per_sample))
 
 
 def expand(t: Tensor, like: Tensor) -> Tensor:
@@ -86,14 +115,22 @@ class ScoreAttack(BoundedAttack):
     max_queries: int = 1000
     loss: str = "margin"
     rows_per_call: Optional[int] = rows_per_call_field()
+    work_set: Optional[int] = work_set_field()
 
     def _validate(self) -> None:
         super()._validate()
         check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
         check_choice("loss", self.loss, self._objectives())
-        if self.rows_per_call is not None:
-            check_int("rows_per_call", self.rows_per_call)
+        for name in ("rows_per_call", "work_set"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+
+    def samples_per_call(self, batch_size: int) -> int:
+        """Samples a caller should hand over per call: many batches at once, since the work set is refilled as
+        samples finish (the slow tail of few samples, whose per-iteration costs are fixed, then comes once per call
+        instead of once per batch)."""
+        return batch_size * REFILL_BATCHES
 
     def _objectives(self) -> dict[str, Objective]:
         """The objectives ``loss`` may name."""
@@ -103,26 +140,38 @@ class ScoreAttack(BoundedAttack):
         """Queries one iteration needs per sample; a sample with fewer left stops."""
         return 1
 
-    def _start(self, search: "ScoreSearch") -> State:
-        """Query the starting points; return the work set (``ids``, ``x``, ``logits``, ``value``, ``fooled``)."""
+    def _start(self, search: "ScoreSearch", ids: Tensor) -> State:
+        """Query the starting points of the samples at ``ids``; return their work set (``ids``, ``x``, ``logits``,
+        ``value``, ``fooled`` and any state of the attack's own)."""
         raise NotImplementedError
 
-    def _step(self, search: "ScoreSearch", state: State, it: int) -> State:
-        """One iteration over the work set; must refresh ``fooled``."""
+    def _step(self, search: "ScoreSearch", state: State) -> State:
+        """One iteration over the work set (``state["it"]``: each sample's iterations so far); must refresh
+        ``fooled``."""
         raise NotImplementedError
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         oracle = QueryOracle(ctx, "score", self.max_queries, self.rows_per_call)
         search = ScoreSearch(oracle, self._objectives()[self.loss], self.norm_obj, self.eps)
-        state = self._start(search)
-        it = 0
+        size = self.work_set or default_work_set(ctx.x, oracle.rows_per_call)
+        state: Optional[State] = None
+        started = 0
         while True:
+            live = 0 if state is None else state["ids"].numel()
+            if started < ctx.n and live <= size // 2:  # refill in chunks of at least half the work set
+                ids = torch.arange(started, min(ctx.n, started + size - live), device=ctx.x.device)
+                new = self._start(search, ids)
+                new["it"] = torch.zeros_like(ids)
+                state, started = join(state, new), started + ids.numel()
+            assert state is not None
             done = state["fooled"] | (search.oracle.remaining(state["ids"]) < self._iteration_cost())
             state = search.results.retire(state, done)
             if state["ids"].numel() == 0:
-                return search.results.x_adv, search.results.logits
-            state = self._step(search, state, it)
-            it += 1
+                if started == ctx.n:
+                    return search.results.x_adv, search.results.logits
+                continue
+            state = self._step(search, state)
+            state["it"] = state["it"] + 1
 
 
 class ScoreSearch:
@@ -212,17 +261,16 @@ class EstimatedGradientAttack(ScoreAttack):
         """Probe directions of shape ``(len(idx), *shape)`` from the streams of the samples at ``idx``."""
         raise NotImplementedError
 
-    def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
+    def _update(self, search: ScoreSearch, state: State, grad: Tensor) -> tuple[Tensor, State]:
         """The next iterate (before projection) and the state with any optimizer memory updated."""
         raise NotImplementedError
 
-    def _start(self, search: ScoreSearch) -> State:
-        x = search.oracle.x
-        return search.start(x.clone(), torch.arange(x.shape[0], device=x.device))
+    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+        return search.start(search.oracle.x[ids].clone(), ids)
 
-    def _step(self, search: ScoreSearch, state: State, it: int) -> State:
+    def _step(self, search: ScoreSearch, state: State) -> State:
         grad = self._estimate(search, state)
-        nxt, state = self._update(search, state, grad, it)
+        nxt, state = self._update(search, state, grad)
         pos = (~state["fooled"]).nonzero()[:, 0]  # samples a probe of the estimate has not fooled already
         if pos.numel():
             ids = state["ids"][pos]

@@ -249,8 +249,9 @@ def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: 
     queries = torch.zeros(idx.numel(), dtype=torch.long)
     x_adv = x_all[idx].clone() if keep_examples else None
     t0 = time.perf_counter()
-    for s in range(0, idx.numel(), batch_size):
-        part = idx[s : s + batch_size]
+    per_call = atk.samples_per_call(batch_size)
+    for s in range(0, idx.numel(), per_call):
+        part = idx[s : s + per_call]
         tgt = None if target is None else target[part].to(device)
         res = atk(model, x_all[part].to(device), y_all[part].to(device), target=tgt,
                   generator=sample_keys(seed, part, attack_stream(atk)))

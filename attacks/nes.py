@@ -37,5 +37,5 @@ class NES(EstimatedGradientAttack):
     def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
         return rng.normal(idx, shape)
 
-    def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
+    def _update(self, search: ScoreSearch, state: State, grad: Tensor) -> tuple[Tensor, State]:
         return state["x"] + self.step_size * search.norm.steepest(grad), state

@@ -147,17 +147,23 @@ class QueryOracle:
             raise ValueError(f"{x.shape[0]} query rows but {idx.shape[0]} sample indices")
         if x.shape[0] == 0:
             raise ValueError("empty query: an attack must not call the oracle with no rows")
-        wanted = self._ctx.queries + torch.bincount(idx, minlength=self.n)
-        low, high = torch.aminmax(x.detach())
-        if bool((wanted > self.max_queries).any() | (low < 0) | (high > 1)):  # one device sync for both checks
+        # Charge first and check after (one device sync for both checks); a refused query is refunded before any
+        # model call, so it costs nothing and shows nothing.
+        counts = self._ctx.queries
+        ones = torch.ones_like(idx)
+        counts.index_add_(0, idx, ones)
+        x = x.detach()
+        low, high = torch.aminmax(x)
+        if bool((counts[idx].max() > self.max_queries) | (low < 0) | (high > 1)):
+            wanted = counts.clone()
+            counts.index_add_(0, idx, -ones)
             if bool((low < 0) | (high > 1)):
                 raise ValueError("query images must lie in [0, 1]")
             worst = int(wanted.argmax())
             raise QueryBudgetError(
                 f"sample {worst} would receive {int(wanted[worst])} queries, over the budget of {self.max_queries}"
             )
-        x = x.detach()
         chunks = row_chunks(idx, self.rows_per_call)
         if len(chunks) == 1:
-            return self._ctx.logits(x, idx)  # runs under torch.no_grad() and counts one query per row
-        return torch.cat([self._ctx.logits(x[a:b], idx[a:b]) for a, b in chunks])
+            return self._ctx.uncounted_logits(x)  # under torch.no_grad(); counted above, one query per row
+        return torch.cat([self._ctx.uncounted_logits(x[a:b]) for a, b in chunks])

@@ -80,17 +80,16 @@ class SimBA(ScoreAttack):
             return self.step
         return self.eps if self.norm == "linf" else min(0.2, self.eps)
 
-    def _start(self, search: ScoreSearch) -> State:
-        x0 = search.oracle.x
-        n, c, h, w = x0.shape
-        ids = torch.arange(n, device=x0.device)
+    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+        x0 = search.oracle.x[ids]
+        c, h, w = x0.shape[1:]
         key = search.oracle.rng.uniform(ids, (c * h * w,))
         if self.basis == "dct":  # low-frequency rings first, random inside a ring
             u = torch.arange(h, device=key.device)[:, None]
             v = torch.arange(w, device=key.device)[None, :]
             key = key + torch.maximum(u, v).flatten().repeat(c)
         order = key.argsort(dim=1).to(x0.device)
-        return search.start(x0.clone(), ids, order=order)
+        return search.start(x0, ids, order=order)
 
     def _direction(self, coord: Tensor, like: Tensor) -> Tensor:
         """Basis images for the flat coordinates ``coord`` (one per sample), ``step_size`` long in the norm."""
@@ -105,10 +104,10 @@ class SimBA(ScoreAttack):
         out[torch.arange(n, device=like.device), ch] = image
         return out * expand(self.step_size / self.norm_obj.measure(out), out)
 
-    def _step(self, search: ScoreSearch, state: State, it: int) -> State:
+    def _step(self, search: ScoreSearch, state: State) -> State:
         x0 = search.oracle.x[state["ids"]]
         order = state["order"]
-        q = self._direction(order[:, it % order.shape[1]], x0)
+        q = self._direction(order.gather(1, (state["it"] % order.shape[1])[:, None])[:, 0], x0)
         moved = search.accept(state, search.project(x0, state["x"] - q))
         retry = ~moved & ~state["fooled"] & (search.oracle.remaining(state["ids"]) >= 1)
         search.accept(state, search.project(x0, state["x"] + q), retry)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
+from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State, expand
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.square import rademacher
@@ -45,15 +45,16 @@ class SPSA(EstimatedGradientAttack):
     def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
         return rademacher(rng, idx, shape)
 
-    def _start(self, search: ScoreSearch) -> State:
-        state = super()._start(search)
+    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+        state = super()._start(search, ids)
         state["m"], state["v"] = torch.zeros_like(state["x"]), torch.zeros_like(state["x"])
         return state
 
-    def _update(self, search: ScoreSearch, state: State, grad: Tensor, it: int) -> tuple[Tensor, State]:
+    def _update(self, search: ScoreSearch, state: State, grad: Tensor) -> tuple[Tensor, State]:
         b1, b2 = _BETAS
         state["m"] = b1 * state["m"] + (1 - b1) * grad
         state["v"] = b2 * state["v"] + (1 - b2) * grad * grad
-        m_hat = state["m"] / (1 - b1 ** (it + 1))
-        v_hat = state["v"] / (1 - b2 ** (it + 1))
+        t = state["it"].double() + 1  # each sample's own Adam step (bias corrections in double, as for a float)
+        m_hat = state["m"] / expand(1 - b1 ** t, grad).to(grad)
+        v_hat = state["v"] / expand(1 - b2 ** t, grad).to(grad)
         return state["x"] + self.step_size * m_hat / (v_hat.sqrt() + _ADAM_EPS), state

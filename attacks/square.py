@@ -21,7 +21,9 @@ more images with half the median queries). Unlike the reference code, every imag
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,7 @@ from attacks.rng import SampleRNG
 #: (end of the phase in queries out of 10,000, divisor of p_init) — the paper's schedule.
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 _RESAMPLES = 10  # Linf: sign proposals per image and iteration (the first that changes the window is taken)
+_BLOCK = 16  # iterations whose random numbers an image draws at once (one call of its stream per block)
 
 
 def p_schedule(p_init: float, it: int, budget: int) -> float:
@@ -42,6 +45,12 @@ def p_schedule(p_init: float, it: int, budget: int) -> float:
         if t <= end:
             return p_init / divisor
     return p_init / 512
+
+
+@functools.lru_cache(maxsize=16)
+def _side_table(attack: "Square", h: int, w: int) -> Tensor:
+    """Window side at every iteration ``0 .. max_queries`` of ``attack`` on ``h x w`` images."""
+    return torch.tensor([attack._side(it, h, w) for it in range(attack.max_queries + 1)])
 
 
 def rademacher(rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -71,36 +80,59 @@ def _twin_bump(s: int) -> Tensor:
     return out / out.norm()
 
 
-class _Windows:
-    """One random ``s x s`` window per image, its top-left corner uniform over the valid positions, picked by the
-    uniform numbers ``u_rows, u_cols`` (one per image, in [0, 1))."""
+@functools.lru_cache(maxsize=8)
+def _twin_bump_table(m: int) -> Tensor:
+    """``(m + 1, m, m)``: slice ``s`` holds :func:`_twin_bump` ``(s)`` in its top-left corner, zeros elsewhere."""
+    out = torch.zeros(m + 1, m, m)
+    for s in range(1, m + 1):
+        out[s, :s, :s] = _twin_bump(s)
+    return out
 
-    def __init__(self, u_rows: Tensor, u_cols: Tensor, s: int, h: int, w: int):
+
+class _Windows:
+    """One random ``s x s`` window per image (``s``: a side per image, since each image follows the schedule at its
+    own iteration), its top-left corner uniform over the valid positions, picked by the uniform numbers
+    ``u_rows, u_cols`` (one per image, in [0, 1))."""
+
+    def __init__(self, u_rows: Tensor, u_cols: Tensor, s: Tensor, h: int, w: int):
         self.s, self.h, self.w = s, h, w
-        self.top = (u_rows * (h - s + 1)).long().clamp_(max=h - s)
-        self.left = (u_cols * (w - s + 1)).long().clamp_(max=w - s)
+        self.top = torch.minimum((u_rows * (h - s + 1)).long(), h - s)
+        self.left = torch.minimum((u_cols * (w - s + 1)).long(), w - s)
+
+    def _offsets(self) -> tuple[Tensor, Tensor]:
+        """``(n, h)`` and ``(n, w)``: each pixel row's and column's position relative to the window's corner."""
+        rows = torch.arange(self.h, device=self.top.device)[None, :] - self.top[:, None]
+        return rows, torch.arange(self.w, device=self.left.device)[None, :] - self.left[:, None]
 
     @property
     def mask(self) -> Tensor:
         """Boolean ``(n, 1, h, w)``: where each image's window lies."""
-        rows = torch.arange(self.h, device=self.top.device)[None, :] - self.top[:, None]
-        cols = torch.arange(self.w, device=self.left.device)[None, :] - self.left[:, None]
-        in_rows, in_cols = (rows >= 0) & (rows < self.s), (cols >= 0) & (cols < self.s)
+        rows, cols = self._offsets()
+        side = self.s[:, None]
+        in_rows, in_cols = (rows >= 0) & (rows < side), (cols >= 0) & (cols < side)
         return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
 
     @property
     def flat(self) -> Tensor:
-        """``(n, s * s)`` flat pixel positions (``row * w + col``) of each image's window, row-major."""
-        span = torch.arange(self.s, device=self.top.device)
+        """``(n, S * S)`` flat pixel positions (``row * w + col``) of each image's window, row-major, ``S`` the
+        largest side; a smaller window repeats its last row and column (duplicates, harmless to gather and to
+        scatter the same values)."""
+        span = torch.arange(int(self.s.max()), device=self.top.device)[None, :]
+        span = torch.minimum(span, self.s[:, None] - 1)
         rows, cols = self.top[:, None] + span, self.left[:, None] + span
         return (rows[:, :, None] * self.w + cols[:, None, :]).flatten(1)
 
-    def place(self, pattern: Tensor) -> Tensor:
-        """Per-image ``(n, s, s)`` patterns written into their windows of an otherwise zero ``(n, 1, h, w)``."""
-        n = pattern.shape[0]
-        out = pattern.new_zeros(n, 1, self.h * self.w)
-        out.scatter_(2, self.flat[:, None, :], pattern.reshape(n, 1, -1))
-        return out.reshape(n, 1, self.h, self.w)
+    def paint(self, transpose: Tensor) -> Tensor:
+        """``(n, 1, h, w)``: each image's :func:`_twin_bump` of its side (transposed where ``transpose``) in its
+        window, zeros elsewhere."""
+        table = _twin_bump_table(min(self.h, self.w)).to(self.top.device)
+        last = table.shape[1] - 1
+        rows, cols = self._offsets()
+        rows = rows.clamp(0, last)[:, :, None].expand(-1, -1, self.w)
+        cols = cols.clamp(0, last)[:, None, :].expand(-1, self.h, -1)
+        flip = transpose[:, None, None]
+        values = table[self.s[:, None, None], torch.where(flip, cols, rows), torch.where(flip, rows, cols)]
+        return torch.where(self.mask, values[:, None], 0.0)
 
 
 @register
@@ -123,20 +155,45 @@ class Square(ScoreAttack):
             s = max(s, 3) + (max(s, 3) + 1) % 2
         return max(1, min(s, min(h, w) - 1))
 
+    def _sides(self, it: Tensor, h: int, w: int) -> Tensor:
+        """:meth:`_side` of each sample's own iteration ``it``, looked up in a table of the whole budget."""
+        table = _side_table(self, h, w).to(it.device)
+        return table[it.clamp(max=table.numel() - 1)]
+
     # -- start --------------------------------------------------------------------------------------------------
-    def _start(self, search: ScoreSearch) -> State:
-        x0 = search.oracle.x
-        n, c, h, w = x0.shape
-        ids = torch.arange(n, device=x0.device)
+    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+        x0 = search.oracle.x[ids]
+        c, h, w = x0.shape[1:]
         if self.norm == "linf":  # vertical stripes of +-eps
-            delta = self.eps * rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0)
-            # the two values a window can take, computed once: the ball's faces clamped to [0, 1]
-            bounds = {"up": (x0 + self.eps).clamp(max=1.0), "down": (x0 - self.eps).clamp(min=0.0)}
+            # the two values a pixel can take, computed once: the ball's faces clamped to [0, 1]. Every point of
+            # the search copies its pixels from them, so a pixel's side is known by exact comparison.
+            up, down = (x0 + self.eps).clamp(max=1.0), (x0 - self.eps).clamp(min=0.0)
+            stripes = rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0) > 0
+            state = search.start(torch.where(stripes, up, down), ids, up=up, down=down)
         else:
             delta = self._bump_grid(search.oracle.rng, ids, c, h, w).to(x0)
             delta = delta * expand(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
-            bounds = {}
-        return search.start((x0 + delta).clamp(0.0, 1.0), ids, **bounds)
+            state = search.start((x0 + delta).clamp(0.0, 1.0), ids)
+        state["draws"] = x0.new_empty(len(ids), _BLOCK, self._draws(c))
+        return state
+
+    def _draws(self, c: int) -> int:
+        """Uniform numbers one iteration uses per image: the window's corner, then (Linf) ``_RESAMPLES`` sign
+        proposals per channel, or (L2) the second window's corner, the bump's orientation and a sign per channel."""
+        return 2 + _RESAMPLES * c if self.norm == "linf" else 5 + c
+
+    @staticmethod
+    def _uniforms(search: ScoreSearch, state: State) -> Tensor:
+        """This iteration's uniform numbers per image, ``(n, k)``. Each image draws them ``_BLOCK`` iterations at a
+        time from its own stream (one call of the per-sample streams, whose fixed cost would otherwise dominate an
+        iteration on the few images left late in a run), so they depend on nothing but the image and its
+        iteration."""
+        draws, slot = state["draws"], state["it"] % _BLOCK
+        fresh = slot == 0
+        if bool(fresh.any()):
+            pos = fresh.nonzero()[:, 0]
+            draws[pos] = search.oracle.rng.uniform(state["ids"][pos], draws.shape[1:]).to(draws)
+        return draws.gather(1, slot[:, None, None].expand(-1, 1, draws.shape[2]))[:, 0]
 
     @staticmethod
     def _bump_grid(rng: SampleRNG, ids: Tensor, c: int, h: int, w: int) -> Tensor:
@@ -151,20 +208,16 @@ class Square(ScoreAttack):
         return out
 
     # -- one iteration ------------------------------------------------------------------------------------------
-    def _step(self, search: ScoreSearch, state: State, it: int) -> State:
-        # Every random number of the iteration comes from one draw per image (one call of the per-sample streams,
-        # whose fixed cost would otherwise dominate an iteration on the few images left late in a run).
+    def _step(self, search: ScoreSearch, state: State) -> State:
         ids = state["ids"]
         x0 = search.oracle.x
         c, h, w = x0.shape[1:]
+        u = self._uniforms(search, state)
+        win = _Windows(u[:, 0], u[:, 1], self._sides(state["it"], h, w), h, w)
         if self.norm == "linf":
-            u = search.oracle.rng.uniform(ids, (2 + _RESAMPLES * c,))
-            win = _Windows(u[:, 0], u[:, 1], self._side(it, h, w), h, w)
             cand = self._linf_candidate(u[:, 2:].reshape(-1, _RESAMPLES, c) < 0.5, state["x"], state["up"],
                                         state["down"], win)
         else:
-            u = search.oracle.rng.uniform(ids, (5 + c,))
-            win = _Windows(u[:, 0], u[:, 1], self._side(it, h, w), h, w)
             cand = self._l2_candidate(u[:, 2:], state["x"], x0[ids], win)
         search.accept(state, cand)
         return state
@@ -179,9 +232,8 @@ class Square(ScoreAttack):
         n, c = cur.shape[:2]
         where = win.flat[:, None, :].expand(n, c, -1)  # (n, c, s*s)
         up_w, down_w = up.flatten(2).gather(2, where), down.flatten(2).gather(2, where)
-        cur_w = cur.flatten(2).gather(2, where)
-        moves_up = ((up_w - cur_w).abs() > 1e-7).any(dim=2)  # (n, c)
-        moves_down = ((down_w - cur_w).abs() > 1e-7).any(dim=2)
+        at_up = cur.flatten(2).gather(2, where) == up_w  # every pixel is a copy of `up` or of `down` (!= up)
+        moves_up, moves_down = (~at_up).any(dim=2), at_up.any(dim=2)  # (n, c)
         moves = torch.where(signs, moves_up[:, None, :], moves_down[:, None, :]).any(dim=2)  # (n, R)
         moves[:, -1] = True
         first = moves.to(torch.uint8).argmax(dim=1)
@@ -202,9 +254,7 @@ class Square(ScoreAttack):
         window_norm = (delta * m1).flatten(2).norm(dim=2)[..., None, None]  # (n, c, 1, 1)
         union_norm = (delta * both).flatten(2).norm(dim=2)[..., None, None]
         total_sq = delta.flatten(1).pow(2).sum(dim=1)
-        bump = _twin_bump(win.s).to(x0)
-        patterns = torch.where((u[:, 2] < 0.5)[:, None, None], bump.t(), bump)
-        fresh = win.place(patterns) * signs_of(u[:, 3:]).to(x0)[:, :, None, None]
+        fresh = win.paint(u[:, 2] < 0.5).to(x0) * signs_of(u[:, 3:]).to(x0)[:, :, None, None]
         fresh = fresh + delta * m1 / (window_norm + 1e-10)
         budget = ((self.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
         fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()

@@ -35,6 +35,7 @@ from torch import nn
 
 import attacks
 from attacks.oracle import default_rows_per_call
+from attacks.rng import sample_keys
 
 try:  # run as a script from the repository root or from benchmarks/
     from _common import best_time, load_trained
@@ -63,15 +64,17 @@ class TimedModel(nn.Module):
 
 
 def run_batched(atk: attacks.Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
-    """Attack ``x`` batch by batch (seeded per batch): returns (success, queries, norms, seconds, model calls' sizes).
+    """Attack ``x`` in the calls :func:`attacks.evaluate` makes (``atk.samples_per_call(batch_size)`` samples each,
+    every sample on its own random stream): returns (success, queries, norms, seconds, model calls' sizes).
 
     The sizes include the referee's passes (decision attacks), which the time includes too."""
     timed = TimedModel(model).eval()
     out = {"success": [], "queries": [], "norms": []}
+    per_call = atk.samples_per_call(batch_size)
     t0 = clock()
-    for i, first in enumerate(range(0, len(y), batch_size)):
-        res = atk(timed, x[first:first + batch_size], y[first:first + batch_size],
-                  generator=torch.Generator().manual_seed(i))
+    for first in range(0, len(y), per_call):
+        part = torch.arange(first, min(first + per_call, len(y)))
+        res = atk(timed, x[part], y[part], generator=sample_keys(0, part))
         for key in out:
             out[key].append(getattr(res, key))
     seconds = clock() - t0
@@ -97,7 +100,8 @@ def distribution(q: torch.Tensor) -> str:
 def score_section(model, x, y, eps: float, queries: int, batch_size: int, rows_per_call: int, repeats: int,
                   only: tuple[str, ...] = ()) -> None:
     print(f"\n1) score-based at Linf eps={eps}, {queries} queries/image, on {len(y)} correctly classified images, "
-          f"batch {batch_size}, oracle calls of at most {rows_per_call} rows")
+          f"batch {batch_size} ({attacks.Square(eps=eps).samples_per_call(batch_size)} per attack call, as in "
+          f"attacks.evaluate), oracle calls of at most {rows_per_call} rows")
     pgd = run_batched(attacks.PGD(eps=eps, steps=20), model, x, y, batch_size)
     print(f"   white-box PGD-20: success {pgd[0].float().mean():.2%}")
     pool = x.repeat((rows_per_call + len(x) - 1) // len(x) + 1, 1, 1, 1)[: max(rows_per_call, batch_size)]

@@ -209,6 +209,37 @@ def test_the_size_of_model_calls_changes_neither_results_nor_counts(name, traine
     assert len(calls) > len(big_calls)  # ... in more, smaller calls
 
 
+@pytest.mark.parametrize("name", SCORE)
+def test_refilling_the_work_set_changes_nothing_but_the_calls(name, trained, monkeypatch):
+    """A work set smaller than the batch is refilled as samples finish: each sample runs its own schedule from its
+    own first iteration, so it gets the same result for the same queries; model calls never exceed the work set."""
+    model, x, y = trained
+    keys = sample_keys(4, torch.arange(20))
+    whole = build(name, max_queries=120)(model, x[:20], y[:20], generator=keys)
+    small = build(name, max_queries=120, work_set=3)
+    res, calls = run_recorded(monkeypatch, small, model, x[:20], y[:20], generator=keys)
+    assert torch.equal(whole.x_adv, res.x_adv) and torch.equal(whole.queries, res.queries)
+    assert torch.equal(whole.success, res.success) and whole.success.any()
+    assert whole.queries.unique().numel() > 3  # samples finish at different times: the refill really happened
+    assert "work_set" not in small.config()
+    rows_per_sample = FAST.get(name, {}).get("samples", 1)  # the estimators query all their probes in one call
+    assert max(c.shape[0] for c in calls) <= 3 * rows_per_sample
+    assert calls[0].shape[0] == 3 and sum(c.shape[0] for c in calls) == int(res.queries.sum())
+
+
+def test_evaluate_hands_a_score_attack_many_batches_per_call(trained):
+    """The score attacks keep their own work set full, so a stage hands them many batches at once: the slow tail
+    of a few hard samples comes once per call, not once per batch. White-box attacks still get one batch."""
+    from attacks.evaluate import run_stage
+
+    model, x, y = trained
+    for atk, first_call in ((build("square", max_queries=30), 20), (attacks.PGD(eps=0.1, steps=2), 4)):
+        rec = Recorder(model).eval()
+        stage = run_stage(rec, x[:20], y[:20], torch.arange(20), atk, atk.name, batch_size=4,
+                          device=torch.device("cpu"), seed=0)
+        assert rec.calls[0].shape[0] == first_call and stage.stats.seen == 20
+
+
 def test_row_chunks_cut_only_between_samples():
     from attacks.oracle import row_chunks
 
