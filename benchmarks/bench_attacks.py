@@ -59,7 +59,7 @@ def pgd_overhead(model, xb, yb, eps: float, ks: list[int], repeats: int) -> None
     print(f"   baseline: k x (forward + torch.autograd.grad to the input); interleaved, {repeats} repeats, medians, "
           f"{'CPU' if clock is time.process_time else 'wall'} time")
     print(f"   {'k':>4} {'k x fwd+bwd':>12} {'perturb':>10} {'ratio':>7} {'atk(...)':>10} {'ratio':>7} "
-          f"{'(min..max)':>15} {'floor':>7}")
+          f"{'(min..max)':>15} {'floor':>7} {'best/best':>17}")
     forward_backward(model, xb, yb)  # warm-up
     for k in ks:
         atk = attacks.PGD(eps=eps, steps=k, early_stop=False)
@@ -83,8 +83,11 @@ def pgd_overhead(model, xb, yb, eps: float, ks: list[int], repeats: int) -> None
         med = statistics.median
         print(f"   {k:>4} {med(times['base']) * 1e3:>10.1f}ms {med(times['perturb']) * 1e3:>8.1f}ms "
               f"{med(r_perturb):>7.3f} {med(times['call']) * 1e3:>8.1f}ms {med(r_call):>7.3f} "
-              f"{f'({min(r_call):.3f}..{max(r_call):.3f})':>15} {floor:>7.3f}")
+              f"{f'({min(r_call):.3f}..{max(r_call):.3f})':>15} {floor:>7.3f} "
+              f"{min(times['perturb']) / min(times['base']):>8.3f} {min(times['call']) / min(times['base']):>8.3f}")
     print("   ratios: medians of the per-repeat ratios to the baseline; (min..max): spread of the full call's ratio;")
+    print("   best/best: the fastest perturb and full call over the repeats / the fastest baseline (interference only")
+    print("   ever slows a run down, so the fastest of many repeats is the least disturbed estimate);")
     print("   floor: 1 + one forward / (k x forward+backward), the share of the final iterate's forward pass (the")
     print("   success check of the full call), which no k-step attack that reports success can avoid")
 
