@@ -266,7 +266,7 @@ class EstimatedGradientAttack(ScoreAttack):
         raise NotImplementedError
 
     def _start(self, search: ScoreSearch, ids: Tensor) -> State:
-        return search.start(search.oracle.x[ids].clone(), ids)
+        return search.start(search.oracle.x[ids], ids)  # indexing copies: the work set owns its points
 
     def _step(self, search: ScoreSearch, state: State) -> State:
         grad = self._estimate(search, state)
