@@ -99,15 +99,16 @@ class _Windows:
         self.top = torch.minimum((u_rows * (h - s + 1)).long(), h - s)
         self.left = torch.minimum((u_cols * (w - s + 1)).long(), w - s)
 
+    @functools.cached_property
     def _offsets(self) -> tuple[Tensor, Tensor]:
         """``(n, h)`` and ``(n, w)``: each pixel row's and column's position relative to the window's corner."""
         rows = torch.arange(self.h, device=self.top.device)[None, :] - self.top[:, None]
         return rows, torch.arange(self.w, device=self.left.device)[None, :] - self.left[:, None]
 
-    @property
+    @functools.cached_property
     def mask(self) -> Tensor:
-        """Boolean ``(n, 1, h, w)``: where each image's window lies."""
-        rows, cols = self._offsets()
+        """Boolean ``(n, 1, h, w)``: where each image's window lies (built once; L2 reads it twice)."""
+        rows, cols = self._offsets
         side = self.s[:, None]
         in_rows, in_cols = (rows >= 0) & (rows < side), (cols >= 0) & (cols < side)
         return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
@@ -127,7 +128,7 @@ class _Windows:
         window, zeros elsewhere."""
         table = _twin_bump_table(min(self.h, self.w)).to(self.top.device)
         last = table.shape[1] - 1
-        rows, cols = self._offsets()
+        rows, cols = self._offsets
         rows = rows.clamp(0, last)[:, :, None].expand(-1, -1, self.w)
         cols = cols.clamp(0, last)[:, None, :].expand(-1, self.h, -1)
         flip = transpose[:, None, None]

@@ -65,7 +65,8 @@ class TimedModel(nn.Module):
 
 def run_batched(atk: attacks.Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
     """Attack ``x`` in the calls :func:`attacks.evaluate` makes (``atk.samples_per_call(batch_size)`` samples each,
-    every sample on its own random stream): returns (success, queries, norms, seconds, model calls' sizes).
+    every sample on its own random stream): returns (success, queries, norms, seconds, model calls' sizes, seconds
+    inside the model's forward passes).
 
     The sizes include the referee's passes (decision attacks), which the time includes too."""
     timed = TimedModel(model).eval()
@@ -78,8 +79,7 @@ def run_batched(atk: attacks.Attack, model: nn.Module, x: torch.Tensor, y: torch
         for key in out:
             out[key].append(getattr(res, key))
     seconds = clock() - t0
-    run_batched.model_seconds = timed.seconds  # the time inside the model's forward passes during this run
-    return (*(torch.cat(v) for v in out.values()), seconds, timed.sizes)
+    return (*(torch.cat(v) for v in out.values()), seconds, timed.sizes, timed.seconds)
 
 
 def replay(model: nn.Module, pool: torch.Tensor, sizes: list[int]) -> float:
@@ -124,14 +124,14 @@ def score_section(model, x, y, eps: float, queries: int, batch_size: int, rows_p
         times, ratios, in_run = [], [], []
         for r in range(repeats):
             if r % 2 == 0:  # alternate the order: drift cancels
-                ok, q, _, seconds, sizes = run_batched(atk, model, x, y, batch_size)
+                ok, q, _, seconds, sizes, in_model = run_batched(atk, model, x, y, batch_size)
                 bare = replay(model, pool, sizes)
             else:
                 bare = replay(model, pool, sizes)
-                ok, q, _, seconds, sizes = run_batched(atk, model, x, y, batch_size)
+                ok, q, _, seconds, sizes, in_model = run_batched(atk, model, x, y, batch_size)
             times.append(seconds)
             ratios.append(seconds / bare)
-            in_run.append(seconds / run_batched.model_seconds)
+            in_run.append(seconds / in_model)
         seconds = statistics.median(times)
         per_1000 = seconds / q.sum().item() * 1000
         spread = f"({min(ratios):.2f}..{max(ratios):.2f})" if repeats > 1 else ""
@@ -151,7 +151,7 @@ def decision_section(model, x, y, queries: int, batch_size: int) -> None:
     for label, atk in (("hopskipjump-l2", attacks.HopSkipJump(max_queries=queries)),
                        ("boundary-l2", attacks.Boundary(max_queries=queries)),
                        ("hopskipjump-linf", attacks.HopSkipJump(norm="linf", max_queries=queries))):
-        ok, _, norms, seconds, _ = run_batched(atk, model, x, y, batch_size)
+        ok, _, norms, seconds, _, _ = run_batched(atk, model, x, y, batch_size)
         a = norms[ok].double().numpy()
         print(f"   {label:<16} {ok.float().mean():>7.1%} {np.median(a):>8.3f} {a.mean():>8.3f} "
               f"{np.percentile(a, 90):>8.3f} {seconds:>7.1f}s")
