@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: load a trained model and its test set, time a callable robustly."""
+"""Helpers shared by the benchmarks: load a trained model and its test set, clocks, time a callable robustly, time
+what runs inside a model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 # Run from a checkout without installing: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,3 +38,54 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+#: The benchmarks' timers: wall time, or this process's CPU time (steadier on a busy machine; with one thread it is
+#: the work done).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class _Mark(torch.autograd.Function):
+    """Identity that, in the backward pass, reads the clock: at the model's output (the backward pass enters the
+    model) or at its input (the backward pass has left it)."""
+
+    @staticmethod
+    def forward(ctx, x, timed, entering):
+        ctx.timed, ctx.entering = timed, entering
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        timed = ctx.timed
+        if ctx.entering:
+            timed._entered = timed.clock()
+        elif timed._entered is not None:
+            timed.seconds += timed.clock() - timed._entered
+            timed._entered = None
+        return grad, None, None
+
+
+class TimedModel(nn.Module):
+    """The wrapped model, adding up the time spent inside it — its forward passes, and its backward passes to the
+    input — and recording each forward call's batch size. A caller's time over ``seconds`` is its own work outside
+    the model, measured in the same run, so a machine whose speed drifts between runs cannot move it."""
+
+    def __init__(self, inner: nn.Module, clock: Callable[[], float] = time.perf_counter):
+        super().__init__()
+        self.inner, self.clock = inner, clock
+        self.seconds = 0.0  # inside the model, forward and backward
+        self.no_grad_seconds = 0.0  # the part in forward passes that build no graph (e.g. a final success check)
+        self.sizes: list[int] = []
+        self._entered: Optional[float] = None
+
+    def forward(self, x):
+        if x.requires_grad:
+            x = _Mark.apply(x, self, False)
+        t0 = self.clock()
+        out = self.inner(x)
+        spent = self.clock() - t0
+        self.seconds += spent
+        if not out.requires_grad:
+            self.no_grad_seconds += spent
+        self.sizes.append(x.shape[0])
+        return _Mark.apply(out, self, True) if out.requires_grad and x.requires_grad else out

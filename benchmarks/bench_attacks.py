@@ -1,7 +1,8 @@
 """White-box attack speed, side by side on the same model and batch (issue 3).
 
     python benchmarks/bench_attacks.py [--checkpoint PATH] [--n 1000] [--batch-size 250] [--eps 0.1]
-                                       [--steps 10,20,50] [--repeats 7] [--threads N] [--skip-early-exit]
+                                       [--steps 10,20,50] [--repeats 7] [--threads N] [--clock wall|cpu]
+                                       [--skip-early-exit]
 
 1. PGD-k overhead: PGD-k wall time / (k x one forward + backward to the input). Target <= 1.05.
    The baseline is the bare minimum a k-step gradient attack must pay: ``torch.autograd.grad`` of a summed
@@ -11,7 +12,12 @@
    (the full result, which also pays one forward pass on the last iterate to learn ``success``); the "floor" column
    is ``1 + forward / (k x forward+backward)``, the part of the full call's ratio that this forward pass alone
    costs. Baseline and attack are timed interleaved, in rotating order, and the figures are medians of the
-   per-repeat ratios, so drifting load on a shared machine cancels out.
+   per-repeat ratios, so drifting load on a shared machine cancels out. A machine whose speed changes within
+   seconds still moves them; the "in-run" columns cannot be moved that way: every run is repeated on the model
+   wrapped in ``_common.TimedModel``, which clocks the model's own forward and backward passes, and each run's
+   time is divided by the time inside the model in that same run. The attack's such ratio over the baseline's is
+   what the ratio would be if the model ran equally fast in both; the full call's is multiplied by its model time
+   over its model time less the success check's forward pass (its own floor, measured in the same run).
 2. Early exit: robust-accuracy evaluation with PGD that stops working on fooled samples vs. the conventional one
    that runs every step on every sample, at an eps where most samples fall. Target >= 2x faster, same accuracy.
 
@@ -27,7 +33,7 @@ import time
 
 import torch
 
-from _common import load_trained  # noqa: I001  (first: puts the repo on sys.path)
+from _common import CLOCKS, TimedModel, load_trained  # noqa: I001  (first: puts the repo on sys.path)
 
 import attacks  # noqa: E402
 
@@ -44,7 +50,6 @@ def forward(model, x):
         model(x)
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
@@ -54,42 +59,61 @@ def _timed(fn) -> float:
     return clock() - t0
 
 
+def _in_run(timed: TimedModel, fn) -> tuple[float, float]:
+    """(``fn``'s time / the time it spent inside ``timed``, the share of that model time that builds no graph)."""
+    timed.seconds = timed.no_grad_seconds = 0.0
+    total = _timed(fn)
+    return total / timed.seconds, timed.no_grad_seconds / timed.seconds
+
+
 def pgd_overhead(model, xb, yb, eps: float, ks: list[int], repeats: int) -> None:
     print(f"\n1) PGD-k overhead on one batch of {len(yb)} (eps={eps}, every sample takes every step)")
     print(f"   baseline: k x (forward + torch.autograd.grad to the input); interleaved, {repeats} repeats, medians, "
           f"{'CPU' if clock is time.process_time else 'wall'} time")
     print(f"   {'k':>4} {'k x fwd+bwd':>12} {'perturb':>10} {'ratio':>7} {'atk(...)':>10} {'ratio':>7} "
-          f"{'(min..max)':>15} {'floor':>7} {'best/best':>17}")
+          f"{'(min..max)':>15} {'floor':>7} {'best/best':>17} {'in-run':>15} {'(min..max)':>15}")
+    timed = TimedModel(model, clock).eval()
     forward_backward(model, xb, yb)  # warm-up
     for k in ks:
         atk = attacks.PGD(eps=eps, steps=k, early_stop=False)
         atk(model, xb, yb)  # warm-up
         atk.perturb(model, xb, yb)
         times: dict[str, list[float]] = {"base": [], "perturb": [], "call": []}
+        in_run: dict[str, list[tuple[float, float]]] = {"base": [], "perturb": [], "call": []}
         fwd = []
 
-        def run_base(k=k):
+        def run_base(net, k=k):
             for _ in range(k):
-                forward_backward(model, xb, yb)
+                forward_backward(net, xb, yb)
 
-        runs = [("base", run_base), ("perturb", lambda: atk.perturb(model, xb, yb)), ("call", lambda: atk(model, xb, yb))]
+        runs = [("base", run_base), ("perturb", lambda net: atk.perturb(net, xb, yb)),
+                ("call", lambda net: atk(net, xb, yb))]
         for r in range(repeats):
             for name, fn in runs[r % 3:] + runs[: r % 3]:  # rotate the order: drift cancels
-                times[name].append(_timed(fn))
+                times[name].append(_timed(lambda: fn(model)))
+                in_run[name].append(_in_run(timed, lambda: fn(timed)))
             fwd.append(_timed(lambda: forward(model, xb)))
         r_perturb = [p / b for p, b in zip(times["perturb"], times["base"])]
         r_call = [p / b for p, b in zip(times["call"], times["base"])]
+        # drift-free estimates: each run's own time over its own time inside the model, relative to the baseline's;
+        # the full call's model time also holds the success check's forward pass, which its 1 / (1 - share) adds
+        e_perturb = [p[0] / b[0] for p, b in zip(in_run["perturb"], in_run["base"])]
+        e_call = [c[0] / b[0] / (1 - c[1]) for c, b in zip(in_run["call"], in_run["base"])]
         floor = 1 + statistics.median(fwd) / statistics.median(times["base"])
         med = statistics.median
         print(f"   {k:>4} {med(times['base']) * 1e3:>10.1f}ms {med(times['perturb']) * 1e3:>8.1f}ms "
               f"{med(r_perturb):>7.3f} {med(times['call']) * 1e3:>8.1f}ms {med(r_call):>7.3f} "
               f"{f'({min(r_call):.3f}..{max(r_call):.3f})':>15} {floor:>7.3f} "
-              f"{min(times['perturb']) / min(times['base']):>8.3f} {min(times['call']) / min(times['base']):>8.3f}")
+              f"{min(times['perturb']) / min(times['base']):>8.3f} {min(times['call']) / min(times['base']):>8.3f} "
+              f"{med(e_perturb):>7.3f} {med(e_call):>7.3f} {f'({min(e_call):.3f}..{max(e_call):.3f})':>15}")
     print("   ratios: medians of the per-repeat ratios to the baseline; (min..max): spread of the full call's ratio;")
     print("   best/best: the fastest perturb and full call over the repeats / the fastest baseline (interference only")
     print("   ever slows a run down, so the fastest of many repeats is the least disturbed estimate);")
     print("   floor: 1 + one forward / (k x forward+backward), the share of the final iterate's forward pass (the")
-    print("   success check of the full call), which no k-step attack that reports success can avoid")
+    print("   success check of the full call), which no k-step attack that reports success can avoid;")
+    print("   in-run: perturb and full call again, each run's time over the time inside the model in that same run,")
+    print("   divided by the baseline's own such ratio, times (for the full call) its model time over its model time")
+    print("   less the success check: the ratio the machine would show if its speed did not drift between runs")
 
 
 def main() -> None:

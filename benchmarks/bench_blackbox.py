@@ -38,29 +38,11 @@ from attacks.oracle import default_rows_per_call
 from attacks.rng import sample_keys
 
 try:  # run as a script from the repository root or from benchmarks/
-    from _common import best_time, load_trained
+    from _common import CLOCKS, TimedModel, best_time, load_trained
 except ImportError:  # pragma: no cover
-    from benchmarks._common import best_time, load_trained
+    from benchmarks._common import CLOCKS, TimedModel, best_time, load_trained
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
-
-
-class TimedModel(nn.Module):
-    """Adds up the time of the wrapped model's forward passes and records each call's batch size."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.seconds = 0.0
-        self.sizes: list[int] = []
-
-    def forward(self, x):
-        t0 = clock()
-        out = self.inner(x)
-        self.seconds += clock() - t0
-        self.sizes.append(x.shape[0])
-        return out
 
 
 def run_batched(atk: attacks.Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
@@ -69,7 +51,7 @@ def run_batched(atk: attacks.Attack, model: nn.Module, x: torch.Tensor, y: torch
     inside the model's forward passes).
 
     The sizes include the referee's passes (decision attacks), which the time includes too."""
-    timed = TimedModel(model).eval()
+    timed = TimedModel(model, clock).eval()
     out = {"success": [], "queries": [], "norms": []}
     per_call = atk.samples_per_call(batch_size)
     t0 = clock()
