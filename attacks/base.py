@@ -78,6 +78,7 @@ class Context:
         # False for :meth:`Attack.perturb`: nobody reads success, so an attack may skip passes made only to learn it
         self.verify = True
         self.final_logits: Optional[Tensor] = None  # what ``_run`` returned besides x_adv (None: not computed)
+        self.start: Optional[Tensor] = None  # a caller's warm start (perturbations like x), for attacks accepting one
 
     @property
     def generator(self):
@@ -193,6 +194,7 @@ class Attack:
         kind: one of ``white-box``, ``score``, ``decision``, ``patch``, ``pixel``.
         supported_norms: norms the attack can bound or minimize.
         targeted_ok: whether a ``target`` may be passed.
+        accepts_start: whether a warm ``start`` may be passed (the gradient-ascent family).
         description: one line for ``robustcnn attacks``.
     """
 
@@ -200,6 +202,7 @@ class Attack:
     kind: ClassVar[str] = "white-box"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf",)
     targeted_ok: ClassVar[bool] = True
+    accepts_start: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -257,6 +260,8 @@ class Attack:
         y: Tensor,
         target: Optional[Tensor | int] = None,
         generator: Optional[torch.Generator] = None,
+        *,
+        start: Optional[Tensor] = None,
     ) -> AttackResult:
         """Attack ``model`` on the batch ``(x, y)``.
 
@@ -269,8 +274,12 @@ class Attack:
                 stream per sample), or an integer tensor (N,) of per-sample seeds (see
                 :func:`attacks.rng.sample_keys`) — then each sample's result is independent of the batch it is in.
                 None means a generator seeded with 0, so calls are reproducible by default.
+            start: a warm start, only for attacks with ``accepts_start`` (the gradient-ascent family): perturbations
+                shaped like ``x`` to begin from instead of the attack's own start, e.g. each sample's adversarial
+                example from an earlier call minus ``x``. Projected onto the budget, ``x + start`` clipped to [0, 1];
+                restarts after the first draw their own starts. Never modified.
         """
-        ctx, raw = self._attack(model, x, y, target, generator, verify=True)
+        ctx, raw = self._attack(model, x, y, target, generator, start, verify=True)
         x, logits = ctx.x, ctx.final_logits
         x_adv = self._enforce(x, raw)
         # The referee's pass sets `success`; it is not charged to the attacker's queries. It runs on every sample
@@ -299,6 +308,8 @@ class Attack:
         y: Tensor,
         target: Optional[Tensor | int] = None,
         generator: Optional[torch.Generator] = None,
+        *,
+        start: Optional[Tensor] = None,
     ) -> Tensor:
         """Only the adversarial examples of :meth:`__call__` (same arguments, same draws), for adversarial training.
 
@@ -307,12 +318,13 @@ class Attack:
         except where a fooled sample's early exit would have kept an earlier iterate; it is inside the budget and
         [0, 1] all the same.
         """
-        ctx, raw = self._attack(model, x, y, target, generator, verify=False)
+        ctx, raw = self._attack(model, x, y, target, generator, start, verify=False)
         return self._enforce(ctx.x, raw)
 
-    def _attack(self, model, x, y, target, generator, *, verify: bool) -> tuple["Context", Tensor]:
+    def _attack(self, model, x, y, target, generator, start, *, verify: bool) -> tuple["Context", Tensor]:
         """Check the inputs and run the attack: (its context, with ``final_logits`` set, and the raw ``x_adv``)."""
         x, y, target = self._check_inputs(model, x, y, target)
+        start = self._check_start(start, x)
         if model.training:
             warnings.warn(
                 f"{self.name}: the model is in training mode (dropout/batch-norm statistics change its outputs); "
@@ -322,13 +334,26 @@ class Attack:
         rng = _make_rng(generator, x)
         flags = _snapshot_training_flags(model)
         ctx = Context(model, x, y, target, rng)
-        ctx.verify = verify
+        ctx.verify, ctx.start = verify, start
         try:
             x_adv, ctx.final_logits = self._run(ctx)
         finally:
             for m, f in zip(model.modules(), flags):
                 m.training = f
         return ctx, x_adv.detach().to(x.dtype)
+
+    def _check_start(self, start: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+        if start is None:
+            return None
+        if not self.accepts_start:
+            raise ValueError(f"{self.name} takes no start: only the gradient-ascent attacks (FGSM, BIM, PGD, MI-FGSM, "
+                             "EOT-PGD, PGD-KL) begin from a given perturbation")
+        if not isinstance(start, Tensor) or not start.is_floating_point() or start.shape != x.shape:
+            raise ValueError(f"start must be a floating-point tensor shaped like x {tuple(x.shape)}, got "
+                             f"{tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__}")
+        if not torch.isfinite(start).all():
+            raise ValueError("start must hold finite values")
+        return start.detach().to(x)
 
     def _check_inputs(self, model, x, y, target):
         if not isinstance(model, nn.Module):

@@ -25,6 +25,7 @@ class FGSM(BoundedAttack):
     including those already misclassified (what adversarial training wants)."""
 
     name = "fgsm"
+    accepts_start = True
     supported_norms = ("linf", "l2")
     description = "Fast Gradient Sign Method: one gradient-sign step of size eps (Goodfellow et al. 2015)"
 

@@ -49,8 +49,11 @@ def _single_run(
     momentum: Optional[float],
     eot_samples: int,
     early_stop: bool,
+    start: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One run from one start over the samples at ``idx``: returns (x_adv, logits, fooled) for those samples.
+
+    ``start``: the samples' given starting perturbations (projected here), else a random or the clean start.
 
     The per-step work outside the model is kept to a few in-place passes (:meth:`Norm.ascend`, with the Linf box
     ``[max(x - eps, 0), min(x + eps, 1)]`` computed once), success is read from the logits the step's own forward
@@ -67,9 +70,10 @@ def _single_run(
     ids = idx
     base = x0
     box = norm.box(x0, eps)
-    if random_start:
-        start = norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)
-        cur = start.add_(x0).clamp_(0.0, 1.0)
+    if start is not None:
+        cur = norm.project(start, eps).add(x0).clamp_(0.0, 1.0)
+    elif random_start:
+        cur = norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0).add_(x0).clamp_(0.0, 1.0)
     else:
         cur = x0.clone()  # the loop updates its iterate in place
     velocity = torch.zeros_like(x0) if momentum is not None else None
@@ -143,12 +147,18 @@ def gradient_ascent(
     eot_samples: int = 1,
     early_stop: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Maximize ``objective`` inside the ``eps``-ball of ``norm`` around ``ctx.x``; returns (x_adv, logits)."""
+    """Maximize ``objective`` inside the ``eps``-ball of ``norm`` around ``ctx.x``; returns (x_adv, logits).
+
+    The first run begins at ``ctx.start`` when the caller gave one; restarts draw their own starts.
+    """
+    given = [ctx.start]
 
     def run(ctx: Context, idx: Tensor):
+        start, given[0] = given[0], None
         return _single_run(
             ctx, idx, norm=norm, eps=eps, alpha=alpha, steps=steps, objective=objective,
             random_start=random_start, momentum=momentum, eot_samples=eot_samples, early_stop=early_stop,
+            start=None if start is None else start[idx],
         )
 
     x_adv, logits, _ = with_restarts(ctx, torch.arange(ctx.n, device=ctx.x.device), restarts, run)

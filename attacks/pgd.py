@@ -24,6 +24,8 @@ from attacks.registry import register
 class IterativeAttack(BoundedAttack):
     """Shared settings of the multi-step members of the family (``alpha=None`` means the attack's default rule)."""
 
+    accepts_start = True
+
     steps: int = 10
     alpha: Optional[float] = None
     loss: str = "ce"

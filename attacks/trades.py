@@ -29,6 +29,7 @@ class KLPGD(BoundedAttack):
     """
 
     name = "pgd-kl"
+    accepts_start = True
     supported_norms = ("linf", "l2")
     targeted_ok = False
     description = "PGD on the KL from the clean prediction: the TRADES inner maximization (Zhang et al. 2019)"

@@ -88,6 +88,30 @@ def test_targeted_success_means_target_reached(name, trained):
     assert res.success.any(), f"{name} reached no target at a large budget"
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_warm_start_is_kept_inside_the_budget_or_refused(name, trained):
+    """Only the gradient-ascent family takes a start; a start far outside the budget is projected onto it."""
+    model, x, y = trained
+    x, y = x[:16], y[:16]
+    atk = build_fast(name)
+    far = torch.full_like(x, 5.0).index_fill_(0, torch.arange(0, 16, 2), -5.0)
+    if not atk.accepts_start:
+        with pytest.raises(ValueError, match="takes no start"):
+            atk(model, x, y, start=far)
+        return
+    given = far.clone()
+    res = atk(model, x, y, start=far)
+    assert torch.equal(far, given), "start was modified"
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert (atk.norm_obj.measure(res.x_adv - x) <= atk.eps * (1 + 1e-5) + 1e-6).all()
+    with torch.no_grad():
+        assert torch.equal(res.success, model(res.x_adv).argmax(1) != y)
+    with pytest.raises(ValueError, match="shaped like x"):
+        atk(model, x, y, start=far[:3])
+    with pytest.raises(ValueError, match="finite"):
+        atk(model, x, y, start=far.clone().fill_(float("nan")))
+
+
 @pytest.mark.parametrize("name", [n for n in ALL if not attacks.get(n).targeted])
 def test_untargeted_only_attacks_refuse_a_target(name, trained):
     model, x, y = trained

@@ -177,3 +177,23 @@ def test_perturb_returns_the_same_examples_without_the_verification_passes(train
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     if kw.get("restarts", 1) == 1:
         assert torch.equal(x_adv, res.x_adv)
+
+
+def test_pgd_begins_at_a_warm_start(trained):
+    """With a start, PGD's first iterate is x + the start projected onto the ball (no random draw): one step from
+    there is exactly one signed gradient step, and examples found earlier fool again at once."""
+    model, x, y = trained
+    eps, alpha = 0.1, 0.03
+    start = 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    x_adv = attacks.PGD(eps=eps, steps=1, alpha=alpha, early_stop=False).perturb(model, x, y, start=start)
+    first = (x + start.clamp(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model(first), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, first)
+    expected = torch.minimum(torch.maximum(first.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(x_adv, expected, atol=1e-6)
+
+    found = attacks.PGD(eps=0.3, steps=10)(model, x, y)
+    again = attacks.PGD(eps=0.3, steps=10)(model, x, y, start=found.x_adv - x)
+    fooled = found.success
+    assert fooled.any() and again.success[fooled].all()
+    assert (again.queries[fooled] == 1).all() and torch.allclose(again.x_adv[fooled], found.x_adv[fooled])
