@@ -1,9 +1,11 @@
 """Cost of adversarial training per method, side by side on the same model and data (issue 6).
 
-    python benchmarks/bench_advtrain.py [--model vgg] [--images 6400] [--rounds 3] [--methods plain,fast,pgd,...]
+    python benchmarks/bench_advtrain.py [--model vgg] [--images 6400] [--rounds 3]
+                                        [--methods plain,fast,fast+prior,pgd,...]
 
-Trains one short epoch (``--images`` training images, batch 128, the defaults of ``robustcnn train --adv``) of each
-method in turn, ``--rounds`` times in alternating order so that drifting load on a shared machine cancels out, and
+Trains two short epochs (``--images`` training images each, batch 128, the defaults of ``robustcnn train --adv``) of
+each method in turn and times the second (where ``+prior``, ``--adv-init prior``, starts from the first epoch's
+perturbations), ``--rounds`` times in alternating order so that drifting load on a shared machine cancels out, and
 prints the median training time per 1,000 images (held-out validation excluded: it is the same for every method),
 its ratio to plain training, and the time of a full default run (all 59,000 training images x the method's default
 epochs, from ``robustcnn.advtrain.DEFAULT_EPOCHS``) relative to the default ``--adv pgd`` run. Issue 6 asks for
@@ -24,11 +26,12 @@ FULL_IMAGES = 59_000  # Fashion-MNIST's 60,000 training images less the 1,000 he
 
 
 def one_epoch(method: str, data, test, model: str, images: int, eps: float) -> float:
-    """Seconds of training (validation excluded) for one epoch of ``images`` images."""
-    adversarial = None if method == "plain" else AdvConfig(method=method, eps=eps, val_count=100)
-    config = TrainConfig(model=model, epochs=1, limit=images, seed=0)
+    """Seconds of training (validation excluded) for the second epoch of a run on ``images`` images."""
+    name, _, init = method.partition("+")
+    adversarial = None if name == "plain" else AdvConfig(method=name, eps=eps, val_count=100, init=init or "random")
+    config = TrainConfig(model=model, epochs=2, limit=images, seed=0)
     result = train(config, data, test.subset(100), adversarial=adversarial)
-    return sum(h["seconds"] for h in result.meta["history"])
+    return result.meta["history"][1]["seconds"]
 
 
 def main() -> None:
@@ -45,18 +48,18 @@ def main() -> None:
     for r in range(args.rounds):
         for m in (methods if r % 2 == 0 else methods[::-1]):
             times[m].append(one_epoch(m, data, test, args.model, args.images, args.eps))
-            print(f"  round {r + 1}: {m:<7} {times[m][-1]:6.1f}s", flush=True)
+            print(f"  round {r + 1}: {m:<10} {times[m][-1]:6.1f}s", flush=True)
     per_k = {m: statistics.median(t) / args.images * 1000 for m, t in times.items()}
     print(f"\n{args.model} on Fashion-MNIST, batch 128, Linf eps {args.eps}, {args.images} images per epoch, "
           f"median of {args.rounds} rounds")
-    print(f"{'method':<8} {'s/1000 img':>10} {'x plain':>8} {'epochs':>7} {'full run':>10} {'x pgd run':>10}")
+    print(f"{'method':<10} {'s/1000 img':>10} {'x plain':>8} {'epochs':>7} {'full run':>10} {'x pgd run':>10}")
     pgd_run = per_k["pgd"] * FULL_IMAGES / 1000 * DEFAULT_EPOCHS["pgd"] if "pgd" in per_k else None
     for m in methods:
-        epochs = DEFAULT_EPOCHS.get(m, TrainConfig.epochs)
+        epochs = DEFAULT_EPOCHS.get(m.partition("+")[0], TrainConfig.epochs)
         run = per_k[m] * FULL_IMAGES / 1000 * epochs
         rel = f"{run / pgd_run:>9.1%}" if pgd_run else "-"
         plain = f"{per_k[m] / per_k['plain']:>7.2f}x" if "plain" in per_k else "-"
-        print(f"{m:<8} {per_k[m]:>10.2f} {plain:>8} {epochs:>7} {run / 60:>8.1f}m {rel:>10}")
+        print(f"{m:<10} {per_k[m]:>10.2f} {plain:>8} {epochs:>7} {run / 60:>8.1f}m {rel:>10}")
 
 
 if __name__ == "__main__":

@@ -200,12 +200,19 @@ class _Run:
         self.batch_loss: BatchLoss | None = None
         # Adversarial runs keep the best epoch's model (what the checkpoint holds); `model` trains on.
         self.kept: nn.Module | None = None
+        self.trainer: AdversarialTraining | None = None
 
-    def resume_state(self) -> dict[str, Any]:
+    def resume_state(self, final: bool = False) -> dict[str, Any]:
+        """What ``--resume`` needs; ``final``: for the finished run's file, without the adversarial training's
+        per-image state (large, and nothing is left to train)."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "epoch": self.epochs_done}
         if self.kept is not None:  # the checkpoint's weights are the kept epoch's: save the current ones here
             state["model"] = self.model.state_dict()
+        if self.trainer is not None and not final:
+            extra = self.trainer.state_dict()
+            if extra:
+                state["adversarial"] = extra
         return state
 
     def restore(self, doc: dict[str, Any]) -> None:
@@ -216,6 +223,8 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done = int(state["epoch"])
+        if self.trainer is not None:
+            self.trainer.load_state_dict(state.get("adversarial", {}), self.device)
         self.meta["history"] = list(doc["meta"].get("history", []))
         for key in ("kept_epoch", "overfitting"):
             if key in self.meta:
@@ -347,8 +356,11 @@ def _read_resumable(run: _Run, checkpoint: Path) -> dict[str, Any]:
     stored = meta.get("config", {})
     wanted = run.config.to_dict()
     changed = [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in wanted.items() if stored.get(k) != v]
-    if meta.get("adversarial") != run.meta.get("adversarial"):
-        changed.append(f"adversarial {meta.get('adversarial')!r} -> {run.meta.get('adversarial')!r}")
+    stored_adv = meta.get("adversarial")
+    if stored_adv is not None:  # written by an older version: fill in the fields it did not have yet
+        stored_adv = AdvConfig.from_dict(stored_adv).to_dict()
+    if stored_adv != run.meta.get("adversarial"):
+        changed.append(f"adversarial {stored_adv!r} -> {run.meta.get('adversarial')!r}")
     if changed:
         raise CheckpointError(f"cannot resume {checkpoint}: it was trained with other options ({'; '.join(changed)}); "
                               "use the same options, or drop --resume to start over")
@@ -402,14 +414,19 @@ def train(
                          f"{dist.world_size} processes")
     if not dist.is_main:
         on_step = on_epoch = None
-    trainer = None
+    trainer = held_out = None
     if adversarial is not None:
+        if adversarial.init == "prior" and dist.enabled:
+            raise UsageError("--adv-init prior keeps each training image's last perturbation in its process, and "
+                             "the images move between processes every epoch: run it in one process")
         train_data, held_out = split_held_out(train_data, adversarial.val_count)
-        trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
-                                      label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size)
     train_data = train_data.subset(config.limit).to(device)
     run = _Run(config, train_data, device, dist)
-    if trainer is not None:
+    if adversarial is not None:
+        trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
+                                      label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size,
+                                      train_size=len(train_data))
+        run.trainer = trainer
         probe = slice(0, min(8, len(train_data)))
         check_differentiable(run.model, to_float(train_data.images[probe]), train_data.labels[probe],
                              adversarial.method)
@@ -471,6 +488,6 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
             val_clean_accuracy=kept["val_clean_accuracy"], val_fgsm_accuracy=kept["val_fgsm_accuracy"],
             overfitting=run.meta["overfitting"][0]["message"] if run.meta["overfitting"] else None)
     if checkpoint is not None and run.dist.is_main:
-        save_checkpoint(checkpoint, model, run.meta, run.resume_state())
+        save_checkpoint(checkpoint, model, run.meta, run.resume_state(final=True))
     model.eval()
     return TrainResult(model, run.meta, checkpoint)

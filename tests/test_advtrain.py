@@ -10,7 +10,9 @@ from torch import nn
 
 import attacks
 import robustcnn.train as train_module
+from attacks.rng import sample_keys
 from robustcnn.advtrain import AdvConfig, AdversarialTraining, overfitting
+from robustcnn.distributed import DistContext
 from robustcnn.checkpoint import load_model, read_checkpoint
 from robustcnn.data import ImageData
 from robustcnn.errors import UsageError
@@ -66,6 +68,10 @@ def test_config_fills_in_the_method_defaults_and_stores_them():
     assert (fast.steps, fast.alpha) == (1, pytest.approx(0.125))
     assert AdvConfig(method="trades", eps=8 / 255).beta == 6.0
     assert AdvConfig.from_dict(c.to_dict()) == c
+    assert AdvConfig(method="fast", eps=0.1, init="prior").alpha == pytest.approx(0.05)
+    assert AdvConfig(method="pgd", eps=0.1, init="prior").alpha == pytest.approx(0.05)
+    old = {k: v for k, v in c.to_dict().items() if k != "init"}  # written before the field existed
+    assert AdvConfig.from_dict(old).init == "random"
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -74,6 +80,7 @@ def test_config_fills_in_the_method_defaults_and_stores_them():
     ({"beta": 1.0}, "--beta applies to --adv trades and mart only"), ({"method": "fast", "steps": 3}, "one FGSM step"),
     ({"method": "free"}, "unknown adversarial method"), ({"norm": "l1"}, "unknown norm"),
     ({"eps_warmup": -1}, "--eps-warmup must be >= 0"), ({"val_count": 0}, "--adv-val must be"),
+    ({"init": "zero"}, "unknown attack start 'zero'"),
 ])
 def test_config_refuses_bad_values(kwargs, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -124,6 +131,30 @@ def test_training_examples_depend_on_the_sample_not_on_its_batch(trained):
     half = trainer.adversarial_examples(model, x[:10], y[:10], index[:10], epoch=0, progress=1.0)
     other_epoch = trainer.adversarial_examples(model, x, y, index, epoch=1, progress=1.0)
     assert torch.allclose(whole[:10], half, atol=1e-6) and not torch.equal(whole, other_epoch)
+
+
+def test_a_prior_start_goes_on_from_each_images_last_perturbation(trained):
+    """init="prior": an image's attack starts from its perturbation of the previous epoch (kept to 1/127 of eps),
+    an image without one from the attack's own random draw."""
+    model, x, y = trained
+    eps = 0.1
+    threat = AdvConfig(method="pgd", eps=eps, steps=1, alpha=0.03, init="prior")
+    trainer = AdversarialTraining(threat, None, seed=3, train_size=len(y) + 100)
+    plain = AdversarialTraining(AdvConfig(method="pgd", eps=eps, steps=1, alpha=0.03), None, seed=3)
+    index = torch.arange(len(y)) + 100
+    half = len(y) // 2
+    first = trainer.adversarial_examples(model, x[:half], y[:half], index[:half], epoch=0, progress=1.0)
+    assert torch.equal(first, plain.adversarial_examples(model, x[:half], y[:half], index[:half], 0, 1.0))
+
+    second = trainer.adversarial_examples(model, x, y, index, epoch=1, progress=1.0)
+    kept = ((first - x[:half]) / (eps / 127)).round().clamp(-127, 127) * (eps / 127)
+    keys = sample_keys(3, index[:half], stream=2)
+    expected = threat.inner_attack().perturb(model, x[:half], y[:half], generator=keys, start=kept)
+    assert torch.allclose(second[:half], expected, atol=1e-6)
+    fresh = plain.adversarial_examples(model, x, y, index, epoch=1, progress=1.0)
+    assert torch.equal(second[half:], fresh[half:]), "images without a prior start where the attack would"
+    assert not torch.allclose(second[:half], fresh[:half])
+    assert ((second - x).abs().amax() <= eps + 1e-6) and second.min() >= 0 and second.max() <= 1
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -190,9 +221,11 @@ def test_same_seed_same_metrics_other_seed_other_metrics(data):
     assert other.meta["history"][0]["train_loss"] != runs[0].meta["history"][0]["train_loss"]
 
 
-def test_resume_of_an_adversarial_run_ends_like_an_uninterrupted_one(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("threat", [adv(method="mart", eps_warmup=1.5, val_count=64),
+                                    adv(method="fast", steps=None, init="prior", val_count=64)], ids=["mart", "prior"])
+def test_resume_of_an_adversarial_run_ends_like_an_uninterrupted_one(data, tmp_path, monkeypatch, threat):
     train_data, test_data = data
-    cfg, threat = config(epochs=3, limit=96), adv(method="mart", eps_warmup=1.5, val_count=64)
+    cfg = config(epochs=3, limit=96)
     whole = train(cfg, train_data, test_data, adversarial=threat, checkpoint=tmp_path / "whole.pt")
 
     real_epoch = train_module._run_epoch
@@ -208,10 +241,23 @@ def test_resume_of_an_adversarial_run_ends_like_an_uninterrupted_one(data, tmp_p
     monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
     with pytest.raises(Exception, match="other options"):
         train(cfg, train_data, test_data, adversarial=adv(method="pgd"), checkpoint=tmp_path / "part.pt", resume=True)
+    interrupted = read_checkpoint(tmp_path / "part.pt")["resume"]
+    assert ("adversarial" in interrupted) == (threat.init == "prior")
+    if threat.init == "prior":
+        assert interrupted["adversarial"]["prior"].dtype == torch.int8
+        assert int(interrupted["adversarial"]["has_prior"].sum()) == 96
+        assert "adversarial" not in read_checkpoint(tmp_path / "whole.pt")["resume"], "a finished run drops it"
     resumed = train(cfg, train_data, test_data, adversarial=threat, checkpoint=tmp_path / "part.pt", resume=True)
     assert resumed.metrics == whole.metrics
     assert resumed.meta["history"][-1]["train_loss"] == whole.meta["history"][-1]["train_loss"]
     assert resumed.meta["kept_epoch"] == whole.meta["kept_epoch"]
+
+
+def test_a_prior_start_refuses_to_run_distributed(data):
+    train_data, test_data = data
+    with pytest.raises(UsageError, match="run it in one process"):
+        train(config(epochs=1, limit=96), train_data, test_data, dist=DistContext(rank=0, world_size=2),
+              adversarial=adv(method="fast", steps=None, init="prior"))
 
 
 # -- catastrophic overfitting --------------------------------------------------------------------------------------
@@ -292,6 +338,8 @@ BAD_ADV = {
     "eps without adv": (["--eps", "0.1"], "--eps only applies to adversarial training"),
     "beta with pgd": (["--adv", "pgd", "--beta", "2"], "--beta applies to --adv trades and mart only"),
     "l2 without eps": (["--adv", "pgd", "--adv-norm", "l2"], "needs an explicit --eps"),
+    "init without adv": (["--adv-init", "prior"], "--adv-init only applies to adversarial training"),
+    "unknown init": (["--adv", "fast", "--adv-init", "zero"], "unknown attack start 'zero'"),
 }
 
 

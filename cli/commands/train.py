@@ -80,8 +80,13 @@ def train_command(
                                                      f"{DEFAULT_STEPS['pgd']} (fast: 1).",
                                                      rich_help_panel=ADVERSARIAL, show_default=False)] = None,
     adv_alpha: Annotated[Optional[str], typer.Option("--adv-alpha", help="Attack step size in pixel units. Default: "
-                                                     "2.5 * eps / steps (fast: 1.25 * eps).",
-                                                     rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+                                                     "2.5 * eps / steps (fast: 1.25 * eps; with --adv-init prior "
+                                                     "0.5 * eps).", rich_help_panel=ADVERSARIAL,
+                                                     show_default=False)] = None,
+    adv_init: Annotated[str, typer.Option("--adv-init", help="Where each batch's attack starts: random (in the "
+                                          "ball) or prior (each image's perturbation from its previous epoch, so "
+                                          "the steps add up over epochs; one byte per training pixel; one process "
+                                          "only).", rich_help_panel=ADVERSARIAL)] = AdvConfig.init,
     beta: Annotated[Optional[float], typer.Option("--beta", help="Weight of the robustness term of trades and mart. "
                                                   "Default: 6.", rich_help_panel=ADVERSARIAL, show_default=False)] = None,
     eps_warmup: Annotated[float, typer.Option("--eps-warmup", help="Epochs over which the training budget rises "
@@ -105,7 +110,8 @@ def train_command(
     """
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--limit", limit)):
         positive(name, value)
-    adversarial = _adversarial_config(dataset, adv, eps, adv_norm, adv_steps, adv_alpha, beta, eps_warmup, adv_val)
+    adversarial = _adversarial_config(dataset, adv, eps, adv_norm, adv_steps, adv_alpha, beta, eps_warmup, adv_val,
+                                      adv_init)
     with session(device) as (ctx, dev):
         _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size,
                data_dir, json_mode, adversarial)
@@ -150,13 +156,15 @@ def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out,
 
 
 def _adversarial_config(dataset: str, method: str | None, eps: str | None, norm: str, steps: int | None,
-                        alpha: str | None, beta: float | None, warmup: float, val: int) -> AdvConfig | None:
+                        alpha: str | None, beta: float | None, warmup: float, val: int,
+                        init: str = AdvConfig.init) -> AdvConfig | None:
     """The --adv options as an :class:`AdvConfig` (None without --adv); usage errors for anything inconsistent."""
     if method is None:
         given = [flag for flag, value, unset in (("--eps", eps, None), ("--adv-norm", norm, "linf"),
                                                  ("--adv-steps", steps, None), ("--adv-alpha", alpha, None),
                                                  ("--beta", beta, None), ("--eps-warmup", warmup, 0.0),
-                                                 ("--adv-val", val, AdvConfig.val_count)) if value != unset]
+                                                 ("--adv-val", val, AdvConfig.val_count),
+                                                 ("--adv-init", init, AdvConfig.init)) if value != unset]
         if given:
             raise UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to adversarial "
                              f"training: add --adv {'|'.join(METHODS)}")
@@ -175,7 +183,7 @@ def _adversarial_config(dataset: str, method: str | None, eps: str | None, norm:
         except UsageError:
             raise UsageError(f"invalid --adv-alpha {alpha!r}: write a number > 0 such as 0.02 or 2/255") from None
     return AdvConfig(method=method, eps=budget, norm=norm, steps=steps, alpha=step, beta=beta, eps_warmup=warmup,
-                     val_count=val)
+                     val_count=val, init=init)
 
 
 def _report_epoch(stats: dict[str, Any], epochs: int, json_mode: bool) -> None:
@@ -192,7 +200,11 @@ def _report_epoch(stats: dict[str, Any], epochs: int, json_mode: bool) -> None:
 
 def _threat_model(adv: dict[str, Any]) -> str:
     norm = {"linf": "Linf", "l2": "L2"}[adv["norm"]]
-    steps = "FGSM + random start" if adv["method"] == "fast" else f"{adv['steps']} steps"
+    prior = adv.get("init") == "prior"
+    if adv["method"] == "fast":
+        steps = "FGSM from the previous epoch's perturbation" if prior else "FGSM + random start"
+    else:
+        steps = f"{adv['steps']} steps" + (" from the previous epoch's perturbation" if prior else "")
     beta = f", beta {adv['beta']:g}" if adv.get("beta") is not None else ""
     warm = f", eps warm-up {adv['eps_warmup']:g} epochs" if adv.get("eps_warmup") else ""
     return f"{adv['method']}: {norm} eps {adv['eps']:.4g}, {steps}, alpha {adv['alpha']:.4g}{beta}{warm}"
