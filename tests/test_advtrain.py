@@ -312,9 +312,10 @@ def test_cli_trains_adversarially_and_reports_the_threat_model(isolated):
     assert doc["adversarial"]["method"] == "trades" and doc["adversarial"]["eps"] == pytest.approx(8 / 255)
     assert doc["adversarial"]["beta"] == 6.0 and doc["kept_epoch"] == 1 and doc["overfitting"] == []
     assert {"test_accuracy", "val_robust_accuracy", "kept_epoch", "overfitting"} <= set(doc["metrics"])
-    human = run_cli("train", *QUICK, "--adv", "fast", "--out", str(isolated / "runs"))
+    human = run_cli("train", *QUICK, "--adv", "fast", "--adv-init", "prior", "--out", str(isolated / "runs"))
     assert human.exit_code == 0, human.stderr
     assert "robust accuracy" in human.stdout and "kept epoch" in human.stdout and "fast: Linf eps" in human.stdout
+    assert "FGSM from the previous" in human.stdout and "alpha 0.01569" in human.stdout  # 0.5 * 8/255
     assert "epoch 1/1" in human.stderr and "held-out accuracy clean" in human.stderr
 
 
