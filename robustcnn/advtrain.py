@@ -63,10 +63,11 @@ class AdvConfig:
     ``steps``, ``alpha`` and ``beta`` left as None get the method's defaults, filled in here, so the stored config
     names the values really used: 5 steps (``fast``: 1), ``alpha = 2.5 * eps / steps`` (``fast``: ``1.25 * eps``
     from a random start, ``0.5 * eps`` from a prior one), ``beta = 6`` for ``trades`` and ``mart``. ``init``: where
-    the inner attack starts (``random`` or ``prior``, see the module docstring). ``eps_warmup``: epochs over which the training budget rises linearly
-    from 0 to ``eps`` (validation always uses ``eps``). ``val_count`` training images are held out for validation;
-    ``val_steps`` is the PGD used there. ``attack_bn``: batch-norm mode during the inner maximization (``eval``:
-    running statistics, as the attack library requires; ``train``: batch statistics, running ones left alone).
+    the inner attack starts (``random`` or ``prior``, see the module docstring). ``eps_warmup``: epochs over which
+    the training budget rises linearly from 0 to ``eps`` (validation always uses ``eps``). ``val_count`` training
+    images are held out for validation; ``val_steps`` is the PGD used there. ``attack_bn``: batch-norm mode during
+    the inner maximization (``eval``: running statistics, as the attack library requires; ``train``: batch
+    statistics, running ones left alone).
     """
 
     method: str = "pgd"
