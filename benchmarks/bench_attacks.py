@@ -36,6 +36,7 @@ import torch
 from _common import CLOCKS, TimedModel, load_trained  # noqa: I001  (first: puts the repo on sys.path)
 
 import attacks  # noqa: E402
+from robustcnn.perf import keep_freed_memory  # noqa: E402
 
 
 def forward_backward(model, x, y):
@@ -129,13 +130,17 @@ def main() -> None:
                     help="part 1 timer: wall time, or this process's CPU time (steadier on a busy machine; with "
                          "--threads 1 it is the work done)")
     ap.add_argument("--skip-early-exit", action="store_true", help="run part 1 only")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc settings alone (the CLI's commands keep freed memory for reuse)")
     args = ap.parse_args()
+    tuned = not args.default_malloc and keep_freed_memory()  # the same for the baseline and the attacks
     global clock
     clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     model, x, y, path = load_trained(args.checkpoint, args.n)
-    print(f"model: {path}  samples: {len(y)}  torch threads: {torch.get_num_threads()}")
+    print(f"model: {path}  samples: {len(y)}  torch threads: {torch.get_num_threads()}  "
+          f"malloc: {'keeps freed memory' if tuned else 'default'}")
 
     xb, yb = x[: args.batch_size], y[: args.batch_size]
     pgd_overhead(model, xb, yb, args.eps, [int(k) for k in args.steps.split(",")], args.repeats)

@@ -15,6 +15,7 @@ import torch
 
 from robustcnn.distributed import DistContext, lost_peer, looks_distributed, setup, teardown, world_size
 from robustcnn.errors import UsageError
+from robustcnn.perf import keep_freed_memory
 
 
 @contextmanager
@@ -36,7 +37,9 @@ def sigterm_interrupts() -> Iterator[None]:
 
 @contextmanager
 def session(device: str) -> Iterator[tuple[DistContext, torch.device]]:
-    """This process's :class:`DistContext` and device for the duration of a command."""
+    """This process's :class:`DistContext` and device for the duration of a command (with glibc's malloc told to
+    keep freed memory for reuse: :func:`robustcnn.perf.keep_freed_memory`)."""
+    keep_freed_memory()
     ctx, dev = setup(device)
     ok = False
     try:

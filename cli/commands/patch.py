@@ -23,6 +23,7 @@ from cli.app import app
 from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
 from robustcnn.errors import RobustCNNError, UsageError
+from robustcnn.perf import keep_freed_memory
 
 TENSOR_SUFFIXES = (".pt", ".pth")
 PATCH = "Patch options"
@@ -198,6 +199,7 @@ def _load_model(checkpoint: Optional[Path], device: str):
     from robustcnn.device import resolve_device
 
     dev = resolve_device(device)
+    keep_freed_memory()
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
     model, meta = load_model(path, device=dev)
     return model, meta, path, dev, tuple(meta["classes"])

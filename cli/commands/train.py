@@ -119,7 +119,6 @@ def train_command(
 
 def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size, data_dir,
            json_mode, adversarial: AdvConfig | None) -> None:
-    keep_freed_memory()
     if epochs is None:
         epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer, augment=augment,
