@@ -151,14 +151,15 @@ def gradient_ascent(
 
     The first run begins at ``ctx.start`` when the caller gave one; restarts draw their own starts.
     """
-    given = [ctx.start]
+    start = ctx.start
 
     def run(ctx: Context, idx: Tensor):
-        start, given[0] = given[0], None
+        nonlocal start
+        first, start = start, None  # only the first run begins at the caller's start
         return _single_run(
             ctx, idx, norm=norm, eps=eps, alpha=alpha, steps=steps, objective=objective,
             random_start=random_start, momentum=momentum, eot_samples=eot_samples, early_stop=early_stop,
-            start=None if start is None else start[idx],
+            start=None if first is None else first[idx],
         )
 
     x_adv, logits, _ = with_restarts(ctx, torch.arange(ctx.n, device=ctx.x.device), restarts, run)

@@ -251,10 +251,11 @@ class AdversarialTraining:
             return None
         rows = index.to(self._prior.device)
         has = self._has_prior[rows]
-        if not has.any():
+        count = int(has.sum())  # one device sync for both cases below
+        if count == 0:
             return None
         start = self._prior[rows].to(x).mul_(self._scale)
-        if not has.all():
+        if count < has.numel():
             fresh = get_norm(self.config.norm).random(SampleRNG(keys, x.device), torch.arange(x.shape[0]),
                                                      tuple(x.shape[1:]), eps).to(x)
             start = torch.where(has.to(x.device).view(-1, *[1] * (x.dim() - 1)), start, fresh)
