@@ -1,12 +1,20 @@
-"""Greedy L0 — a gradient-guided sparse white-box attack (JSMA-style).
+"""Greedy L0 — a gradient-guided sparse white-box attack (JSMA-style, with the model as the judge).
 
 After Papernot, McDaniel, Jha, Fredrikson, Celik & Swami, "The Limitations of Deep Learning in Adversarial
 Settings", IEEE EuroS&P 2016 (the Jacobian-based Saliency Map Attack). Like JSMA it changes one input location at a
-time, picked by a first-order saliency score, and drives it to an extreme of the box. Unlike the original it scores
-whole pixels (all channels of a location together), may push each channel up *or* down, ranks pixels by the
-first-order gain of the margin loss ``sum_c grad_c * (extreme_c - x_c)`` instead of a pair-wise saliency map, and
-needs one backward pass per changed pixel whatever the number of classes. It stops for a sample as soon as it is
-fooled, so ``res.norms`` is the number of pixels that sample needed (at most ``pixels``).
+time and drives it to a corner of the box. Unlike the original it works on whole pixels (all channels of a location
+together) and needs one backward pass per changed pixel whatever the number of classes.
+
+Each step the gradient *proposes* and the model *decides*: every unchanged pixel, set to either of two opposite
+corners (for grey images: black or white; for colour images: the corner the gradient points to and its opposite),
+is scored by the first-order gain of the loss, ``sum_c grad_c * (corner_c - x_c)``; the ``candidates`` best
+proposals are then tried with real forward passes (one batch for all proposals of all images), and the change that
+fools the model, or else raises the loss the most, is kept. A first-order score alone is a poor guide for
+saturating a pixel of a ReLU network (``candidates=1`` is the plain JSMA-style greedy, and on the default
+Fashion-MNIST vgg it fools 0 / 5 / 16 % of the images with 1 / 3 / 5 pixels); trying the best 128 proposals, as
+CornerSearch (Croce & Hein, "Sparse and Imperceivable Adversarial Attacks", ICCV 2019) tries single-pixel changes,
+is what makes it strong. It stops for a sample as soon as it is fooled, so ``res.norms`` is the number of pixels
+that sample needed (at most ``pixels``); ``res.queries`` counts every forward pass, proposals included.
 
 >>> GreedyL0(pixels=5)(model, x, y).norms     # pixels changed per image
 """
@@ -14,61 +22,112 @@ fooled, so ``res.norms`` is the number of pixels that sample needed (at most ``p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
+import torch
 from torch import Tensor
 
-from attacks.base import Context, check_choice
+from attacks.base import Context, check_choice, check_int
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
-from attacks.sparse import PixelBudget, WorkList, target_checked
+from attacks.sparse import AUTO_MAX_BATCH, PixelBudget, WorkList, target_checked
 
 
-def saturate_best_pixel(cur: Tensor, x0: Tensor, grad: Tensor) -> Tensor:
-    """Set, in each image, the not-yet-changed pixel with the largest first-order gain to its best box extreme.
+def corner_proposals(cur: Tensor, x0: Tensor, grad: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``count`` single-pixel changes of each image with the largest first-order gain.
 
-    All tensors are ``(M, C, H, W)``; ``grad`` is the gradient of the loss being maximized at ``cur``.
+    All inputs are ``(M, C, H, W)``; ``grad`` is the gradient of the loss being maximized at ``cur``. A proposal sets
+    one pixel not yet changed from ``x0`` to the box corner ``grad`` points to, or to the opposite corner.
+
+    Returns ``(pos, values, valid)``: pixel indices ``(M, count)`` into ``H * W``, the pixels' new values
+    ``(M, count, C)``, and whether each proposal is a real change of an unchanged pixel ``(M, count)`` (there may be
+    fewer than ``count`` of those).
     """
     m, c, h, w = cur.shape
-    extreme = (grad > 0).to(cur.dtype)
-    gain = (grad * (extreme - cur)).sum(dim=1).reshape(m, h * w)
-    changed = cur.ne(x0).any(dim=1).reshape(m, h * w)
-    gain = gain.masked_fill(changed, float("-inf"))
-    best = gain.argmax(dim=1)
-    out = cur.reshape(m, c, h * w).clone()
-    idx = best[:, None, None].expand(-1, c, 1)
-    out.scatter_(2, idx, extreme.reshape(m, c, h * w).gather(2, idx))
-    return out.reshape(m, c, h, w)
+    flat, g = cur.reshape(m, c, h * w), grad.reshape(m, c, h * w)
+    toward = (g > 0).to(cur.dtype)
+    corners = torch.stack([toward, 1 - toward], dim=1)  # (M, 2, C, HW)
+    gain = (g[:, None] * (corners - flat[:, None])).sum(dim=2)  # (M, 2, HW)
+    moves = corners.ne(flat[:, None]).any(dim=2)  # (M, 2, HW): the corner differs from the pixel
+    unchanged = cur.eq(x0).all(dim=1).reshape(m, 1, h * w)
+    gain = gain.masked_fill(~(moves & unchanged), float("-inf")).reshape(m, 2 * h * w)
+    gain, best = gain.topk(min(count, 2 * h * w), dim=1)
+    values = corners.permute(0, 1, 3, 2).reshape(m, 2 * h * w, c).gather(1, best[..., None].expand(-1, -1, c))
+    return best % (h * w), values, gain.isfinite()
+
+
+def set_pixels(cur: Tensor, pos: Tensor, values: Tensor) -> Tensor:
+    """``(M * P, C, H, W)``: image ``i`` of ``cur`` (``(M, C, H, W)``) once per proposal ``j``, with pixel
+    ``pos[i, j]`` set to ``values[i, j]`` (``pos`` ``(M, P)``, ``values`` ``(M, P, C)``)."""
+    m, c, h, w = cur.shape
+    p = pos.shape[1]
+    out = cur.reshape(m, 1, c, h * w).expand(m, p, c, h * w).clone()
+    out.scatter_(3, pos[:, :, None, None].expand(m, p, c, 1), values[..., None].to(cur.dtype))
+    return out.reshape(m * p, c, h, w)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class GreedyL0(PixelBudget):
-    """Changes at most ``pixels`` pixels, one per gradient step; ``loss``: ``margin`` (default), ``ce`` or ``dlr``."""
+    """Changes at most ``pixels`` pixels, one per step; ``loss``: ``margin`` (default), ``ce`` or ``dlr``;
+    ``candidates``: single-pixel changes tried with forward passes per step (1: trust the gradient alone);
+    ``max_batch``: inputs per forward pass (None picks one per device)."""
 
     name = "greedyl0"
     kind = "white-box"
-    description = "Greedy gradient-guided L0 attack: saturates the most salient pixel per step (JSMA-style)"
+    description = "Greedy L0 attack: the gradient proposes pixel changes, forward passes pick the best (JSMA-style)"
 
     pixels: int = 10
     loss: str = "margin"
+    candidates: int = 128
+    max_batch: Optional[int] = None
 
     def _validate(self) -> None:
         super()._validate()
         check_choice("loss", self.loss, LOSSES)
+        check_int("candidates", self.candidates)
+        if self.max_batch is not None:
+            check_int("max_batch", self.max_batch)
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         self.check_images(tuple(ctx.x.shape[1:]))
         objective = target_checked(get_loss(self.loss))
         work = WorkList(ctx)
         cur = ctx.x
-        for step in range(self.pixels + 1):
-            if step == self.pixels:  # budget spent: one last look, no gradient needed
-                work.retire_all(cur, ctx.logits(cur, work.ids))
-                break
+        for step in range(self.pixels):
             logits, _, grad = ctx.value_and_grad(cur, work.ids, objective)
-            x0 = ctx.x[work.ids]
+            keep = work.retire_fooled(ctx, cur, logits)  # only the clean images can be fooled here
+            if work.empty:
+                break
+            cur, grad = cur[keep], grad[keep]
+            cur, logits = self._best_change(ctx, work.ids, cur, grad, objective)
+            if step == self.pixels - 1:  # budget spent
+                work.retire_all(cur, logits)
+                break
             keep = work.retire_fooled(ctx, cur, logits)
             if work.empty:
                 break
-            cur = saturate_best_pixel(cur[keep], x0[keep], grad[keep])
+            cur = cur[keep]
         return work.result()
+
+    def _best_change(self, ctx: Context, ids: Tensor, cur: Tensor, grad: Tensor, objective) -> tuple[Tensor, Tensor]:
+        """Each image of ``cur`` (the working samples ``ids``) with its best proposed pixel change, and its logits."""
+        pos, values, valid = corner_proposals(cur, ctx.x[ids], grad, self.candidates)
+        m, p = pos.shape
+        chunk = max(1, (self.max_batch or AUTO_MAX_BATCH.get(cur.device.type, AUTO_MAX_BATCH["cuda"])) // p)
+        out_x, out_logits = [], []
+        for s in range(0, m, chunk):
+            sl = slice(s, s + chunk)
+            trial = set_pixels(cur[sl], pos[sl], values[sl])
+            owner = ids[sl].repeat_interleave(p)
+            logits = ctx.logits(trial, owner)
+            y, t = ctx.label_of(owner)
+            score = objective(logits, y, t).view(-1, p).masked_fill(~valid[sl], float("-inf"))
+            # a proposal that fools the model beats every one that does not (the CE loss can rank one below)
+            fools = ctx.is_adversarial(logits, owner).view(-1, p) & valid[sl]
+            best_fool = score.masked_fill(~fools, float("-inf")).argmax(dim=1)
+            pick = torch.where(fools.any(dim=1), best_fool, score.argmax(dim=1))
+            pick = pick + torch.arange(score.shape[0], device=score.device) * p
+            out_x.append(trial[pick])
+            out_logits.append(logits[pick])
+        return torch.cat(out_x), torch.cat(out_logits)

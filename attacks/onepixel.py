@@ -26,10 +26,7 @@ from torch import Tensor
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import PixelBudget, WorkList, check_target
-
-#: Inputs per forward pass when ``max_batch`` is None: a small CNN on a CPU is fastest in cache-sized batches.
-AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
+from attacks.sparse import AUTO_MAX_BATCH, PixelBudget, WorkList, check_target
 
 
 def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:

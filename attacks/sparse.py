@@ -17,6 +17,10 @@ from attacks.base import Attack, Context, check_int
 from attacks.losses import Objective
 from attacks.norms import get_norm
 
+#: Inputs per forward pass of the pixel attacks' candidate batches when their ``max_batch`` is None: a small CNN on a
+#: CPU is fastest in cache-sized batches.
+AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
+
 
 class WorkList:
     """Per-sample results of one attack call plus ``ids``: the batch positions still being worked on."""

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 import attacks
+from attacks.greedyl0 import corner_proposals
 from attacks.norms import get_norm, patch_shape, ranked_windows
 from attacks.patch import eot_paste, noise_patch, paste, train_patch
 from cli.commands.patch import load_patch, save_patch
@@ -204,6 +205,63 @@ def test_greedy_success_grows_with_pixels(task):
     small = attacks.GreedyL0(pixels=2)(model, x, y).success
     large = attacks.GreedyL0(pixels=4)(model, x, y).success
     assert (large | ~small).all() and large.sum() >= small.sum()
+
+
+
+def test_greedy_one_pixel_equals_an_exhaustive_search(task):
+    """With every (pixel, black/white) change proposed, one step tries them all: it fools exactly the images that
+    some single saturated pixel fools, and otherwise keeps the change with the largest margin loss."""
+    model, x, y = task
+    n, _, h, w = x.shape
+    res = attacks.GreedyL0(pixels=1, candidates=2 * h * w)(model, x, y)
+    trials = x.repeat_interleave(2 * h * w, dim=0).reshape(n, 2, h * w, h * w)
+    pixel = torch.arange(h * w)
+    trials[:, 0, pixel, pixel] = 0.0
+    trials[:, 1, pixel, pixel] = 1.0
+    with torch.no_grad():
+        logits = model(trials.reshape(-1, 1, h, w)).reshape(n, 2 * h * w, -1)
+    fools = logits.argmax(-1).ne(y[:, None])
+    assert torch.equal(res.success, fools.any(dim=1))
+    assert res.success.any() and not res.success.all(), "the fixture should have images of both kinds"
+    best = logits.gather(2, y[:, None, None].expand(-1, 2 * h * w, 1))[..., 0]
+    best = (logits.scatter(2, y[:, None, None].expand(-1, 2 * h * w, 1), float("-inf")).amax(-1) - best).amax(1)
+    with torch.no_grad():
+        out = model(res.x_adv)
+    kept = out.scatter(1, y[:, None], float("-inf")).amax(1) - out.gather(1, y[:, None])[:, 0]
+    assert torch.allclose(kept[~res.success], best[~res.success], atol=1e-5)
+
+
+def test_greedy_counts_every_proposal_and_chunking_changes_nothing(task):
+    model, x, y = task
+    res = attacks.GreedyL0(pixels=2, candidates=5)(model, x, y)
+    unfooled = ~res.success
+    assert unfooled.any() and res.success.any()
+    assert (res.queries[unfooled] == 2 * (1 + 5)).all() and (res.gradients[unfooled] == 2).all()
+    assert torch.equal(res.queries, res.gradients * (1 + 5)) and torch.equal(res.gradients, res.norms.long())
+    chunked = attacks.GreedyL0(pixels=2, candidates=5, max_batch=7)(model, x, y)
+    assert torch.equal(chunked.x_adv, res.x_adv) and torch.equal(chunked.queries, res.queries)
+
+
+def test_corner_proposals_on_colour_images():
+    g = _gen(4)
+    x0 = torch.rand(3, 3, 5, 5, generator=g)
+    cur = x0.clone()
+    cur[:, :, 1, 2] = 1.0  # already changed in every image: never proposed again
+    grad = torch.randn(x0.shape, generator=g)
+    pos, values, valid = corner_proposals(cur, x0, grad, count=60)
+    assert pos.shape == (3, 50) and values.shape == (3, 50, 3)  # at most every (pixel, corner) pair
+    assert valid[:, :48].all() and not valid[:, 48:].any()  # 2 corners x 24 free pixels, the changed one last
+    pos, values = pos[:, :48], values[:, :48]
+    assert not (pos == 1 * 5 + 2).any()
+    assert ((values == 0) | (values == 1)).all()
+    flat, gflat = cur.reshape(3, 3, 25), grad.reshape(3, 3, 25)
+    at = lambda t: t.gather(2, pos[:, None].expand(-1, 3, -1)).transpose(1, 2)  # noqa: E731  (3, 48, C)
+    gain = (at(gflat) * (values - at(flat))).sum(-1)
+    assert (gain[:, :-1] >= gain[:, 1:]).all(), "proposals come best first"
+    toward = (at(gflat) > 0).float()
+    assert ((values == toward).all(-1) | (values == 1 - toward).all(-1)).all()
+    top = attacks.GreedyL0(pixels=1, candidates=1)
+    assert top.candidates == 1 and corner_proposals(cur, x0, grad, count=1)[1].eq(toward[:, :1]).all()
 
 
 # -- patch footprint -----------------------------------------------------------------------------------------------
