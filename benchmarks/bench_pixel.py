@@ -4,10 +4,10 @@
 
 Runs the differential-evolution k-pixel attack (Su et al. 2019: population 400, up to 100 generations, F = 0.5) on
 the correctly classified images among the first N test images of a trained model (the newest `robustcnn train` run
-by default), and the white-box greedy L0 attack at the same k for comparison. Per attack: success rate, queries
-per image (mean, median; at most 1 + 400 x 101 = 40,401 for DE), wall time per attacked image, and the model's
-throughput in candidate images per second (every candidate of every image in a batch is one forward pass per
-generation).
+by default), and the white-box greedy L0 attack at the same k for comparison (k steps of one backward pass and 128
+proposals tried with forward passes). Per attack: success rate, queries per image (mean, median; at most
+1 + 400 x 101 = 40,401 for DE, k x 129 for greedy), wall time per attacked image, and the model's throughput in
+candidate images per second (every candidate of every image in a batch is one forward pass per generation).
 """
 
 from __future__ import annotations
