@@ -31,7 +31,7 @@ from torch import Tensor
 from attacks.base import Context, check_choice, check_int
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
-from attacks.sparse import AUTO_MAX_BATCH, PixelBudget, WorkList, target_checked
+from attacks.sparse import PixelBudget, WorkList, inputs_per_pass, target_checked
 
 
 def corner_proposals(cur: Tensor, x0: Tensor, grad: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,7 +115,7 @@ class GreedyL0(PixelBudget):
         """Each image of ``cur`` (the working samples ``ids``) with its best proposed pixel change, and its logits."""
         pos, values, valid = corner_proposals(cur, ctx.x[ids], grad, self.candidates)
         m, p = pos.shape
-        chunk = max(1, (self.max_batch or AUTO_MAX_BATCH.get(cur.device.type, AUTO_MAX_BATCH["cuda"])) // p)
+        chunk = max(1, inputs_per_pass(self.max_batch, cur.device) // p)
         out_x, out_logits = [], []
         for s in range(0, m, chunk):
             sl = slice(s, s + chunk)

@@ -26,7 +26,7 @@ from torch import Tensor
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import AUTO_MAX_BATCH, PixelBudget, WorkList, check_target
+from attacks.sparse import PixelBudget, WorkList, check_target, inputs_per_pass
 
 
 def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ class OnePixel(PixelBudget):
         m, p = pop.shape[:2]
         owner = torch.arange(m, device=pop.device).repeat_interleave(p)
         genes = pop.flatten(0, 1)
-        chunk = self.max_batch or AUTO_MAX_BATCH.get(ctx.x.device.type, AUTO_MAX_BATCH["cuda"])
+        chunk = inputs_per_pass(self.max_batch, ctx.x.device)
         parts = []
         for s in range(0, genes.shape[0], chunk):
             o = owner[s:s + chunk]

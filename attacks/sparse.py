@@ -22,6 +22,11 @@ from attacks.norms import get_norm
 AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
 
 
+def inputs_per_pass(max_batch: Optional[int], device: torch.device) -> int:
+    """``max_batch`` if given, else the size that suits ``device`` (:data:`AUTO_MAX_BATCH`)."""
+    return max_batch or AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cuda"])
+
+
 class WorkList:
     """Per-sample results of one attack call plus ``ids``: the batch positions still being worked on."""
 
