@@ -23,7 +23,6 @@ proposals included.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,7 +30,7 @@ from torch import Tensor
 from attacks.base import Context, check_choice, check_int
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
-from attacks.sparse import PixelBudget, WorkList, inputs_per_pass, target_checked
+from attacks.sparse import PixelBudget, WorkList, set_pixels, target_checked
 
 
 def corner_proposals(cur: Tensor, x0: Tensor, grad: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -57,16 +56,6 @@ def corner_proposals(cur: Tensor, x0: Tensor, grad: Tensor, count: int) -> tuple
     return best % (h * w), values, gain.isfinite()
 
 
-def set_pixels(cur: Tensor, pos: Tensor, values: Tensor) -> Tensor:
-    """``(M * P, C, H, W)``: image ``i`` of ``cur`` (``(M, C, H, W)``) once per proposal ``j``, with pixel
-    ``pos[i, j]`` set to ``values[i, j]`` (``pos`` ``(M, P)``, ``values`` ``(M, P, C)``)."""
-    m, c, h, w = cur.shape
-    p = pos.shape[1]
-    out = cur.reshape(m, 1, c, h * w).expand(m, p, c, h * w).clone()
-    out.scatter_(3, pos[:, :, None, None].expand(m, p, c, 1), values[..., None].to(cur.dtype))
-    return out.reshape(m * p, c, h, w)
-
-
 @register
 @dataclass(frozen=True, kw_only=True)
 class GreedyL0(PixelBudget):
@@ -81,14 +70,11 @@ class GreedyL0(PixelBudget):
     pixels: int = 10
     loss: str = "margin"
     candidates: int = 128
-    max_batch: Optional[int] = None
 
     def _validate(self) -> None:
         super()._validate()
         check_choice("loss", self.loss, LOSSES)
         check_int("candidates", self.candidates)
-        if self.max_batch is not None:
-            check_int("max_batch", self.max_batch)
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         self.check_images(tuple(ctx.x.shape[1:]))
@@ -114,12 +100,14 @@ class GreedyL0(PixelBudget):
     def _best_change(self, ctx: Context, ids: Tensor, cur: Tensor, grad: Tensor, objective) -> tuple[Tensor, Tensor]:
         """Each image of ``cur`` (the working samples ``ids``) with its best proposed pixel change, and its logits."""
         pos, values, valid = corner_proposals(cur, ctx.x[ids], grad, self.candidates)
-        m, p = pos.shape
-        chunk = max(1, inputs_per_pass(self.max_batch, cur.device) // p)
+        (m, p), c = pos.shape, cur.shape[1]
+        chunk = max(1, self.inputs_per_pass(cur.device) // p)
         out_x, out_logits = [], []
         for s in range(0, m, chunk):
             sl = slice(s, s + chunk)
-            trial = set_pixels(cur[sl], pos[sl], values[sl])
+            # one copy of each image per proposal, with that proposal's pixel set
+            trial = set_pixels(cur[sl].repeat_interleave(p, dim=0), pos[sl].reshape(-1, 1),
+                               values[sl].reshape(-1, 1, c))
             owner = ids[sl].repeat_interleave(p)
             logits = ctx.logits(trial, owner)
             y, t = ctx.label_of(owner)

@@ -26,7 +26,7 @@ from torch import Tensor
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import PixelBudget, WorkList, check_target, inputs_per_pass
+from attacks.sparse import PixelBudget, WorkList, check_target, set_pixels
 
 
 def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:
@@ -35,12 +35,7 @@ def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:
     A gene row is ``(row, column, value of channel 0, ..., value of channel C-1)``; coordinates are floored to
     pixel positions and must already lie inside the image, values inside [0, 1].
     """
-    m, c, h, w = x.shape
-    pos = genes[..., 0].long() * w + genes[..., 1].long()  # (M, k)
-    values = genes[..., 2:].transpose(1, 2).to(x.dtype)  # (M, C, k)
-    out = x.reshape(m, c, h * w).clone()
-    out.scatter_(2, pos[:, None, :].expand(-1, c, -1), values)
-    return out.reshape(m, c, h, w)
+    return set_pixels(x, genes[..., 0].long() * x.shape[-1] + genes[..., 1].long(), genes[..., 2:])
 
 
 def _three_distinct(rng: SampleRNG, ids: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,7 +71,6 @@ class OnePixel(PixelBudget):
     steps: int = 100
     mutation: float = 0.5
     max_queries: Optional[int] = None
-    max_batch: Optional[int] = None
 
     def _validate(self) -> None:
         super()._validate()
@@ -85,8 +79,6 @@ class OnePixel(PixelBudget):
         check_range("mutation", self.mutation, low=0.0, high=2.0)
         if self.max_queries is not None:
             check_int("max_queries", self.max_queries, low=self.population + 1)
-        if self.max_batch is not None:
-            check_int("max_batch", self.max_batch)
 
     @property
     def generations(self) -> int:
@@ -151,7 +143,7 @@ class OnePixel(PixelBudget):
         m, p = pop.shape[:2]
         owner = torch.arange(m, device=pop.device).repeat_interleave(p)
         genes = pop.flatten(0, 1)
-        chunk = inputs_per_pass(self.max_batch, ctx.x.device)
+        chunk = self.inputs_per_pass(ctx.x.device)
         parts = []
         for s in range(0, genes.shape[0], chunk):
             o = owner[s:s + chunk]

@@ -22,9 +22,13 @@ from attacks.norms import get_norm
 AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
 
 
-def inputs_per_pass(max_batch: Optional[int], device: torch.device) -> int:
-    """``max_batch`` if given, else the size that suits ``device`` (:data:`AUTO_MAX_BATCH`)."""
-    return max_batch or AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cuda"])
+def set_pixels(x: Tensor, pos: Tensor, values: Tensor) -> Tensor:
+    """A copy of ``x`` ``(M, C, H, W)`` with, in image ``i``, pixel ``pos[i, j]`` (an index into ``H * W``) set to
+    ``values[i, j]`` (one value per channel) for every ``j``; ``pos`` is ``(M, k)``, ``values`` ``(M, k, C)``."""
+    m, c, h, w = x.shape
+    out = x.reshape(m, c, h * w).clone()
+    out.scatter_(2, pos[:, None, :].expand(-1, c, -1), values.transpose(1, 2).to(x.dtype))
+    return out.reshape(m, c, h, w)
 
 
 class WorkList:
@@ -103,15 +107,23 @@ def target_checked(objective: Objective) -> Objective:
 
 @dataclass(frozen=True, kw_only=True)
 class PixelBudget(Attack):
-    """An attack that changes at most ``pixels`` pixels of each image (all channels of a pixel count as one)."""
+    """An attack that changes at most ``pixels`` pixels of each image (all channels of a pixel count as one), trying
+    candidate images in forward passes of at most ``max_batch`` inputs (None picks a size per device)."""
 
     supported_norms = ("l0",)
 
     pixels: int = 1
+    max_batch: Optional[int] = None
 
     def _validate(self) -> None:
         super()._validate()
         check_int("pixels", self.pixels)
+        if self.max_batch is not None:
+            check_int("max_batch", self.max_batch)
+
+    def inputs_per_pass(self, device: torch.device) -> int:
+        """``max_batch`` if given, else the size that suits ``device`` (:data:`AUTO_MAX_BATCH`)."""
+        return self.max_batch or AUTO_MAX_BATCH.get(device.type, AUTO_MAX_BATCH["cuda"])
 
     def check_images(self, shape: tuple[int, ...]) -> None:
         """Refuse images of ``shape`` ``(C, H, W)`` that have fewer than ``pixels`` pixels (``ValueError``).
