@@ -123,6 +123,13 @@ def test_attack_with_a_saved_patch_and_bad_patch_files(newest, tmp_path):
     doc = _json(run_cli("attack", "--method", "patch", "--patch", str(stem) + ".pt", "--n", "32", "--json"))
     st = doc["results"][0]["attacks"]["patch"]
     assert 0 < st["max_norm"] <= 0.1 + 1e-9  # the norm of a patch attack is its area fraction
+    trained, control = doc["results"]  # the second row is the control: same-size noise, a fresh draw per image
+    assert "control" not in trained and control["control"] == "noise"
+    noise = control["attacks"]["patch"]
+    assert noise["config"]["noise"] is True and noise["max_norm"] == st["max_norm"]
+    assert control["clean_accuracy"] == trained["clean_accuracy"]
+    table = run_cli("attack", "--method", "patch", "--patch", str(stem) + ".pt", "--n", "32")
+    assert table.exit_code == 0 and "trained" in table.stdout and "noise" in table.stdout
     (tmp_path / "bad.pt").write_text("not a tensor")
     assert "not a tensor file" in assert_one_line_error(
         run_cli("attack", "--method", "patch", "--patch", str(tmp_path / "bad.pt")), 2)

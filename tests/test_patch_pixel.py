@@ -79,6 +79,7 @@ ATTACKS = {
     "greedyl0": lambda: attacks.GreedyL0(pixels=8),
     "patch-trained": lambda: attacks.UniversalPatch(area=0.1, steps=40, lr=0.1),
     "patch-given": lambda: attacks.UniversalPatch(patch=_fixed_patch()),
+    "patch-noise": lambda: attacks.UniversalPatch(patch=_fixed_patch(), noise=True),
     "lavan": lambda: attacks.LocalizedPatch(area=0.1, steps=40),
 }
 
@@ -273,7 +274,7 @@ def _bounding_boxes(mask: torch.Tensor) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["patch-trained", "patch-given", "lavan"])
+@pytest.mark.parametrize("name", ["patch-trained", "patch-given", "patch-noise", "lavan"])
 def test_nothing_changes_outside_the_patch(task, name):
     model, x, y = task
     atk = ATTACKS[name]()
@@ -349,6 +350,110 @@ def test_universal_patch_transfers_to_unseen_images(task):
     trained = attacks.UniversalPatch(patch=patch)(model, x, y, generator=_gen(1)).success.float().mean()
     noise = attacks.UniversalPatch(patch=noise_patch(tuple(patch.shape), _gen(2)))(model, x, y, generator=_gen(1))
     assert trained >= 0.5 and trained > noise.success.float().mean() + 0.3
+
+
+def test_noise_control_draws_a_fresh_patch_per_image(task):
+    """The control pastes uniform noise of the given patch's footprint, a different patch on every image, and
+    ignores the patch's values; its draws come from each image's own stream (batch-independent, seeded)."""
+    model, x, y = task
+    patch = _fixed_patch()
+    res = attacks.UniversalPatch(patch=patch, noise=True)(model, x, y, generator=_gen())
+    windows = nn.functional.unfold(res.x_adv, 4).transpose(1, 2)  # (N, windows, 16)
+    pasted = []
+    for i, w in enumerate(windows):  # the pasted window: the one that differs from the image in most pixels
+        before = nn.functional.unfold(x[i : i + 1], 4).transpose(1, 2)[0]
+        pasted.append(w[(w != before).sum(dim=1).argmax()])
+    pasted = torch.stack(pasted)
+    assert len({tuple(p.tolist()) for p in pasted}) == len(pasted)  # a fresh draw per image
+    assert not (pasted == patch.reshape(1, -1)).all(dim=1).any()  # not the given patch
+    assert 0.35 < pasted.mean() < 0.65  # uniform values
+    other = attacks.UniversalPatch(patch=torch.zeros(1, 4, 4), noise=True)(model, x, y, generator=_gen())
+    assert torch.equal(other.x_adv, res.x_adv)  # only the footprint matters
+    keys = attacks.rng.sample_keys(0, torch.arange(len(x)))
+    whole = attacks.UniversalPatch(area=0.07, noise=True)(model, x, y, generator=keys)
+    part = attacks.UniversalPatch(area=0.07, noise=True)(model, x[5:9], y[5:9], generator=keys[5:9])
+    assert torch.equal(whole.x_adv[5:9], part.x_adv)
+
+
+def test_refinement_fools_more_than_its_start(task):
+    """From a mid-grey patch the discrete search moves pixels to black or white, one move per sweep at most, and
+    the result fools more unseen images at random places than the start. Sweep ``s`` works on the next
+    ``refine_images`` images (cycling), scoring the current patch and each candidate there: every pass is counted."""
+    from attacks.base import Context
+    from attacks.losses import margin
+    from attacks.patch import PatchTraining, _capped, _refine
+    from attacks.rng import SampleRNG
+
+    model = task[0]
+    xtr, ytr = _blobs(96, seed=11)
+    ctx = Context(model, xtr, ytr, None, SampleRNG.from_generator(_gen(4), 96, xtr.device))
+    training = PatchTraining(refine=6, refine_candidates=8, refine_images=64)
+    start = torch.full((1, 3, 3), 0.5)
+    out = _refine(ctx, start, training, _capped(margin, training.kappa))
+    assert out.shape == start.shape
+    changed = (out != start).flatten()
+    assert 1 <= int(changed.sum()) <= 6
+    assert ((out.flatten()[changed] == 0) | (out.flatten()[changed] == 1)).all()  # moves go to corners
+    queries, gradients = torch.zeros(96, dtype=torch.long), torch.zeros(96, dtype=torch.long)
+    for sweep in range(6):
+        idx = (torch.arange(64) + 64 * sweep) % 96
+        queries[idx] += 1 + 1 + 8  # the gradient pass, the current patch and 8 candidates
+        gradients[idx] += 1
+    assert torch.equal(ctx.queries, queries) and torch.equal(ctx.gradients, gradients)
+    x, y = _blobs(256, seed=12)
+
+    def fooled(patch):
+        return sum(attacks.UniversalPatch(patch=patch)(model, x, y, generator=_gen(s)).success.sum() for s in range(4))
+
+    assert fooled(out) > fooled(start)
+
+
+def test_refinement_candidates_are_the_best_first_order_moves():
+    """The candidates of a sweep are the single-pixel moves to a corner with the largest first-order gain: on a
+    linear model, where that gain is exact, one sweep with one candidate makes the best move of all."""
+    from attacks.base import Context
+    from attacks.patch import PatchTraining, _refine, random_corners
+    from attacks.rng import SampleRNG
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
+    x = torch.full((1, 3, 6, 6), 0.5)
+    y = torch.tensor([0])
+    ctx = Context(model, x, y, None, SampleRNG.from_generator(_gen(), 1, x.device))
+    patch = torch.full((3, 2, 2), 0.5)
+
+    def objective(logits, y, t):
+        return logits[:, 1] - logits[:, 0]
+
+    out = _refine(ctx, patch, PatchTraining(refine=1, refine_candidates=1, refine_images=1), objective)
+
+    rows, cols = random_corners(SampleRNG.from_generator(_gen(), 1, x.device), torch.tensor([0]), (2, 2), 6, 6)
+    with torch.no_grad():
+        best = max(
+            (float(objective(model(paste(x, cand, rows, cols)), y, None)), i)
+            for i, cand in enumerate(_all_corner_moves(patch))
+        )
+    assert torch.equal(out, _all_corner_moves(patch)[best[1]])
+
+
+def _all_corner_moves(patch):
+    out = []
+    for p in range(patch[0].numel()):
+        for corner in range(8):
+            cand = patch.flatten(1).clone()
+            cand[:, p] = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], dtype=patch.dtype)
+            out.append(cand.view_as(patch))
+    return out
+
+
+def test_capped_objective():
+    from attacks.patch import _capped
+
+    logits = torch.tensor([[0.0, 9.0], [0.0, 1.0]])
+    y = torch.zeros(2, dtype=torch.long)
+    capped = _capped(attacks.losses.margin, 5.0)
+    assert torch.equal(capped(logits, y, None), torch.tensor([5.0, 1.0]))
+    assert _capped(attacks.losses.margin, None) is attacks.losses.margin
 
 
 def test_sink_objective_leaves_the_sink_class_out():

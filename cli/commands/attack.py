@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -82,8 +84,6 @@ def _load(checkpoint: Optional[Path], dev: torch.device, data_dir: Optional[Path
 
 def _with_patch(atk, patch_file, model, meta, data_dir, dev, target_class, seed):
     """The universal patch attack with a loaded patch, or one trained on training images (never the test images)."""
-    import dataclasses
-
     from attacks.patch import DEFAULT_AREA, train_patch
     from cli.commands.patch import load_patch
     from robustcnn.data import load_dataset
@@ -111,14 +111,18 @@ def _table(method: str, rows: list[dict], targeted: bool, kind: str = "white-box
     queries = kind in QUERY_KINDS
     t = Table(title=f"{method} on {rows[0]['n']} test images — accuracy clean and under attack"
                     + (" (targeted: 'robust' = target not reached)" if targeted else ""), title_justify="left",
-              caption="q mean, q median: queries per successful image" if queries else None, caption_justify="left")
-    cols = ["eps", "clean", "robust", "success", "mean norm", "max norm", "fwd/img"]
+              caption="q mean, q median: queries per successful image" if queries else
+              "noise: the control, a uniform-noise patch of the same size (a fresh one per image)"
+              if kind == "patch" else None, caption_justify="left")
+    patch = kind == "patch"
+    cols = ["patch" if patch else "eps", "clean", "robust", "success", "mean norm", "max norm", "fwd/img"]
     cols += ["budget", "q mean", "q median"] if queries else ["bwd/img"]
     for col in cols + ["time"]:
-        t.add_column(col, justify="right", min_width=min(len(col), 7))
+        t.add_column(col, justify="right", min_width=7 if col == "patch" else min(len(col), 7))
     for r in rows:
         a = r["attacks"][method] if method in r["attacks"] else next(iter(r["attacks"].values()))
-        cells = [_fmt(r["eps"], 3), f"{r['clean_accuracy']:.1%}", f"{r['robust_accuracy']:.1%}",
+        first = ("[dim]noise[/]" if r.get("control") else "trained") if patch else _fmt(r["eps"], 3)
+        cells = [first, f"{r['clean_accuracy']:.1%}", f"{r['robust_accuracy']:.1%}",
                  f"{a['success_rate']:.1%}" if a["seen"] else "-", _fmt(a["mean_norm"], 3), _fmt(a["max_norm"], 3),
                  _fmt(a["queries_mean"], 3)]
         if queries:
@@ -213,6 +217,11 @@ def attack_cmd(
                 )
                 last = last or report
                 rows.append({"eps": getattr(atk, "eps", None), **report.to_dict(per_sample=per_sample)})
+                if spec.name == "patch":  # the control: a same-size uniform-noise patch, a fresh one per image
+                    control = attacks.evaluate(model, (images, labels), [dataclasses.replace(atk, noise=True)],
+                                               batch_size=batch_size, device=dev, seed=seed, target=target,
+                                               shard=ctx.shard)
+                    rows.append({"eps": None, "control": "noise", **control.to_dict(per_sample=per_sample)})
         if not ctx.is_main:  # rank 0 writes and prints; the others are done
             return
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 import attacks
 from attacks.norms import patch_shape
-from attacks.patch import PatchTraining, check_patch, noise_patch, train_patch
+from attacks.patch import PatchTraining, check_patch, train_patch
 from cli import output
 from cli.app import app
 from cli.distributed import refuse_distributed
@@ -112,10 +112,12 @@ def parse_areas(text: str) -> list[float]:
     return values
 
 
-def _measure(model, images, labels, patch, *, target, seed, batch_size, device) -> dict[str, Any]:
-    """Clean accuracy, accuracy with ``patch`` at random places, and its success on the correctly classified."""
+def _measure(model, images, labels, patch, *, target, seed, batch_size, device, noise=False) -> dict[str, Any]:
+    """Clean accuracy, accuracy with ``patch`` at random places, and its success on the correctly classified; with
+    ``noise`` the same for the control, a uniform-noise patch of the same size drawn afresh for every image."""
     tgt = None if target is None else torch.full_like(labels, target)
-    report = attacks.evaluate(model, (images, labels), [attacks.UniversalPatch(patch=patch)], seed=seed,
+    atk = attacks.UniversalPatch(patch=patch, noise=noise)
+    report = attacks.evaluate(model, (images, labels), [atk], seed=seed,
                               batch_size=batch_size, device=device, target=tgt)
     stats = report.per_attack["patch"]
     return {"clean_accuracy": report.clean_accuracy, "accuracy": report.robust_accuracy,
@@ -138,6 +140,9 @@ def train_cmd(
                                                   "index. Default: untargeted.", rich_help_panel=PATCH)] = None,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (one minibatch each).",
                                        rich_help_panel=PATCH)] = PatchTraining.steps,
+    refine: Annotated[int, typer.Option("--refine", help="Sweeps of discrete search after the gradient steps "
+                                        "(each tries the most promising one-pixel changes; 0: none).",
+                                        rich_help_panel=PATCH)] = PatchTraining.refine,
     sink: Annotated[bool, typer.Option("--sink/--no-sink", help="Untargeted: pull every image towards the one class "
                                        "whose short trial fools the most training images (stronger than pushing "
                                        "each image away from its own class).", rich_help_panel=PATCH)] = PatchTraining.sink,
@@ -157,12 +162,15 @@ def train_cmd(
     """Train a universal adversarial patch, save it (PNG + .pt) and measure it on held-out images.
 
     The patch is trained on training images with random location, scale and rotation, then pasted at random
-    locations on test images; a same-size random-noise patch ("noise") is measured beside it as the control.
+    locations on test images; as the control ("noise"), every test image also gets a same-size patch of uniform
+    random values (a fresh one per image) at a random location.
     """
     refuse_distributed("patch train")
     areas = parse_areas(area)
     for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--batch-size", batch_size)):
         positive(name, value)
+    if refine < 0:
+        raise UsageError(f"--refine must be >= 0, got {refine}")
     model, meta, path, dev, classes = _load_model(checkpoint, device)
     if target is not None and not 0 <= target < len(classes):
         raise UsageError(f"--target must be a class index in [0, {len(classes) - 1}], got {target}")
@@ -179,17 +187,17 @@ def train_cmd(
         for a in areas:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             patch = train_patch(model, train_x, train_y, area=a, target=target, generator=gen,
-                                training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink))
+                                training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink,
+                                                       refine=refine))
             png, pt = save_patch(patch, _default_stem(out, meta["dataset"], a, target, len(areas) > 1))
-            noise = noise_patch(tuple(patch.shape), torch.Generator(device="cpu").manual_seed(seed + 1))
             rows.append({"area_requested": a, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
                          "patch": _measure(model, test_x, test_y, patch.to(dev), **measure),
-                         "noise": _measure(model, test_x, test_y, noise.to(dev), **measure)})
+                         "noise": _measure(model, test_x, test_y, patch.to(dev), noise=True, **measure)})
             bar.advance(task)
     if json_out:
         output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
                           "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
-                          "steps": steps, "sink": sink and target is None, "seed": seed, "results": rows})
+                          "steps": steps, "refine": refine, "sink": sink and target is None, "seed": seed, "results": rows})
         return
     output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
 
