@@ -146,7 +146,7 @@ class PatchTraining:
     objective) if it fools more than the current patch.
     """
 
-    steps: int = 300
+    steps: int = 1000
     lr: float = 0.05
     batch_size: Optional[int] = 256
     min_scale: float = 0.8
@@ -155,7 +155,7 @@ class PatchTraining:
     kappa: Optional[float] = 5.0
     sink: bool = True
     trial_steps: int = 40
-    refine: int = 10
+    refine: int = 20
     refine_candidates: int = 64
     refine_images: int = 2048
 

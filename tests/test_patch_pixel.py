@@ -637,6 +637,29 @@ def cli_env(shapes_model, monkeypatch):
     return shapes_model[0]
 
 
+def test_patch_measures_accuracy_on_every_patched_image(task):
+    """``patched_accuracy`` is the accuracy on all images with the patch, misclassified ones included, with each
+    image at the same place as in the robust accuracy (which counts only images correct with and without it)."""
+    from attacks.evaluate import attack_stream
+    from attacks.rng import sample_keys
+    from cli.commands.patch import _measure
+
+    model = task[0]
+    x, y = _blobs(120, seed=13)
+    y[::6] = (y[::6] + 1) % 4  # wrong labels: images the model gets wrong, which a patch may happen to put right
+    patch = torch.ones(1, 5, 5)
+    m = _measure(model, x, y, patch, target=None, seed=3, batch_size=32, device=torch.device("cpu"))
+    atk = attacks.UniversalPatch(patch=patch)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    fooled = atk(model, x, y, generator=sample_keys(3, torch.arange(120), attack_stream(atk))).success
+    assert not clean.all() and m["clean_accuracy"] == pytest.approx(clean.float().mean().item())
+    assert m["patched_accuracy"] == pytest.approx(1 - fooled.float().mean().item())
+    assert m["robust_accuracy"] == pytest.approx((clean & ~fooled).float().mean().item())
+    assert m["success_rate"] == pytest.approx(fooled[clean].float().mean().item())
+    assert m["patched_accuracy"] > m["robust_accuracy"]  # the patch put some misclassified images right
+
+
 def test_patch_train_saves_and_measures(cli_env, tmp_path):
     result = run_cli("patch", "train", "--area", "0.02,0.1", "--steps", "3", "--train-images", "64", "--n", "48",
                      "--out", str(tmp_path / "p.png"), "--device", "cpu", "--json")
@@ -649,7 +672,10 @@ def test_patch_train_saves_and_measures(cli_env, tmp_path):
         assert row["png"].endswith(f"p-{pct}pct.png") and load_patch(row["png"]).shape == patch.shape
         for kind in ("patch", "noise"):
             m = row[kind]
-            assert 0 <= m["accuracy"] <= m["clean_accuracy"] <= 1 and m["area"] <= row["area_requested"]
+            assert 0 <= m["robust_accuracy"] <= m["clean_accuracy"] <= 1 and m["area"] <= row["area_requested"]
+            # every image correct without and with the patch is counted in both; the patched accuracy may also
+            # count images the patch happened to put right, and never more than the misclassified ones
+            assert m["robust_accuracy"] <= m["patched_accuracy"] <= m["robust_accuracy"] + 1 - m["clean_accuracy"]
 
 
 def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
