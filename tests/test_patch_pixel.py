@@ -682,7 +682,8 @@ def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
     result = run_cli("patch", "train", "--steps", "2", "--train-images", "32", "--n", "32", "--target", "1",
                      "--out", str(tmp_path / "t"), "--device", "cpu")
     assert result.exit_code == 0, result.stderr
-    assert "noise" in result.stdout and "target 1" in result.stdout
+    assert "noise" in result.stdout and "target 1" in result.stdout and "robust" in result.stdout
+    assert f"saved {tmp_path / 't.png'} and {tmp_path / 't.pt'}" in result.stdout
     assert (tmp_path / "t.png").is_file() and (tmp_path / "t.pt").is_file()
 
 

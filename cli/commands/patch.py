@@ -213,6 +213,8 @@ def train_cmd(
                           "results": rows})
         return
     output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
+    for r in rows:
+        output.stdout.print(f"saved {r['png']} and {r['tensor']}", soft_wrap=True)
 
 
 def _load_model(checkpoint: Optional[Path], device: str):
@@ -241,15 +243,16 @@ def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[s
     t = Table(title=f"Universal patch, {goal}, on {count} held-out test images at random locations",
               title_justify="left", caption_justify="left",
               caption="acc with patch: accuracy on all the test images with the patch; drop: clean minus that; "
-                      + success + "; noise: the control, a uniform-noise patch of the same size, fresh per image")
-    for col in ("patch", "area", "clean acc", "acc with patch", "drop", "success", "saved as"):
-        t.add_column(col, justify="right" if col not in ("patch", "saved as") else "left")
+                      "robust: right both without and with it; " + success
+                      + "; noise: the control, a uniform-noise patch of the same size, fresh per image")
+    for col in ("patch", "area", "clean acc", "acc with patch", "drop", "robust", "success"):
+        t.add_column(col, justify="left" if col == "patch" else "right")
     for r in rows:
         for kind in ("patch", "noise"):
             m = r[kind]
             t.add_row("trained" if kind == "patch" else "[dim]noise[/]", f"{m['area']:.2%}",
                       f"{m['clean_accuracy']:.2%}", f"{m['patched_accuracy']:.2%}",
-                      f"{100 * (m['clean_accuracy'] - m['patched_accuracy']):.1f} pts", f"{m['success_rate']:.2%}",
-                      r["png"] if kind == "patch" else "")
+                      f"{100 * (m['clean_accuracy'] - m['patched_accuracy']):.1f} pts", f"{m['robust_accuracy']:.2%}",
+                      f"{m['success_rate']:.2%}")
         t.add_section()
     return t
