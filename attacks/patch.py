@@ -278,7 +278,7 @@ def _refine(ctx: Context, patch: Tensor, training: PatchTraining, objective: Obj
     Sweep ``s`` works on the next ``refine_images`` images of ``ctx`` (cycling through them), each at a random
     place drawn for that sweep, and there scores the current patch beside its candidates: a move is kept only if it
     fools more of that sweep's images. Fresh images and places every sweep keep the search from fitting one sample
-    of placements (which a fixed set rewards: +1.9 points on its own 2,048 placements, +0.7 on held-out images).
+    of placements (with one fixed set, its own fooled share rose 1.9 points in ten sweeps, held-out images' 0.7).
     """
     c, a, b = patch.shape
     _, _, h, w = ctx.x.shape
