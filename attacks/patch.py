@@ -32,7 +32,9 @@ from attacks.losses import LOSSES, Objective, get_loss
 from attacks.norms import get_norm, patch_shape, ranked_windows, window_mask
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import AUTO_MAX_BATCH, WorkList, check_target, keep_changes, target_checked
+from attacks.greedyl0 import corner_proposals
+from attacks.sparse import (AUTO_MAX_BATCH, WorkList, check_target, keep_changes, set_pixels,
+                            target_checked)
 
 #: Area budget used when a patch attack is built without one: 5 % of the image.
 DEFAULT_AREA = 0.05
@@ -141,9 +143,10 @@ class PatchTraining:
     ``refine``: sweeps of a discrete search after the gradient steps. The gradient steps end in a patch whose pixels
     sit at black or white (the corners of the colour cube), where a first-order method stalls. Each sweep takes the
     next ``refine_images`` training images, each pasted at a random place (how :class:`UniversalPatch` applies a
-    patch), ranks every change of one pixel to another corner by the gradient's first-order gain there, tries the
-    ``refine_candidates`` best, and keeps the one that fools the most of those images (ties: the largest mean
-    objective) if it fools more than the current patch.
+    patch), ranks the one-pixel moves to the corner the gradient points to, or the opposite corner, by their
+    first-order gain there (the proposals of :class:`attacks.GreedyL0`), tries the ``refine_candidates`` best, and
+    keeps the one that fools the most of those images (ties: the largest mean objective) if it fools more than the
+    current patch.
     """
 
     steps: int = 1000
@@ -245,13 +248,6 @@ def _fooling_rate(ctx: Context, patch: Tensor) -> tuple[float, int]:
     return ctx.is_adversarial(logits, idx).float().mean().item(), logits.shape[1]
 
 
-def _corners(channels: int, like: Tensor) -> Tensor:
-    """The ``2 ** channels`` corners of the colour cube, ``(2 ** channels, channels)`` (black first, white last)."""
-    bits = torch.arange(2 ** channels, device=like.device)[:, None] >> torch.arange(channels - 1, -1, -1,
-                                                                                      device=like.device)
-    return (bits & 1).to(like.dtype)
-
-
 def _scores(ctx: Context, idx: Tensor, rows: Tensor, cols: Tensor, patches: Tensor, objective: Objective) -> Tensor:
     """Per candidate of ``patches`` ``(K, C, a, b)``: how many samples at ``idx`` it fools pasted with its corner at
     ``(rows, cols)``, plus less than 0.5 for its mean objective (a tie-break that never outweighs one more fooled
@@ -280,28 +276,21 @@ def _refine(ctx: Context, patch: Tensor, training: PatchTraining, objective: Obj
     fools more of that sweep's images. Fresh images and places every sweep keep the search from fitting one sample
     of placements (with one fixed set, its own fooled share rose 1.9 points in ten sweeps, held-out images' 0.7).
     """
-    c, a, b = patch.shape
     _, _, h, w = ctx.x.shape
     m = min(ctx.n, training.refine_images)
-    corners = _corners(c, patch)[:, :, None, None]  # (2^C, C, 1, 1)
     for sweep in range(training.refine):
         idx = (torch.arange(m, device=ctx.x.device) + sweep * m) % ctx.n
-        rows, cols = random_corners(ctx.rng, idx, (a, b), h, w)
+        rows, cols = random_corners(ctx.rng, idx, tuple(patch.shape[-2:]), h, w)
         grad = _patch_grad(ctx, idx, patch, partial(paste, rows=rows, cols=cols), objective)
-        delta = corners - patch[None]  # (2^C, C, a, b): every pixel moved to every corner
-        gain = (grad[None] * delta).sum(dim=1).flatten()  # first-order gain of each move
-        moves = delta.abs().amax(dim=1).flatten() > 1e-6  # moves that change the pixel
-        count = min(training.refine_candidates, int(moves.sum()))
-        if count == 0:
-            break
-        order = gain.masked_fill(~moves, float("-inf")).topk(count).indices
-        corner, pixel = order // patch[0].numel(), order % patch[0].numel()
-        cands = patch.flatten(1).expand(count + 1, -1, -1).clone()  # (1 + K, C, a*b): the current patch first
-        cands[torch.arange(1, count + 1, device=order.device), :, pixel] = corners[corner, :, 0, 0]
-        scores = _scores(ctx, idx, rows, cols, cands.view(count + 1, *patch.shape), objective)
+        # the patch's own image: every pixel may move, to the corner its gradient points to or the opposite one
+        pos, values, valid = corner_proposals(patch[None], patch[None], grad[None], training.refine_candidates)
+        pos, values = pos[valid], values[valid]  # (K,), (K, C)
+        moved = set_pixels(patch[None].expand(pos.numel(), -1, -1, -1), pos[:, None], values[:, None])
+        cands = torch.cat([patch[None], moved])  # the current patch first
+        scores = _scores(ctx, idx, rows, cols, cands, objective)
         top = int(scores[1:].argmax()) + 1
         if scores[top] > scores[0]:
-            patch = cands[top].view_as(patch)
+            patch = cands[top]
     return patch
 
 

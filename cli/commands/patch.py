@@ -122,17 +122,21 @@ def _measure(model, images, labels, patch, *, target, seed, batch_size, device, 
     an image it happened to put right); ``success_rate`` is the share of the correctly classified images fooled
     (targeted: sent to the target). Every image gets the same place in both measures.
     """
-    from attacks.evaluate import run_stage
+    from attacks.evaluate import correctly_classified, run_stage
 
-    tgt = None if target is None else torch.full_like(labels, target)
     atk = attacks.UniversalPatch(patch=patch, noise=noise)
-    size = batch_size or 256
-    report = attacks.evaluate(model, (images, labels), [atk], seed=seed, batch_size=size, device=device, target=tgt)
+    run = dict(batch_size=batch_size or 256, device=device, seed=seed)  # evaluate's per-sample keys: same places
+    n = images.shape[0]
     model.eval()
-    everyone = torch.arange(images.shape[0])
-    wrong = run_stage(model, images, labels, everyone, atk, "patch", batch_size=size, device=device, seed=seed).fooled
-    return {"clean_accuracy": report.clean_accuracy, "patched_accuracy": 1.0 - wrong.float().mean().item(),
-            "robust_accuracy": report.robust_accuracy, "success_rate": report.per_attack["patch"].success_rate,
+    clean = correctly_classified(model, images, labels, batch_size=run["batch_size"], device=device)
+    wrong = run_stage(model, images, labels, torch.arange(n), atk, "patch", **run).fooled  # every image, patched
+    if target is None:
+        hit = wrong[clean]
+    else:
+        tgt = torch.full_like(labels, target)
+        hit = run_stage(model, images, labels, clean.nonzero()[:, 0], atk, "patch", target=tgt, **run).fooled
+    return {"clean_accuracy": clean.float().mean().item(), "patched_accuracy": 1.0 - wrong.float().mean().item(),
+            "robust_accuracy": (int(clean.sum()) - int(hit.sum())) / n, "success_rate": hit.float().mean().item(),
             "area": patch.shape[1] * patch.shape[2] / images[0, 0].numel()}
 
 
