@@ -660,11 +660,34 @@ def test_patch_measures_accuracy_on_every_patched_image(task):
     assert m["patched_accuracy"] > m["robust_accuracy"]  # the patch put some misclassified images right
 
 
+def test_patch_measure_over_several_draws(task):
+    """With ``draws`` the figures are means over that many placements per image, draw ``d`` being the one-draw
+    measure of seed ``seed + d``; ``drop_sd`` is the spread of the accuracy drop over the draws."""
+    from cli.commands.patch import _measure
+
+    model = task[0]
+    x, y = _blobs(96, seed=17)
+    patch = torch.ones(1, 6, 6)
+    run = dict(target=None, batch_size=32, device=torch.device("cpu"))
+    many = _measure(model, x, y, patch, seed=5, draws=3, **run)
+    singles = [_measure(model, x, y, patch, seed=5 + d, **run) for d in range(3)]
+    assert len(many["draws"]) == 3
+    for draw, single in zip(many["draws"], singles):
+        assert single["draws"] == [draw] and single["drop_sd"] == 0.0
+    patched = [s["patched_accuracy"] for s in singles]
+    assert len(set(patched)) > 1  # the places differ between draws, and so does the accuracy
+    for key in ("patched_accuracy", "robust_accuracy", "success_rate"):
+        assert many[key] == pytest.approx(sum(s[key] for s in singles) / 3)
+    assert many["drop_sd"] == pytest.approx(torch.tensor(patched, dtype=torch.float64).std().item())
+    assert many["clean_accuracy"] == singles[0]["clean_accuracy"]
+
+
 def test_patch_train_saves_and_measures(cli_env, tmp_path):
     result = run_cli("patch", "train", "--area", "0.02,0.1", "--steps", "3", "--train-images", "64", "--n", "48",
-                     "--out", str(tmp_path / "p.png"), "--device", "cpu", "--json")
+                     "--draws", "2", "--out", str(tmp_path / "p.png"), "--device", "cpu", "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
+    assert doc["draws"] == 2 and all(len(r[k]["draws"]) == 2 for r in doc["results"] for k in ("patch", "noise"))
     assert [r["area_requested"] for r in doc["results"]] == [0.02, 0.1]
     for row, pct in zip(doc["results"], ("2", "10")):
         patch = load_patch(row["tensor"], image_shape=(3, 32, 32))
@@ -683,6 +706,8 @@ def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
                      "--out", str(tmp_path / "t"), "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     assert "noise" in result.stdout and "target 1" in result.stdout and "robust" in result.stdout
+    # the default 4 draws: each row's drop with its spread over them
+    assert "4 random locations" in result.stdout and len(re.findall(r"\d ± \d", result.stdout)) == 2
     assert f"saved {tmp_path / 't.png'} and {tmp_path / 't.pt'}" in result.stdout
     assert (tmp_path / "t.png").is_file() and (tmp_path / "t.pt").is_file()
 
@@ -696,6 +721,7 @@ def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
         (("--area", "0.0001"), "less than one pixel"),
         (("--target", "99"), "--target must be a class index"),
         (("--steps", "0"), "--steps must be > 0"),
+        (("--draws", "0"), "--draws must be > 0"),
     ],
 )
 def test_patch_train_bad_input_is_a_usage_error(cli_env, tmp_path, args, match):

@@ -112,7 +112,8 @@ def parse_areas(text: str) -> list[float]:
     return values
 
 
-def _measure(model, images, labels, patch, *, target, seed, batch_size, device, noise=False) -> dict[str, Any]:
+def _measure(model, images, labels, patch, *, target, seed, batch_size, device, noise=False,
+             draws: int = 1) -> dict[str, Any]:
     """How ``patch`` at random places does on the test images; with ``noise`` the same for the control, a
     uniform-noise patch of the same size drawn afresh for every image.
 
@@ -121,22 +122,35 @@ def _measure(model, images, labels, patch, *, target, seed, batch_size, device, 
     classified correctly both without and with the patch (the attack convention, which never credits a patch for
     an image it happened to put right); ``success_rate`` is the share of the correctly classified images fooled
     (targeted: sent to the target). Every image gets the same place in both measures.
+
+    With ``draws`` > 1 every image is patched at ``draws`` places (draw ``d`` uses the per-sample keys of seed
+    ``seed + d``, so draw 0 is the single-draw measure); the three figures are means over the draws, each draw's
+    are listed under ``"draws"``, and ``drop_sd`` is the standard deviation over the draws of the accuracy drop
+    (clean minus patched accuracy): how much of a figure is the luck of where the patches landed.
     """
     from attacks.evaluate import correctly_classified, run_stage
 
     atk = attacks.UniversalPatch(patch=patch, noise=noise)
-    run = dict(batch_size=batch_size or 256, device=device, seed=seed)  # evaluate's per-sample keys: same places
-    n = images.shape[0]
+    n, bs = images.shape[0], batch_size or 256
     model.eval()
-    clean = correctly_classified(model, images, labels, batch_size=run["batch_size"], device=device)
-    wrong = run_stage(model, images, labels, torch.arange(n), atk, "patch", **run).fooled  # every image, patched
-    if target is None:
-        hit = wrong[clean]
-    else:
-        tgt = torch.full_like(labels, target)
-        hit = run_stage(model, images, labels, clean.nonzero()[:, 0], atk, "patch", target=tgt, **run).fooled
-    return {"clean_accuracy": clean.float().mean().item(), "patched_accuracy": 1.0 - wrong.float().mean().item(),
-            "robust_accuracy": (int(clean.sum()) - int(hit.sum())) / n, "success_rate": hit.float().mean().item(),
+    clean = correctly_classified(model, images, labels, batch_size=bs, device=device)
+    per_draw = []
+    for d in range(draws):
+        run = dict(batch_size=bs, device=device, seed=seed + d)  # evaluate's per-sample keys: same places
+        wrong = run_stage(model, images, labels, torch.arange(n), atk, "patch", **run).fooled  # every image, patched
+        if target is None:
+            hit = wrong[clean]
+        else:
+            tgt = torch.full_like(labels, target)
+            hit = run_stage(model, images, labels, clean.nonzero()[:, 0], atk, "patch", target=tgt, **run).fooled
+        per_draw.append({"patched_accuracy": 1.0 - wrong.float().mean().item(),
+                         "robust_accuracy": (int(clean.sum()) - int(hit.sum())) / n,
+                         "success_rate": hit.float().mean().item()})
+    keys = ("patched_accuracy", "robust_accuracy", "success_rate")
+    mean = {k: sum(r[k] for r in per_draw) / draws for k in keys}
+    patched = torch.tensor([r["patched_accuracy"] for r in per_draw], dtype=torch.float64)
+    return {"clean_accuracy": clean.float().mean().item(), **mean,
+            "drop_sd": patched.std().item() if draws > 1 else 0.0, "draws": per_draw,
             "area": patch.shape[1] * patch.shape[2] / images[0, 0].numel()}
 
 
@@ -166,6 +180,9 @@ def train_cmd(
                                               rich_help_panel=PATCH)] = 10000,
     n: Annotated[int, typer.Option("--n", help="Held-out test images the patch is measured on.",
                                    rich_help_panel=PATCH)] = 2000,
+    draws: Annotated[int, typer.Option("--draws", help="Places per test image: the figures are means over this "
+                                       "many random placements, the drop with its standard deviation over them.",
+                                       rich_help_panel=PATCH)] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to save: writes OUT.png and OUT.pt "
                                                 "(default runs/<dataset>-patch-<area>pct[-target<k>]).")] = None,
     checkpoint: Checkpoint = None,
@@ -183,7 +200,8 @@ def train_cmd(
     """
     refuse_distributed("patch train")
     areas = parse_areas(area)
-    for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--batch-size", batch_size)):
+    for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--draws", draws),
+                        ("--batch-size", batch_size)):
         positive(name, value)
     if refine < 0:
         raise UsageError(f"--refine must be >= 0, got {refine}")
@@ -196,7 +214,7 @@ def train_cmd(
             patch_shape(a, test_x.shape[-2], test_x.shape[-1])
         except ValueError as exc:
             raise UsageError(f"--area {a}: {exc}") from None
-    measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev)
+    measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev, draws=draws)
     rows = []
     with output.progress(json_out) as bar:
         task = bar.add_task("training patches", total=len(areas))
@@ -214,9 +232,10 @@ def train_cmd(
         output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
                           "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
                           "steps": steps, "refine": refine, "sink": sink and target is None, "seed": seed,
+                          "draws": draws,
                           "results": rows})
         return
-    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
+    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes, draws))
     for r in rows:
         output.stdout.print(f"saved {r['png']} and {r['tensor']}", soft_wrap=True)
 
@@ -241,10 +260,11 @@ def _load_data(meta: dict, data_dir: Optional[Path], train_images: int, n: int, 
             to_float(test.images[:n], dev), test.labels[:n].to(dev))
 
 
-def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...]) -> Table:
+def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...], draws: int) -> Table:
     goal = "untargeted" if target is None else f"target {target} ({classes[target]})"
+    places = "at random locations" if draws == 1 else f"each at {draws} random locations (means; drop ± sd over them)"
     success = "success: correctly classified images " + ("fooled" if target is None else "sent to the target")
-    t = Table(title=f"Universal patch, {goal}, on {count} held-out test images at random locations",
+    t = Table(title=f"Universal patch, {goal}, on {count} held-out test images {places}",
               title_justify="left", caption_justify="left",
               caption="acc with patch: accuracy on all the test images with the patch; drop: clean minus that; "
                       "robust: right both without and with it; " + success
@@ -256,7 +276,12 @@ def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[s
             m = r[kind]
             t.add_row("trained" if kind == "patch" else "[dim]noise[/]", f"{m['area']:.2%}",
                       f"{m['clean_accuracy']:.2%}", f"{m['patched_accuracy']:.2%}",
-                      f"{100 * (m['clean_accuracy'] - m['patched_accuracy']):.1f} pts", f"{m['robust_accuracy']:.2%}",
+                      _drop(m, draws), f"{m['robust_accuracy']:.2%}",
                       f"{m['success_rate']:.2%}")
         t.add_section()
     return t
+
+
+def _drop(m: dict, draws: int) -> str:
+    drop = f"{100 * (m['clean_accuracy'] - m['patched_accuracy']):.2f}"
+    return f"{drop} ± {100 * m['drop_sd']:.2f} pts" if draws > 1 else f"{drop} pts"
