@@ -146,8 +146,7 @@ def _measure(model, images, labels, patch, *, target, seed, batch_size, device, 
         per_draw.append({"patched_accuracy": 1.0 - wrong.float().mean().item(),
                          "robust_accuracy": (int(clean.sum()) - int(hit.sum())) / n,
                          "success_rate": hit.float().mean().item()})
-    keys = ("patched_accuracy", "robust_accuracy", "success_rate")
-    mean = {k: sum(r[k] for r in per_draw) / draws for k in keys}
+    mean = {k: sum(r[k] for r in per_draw) / draws for k in per_draw[0]}
     patched = torch.tensor([r["patched_accuracy"] for r in per_draw], dtype=torch.float64)
     return {"clean_accuracy": clean.float().mean().item(), **mean,
             "drop_sd": patched.std().item() if draws > 1 else 0.0, "draws": per_draw,
@@ -235,7 +234,7 @@ def train_cmd(
                           "draws": draws,
                           "results": rows})
         return
-    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes, draws))
+    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
     for r in rows:
         output.stdout.print(f"saved {r['png']} and {r['tensor']}", soft_wrap=True)
 
@@ -260,8 +259,9 @@ def _load_data(meta: dict, data_dir: Optional[Path], train_images: int, n: int, 
             to_float(test.images[:n], dev), test.labels[:n].to(dev))
 
 
-def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...], draws: int) -> Table:
+def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...]) -> Table:
     goal = "untargeted" if target is None else f"target {target} ({classes[target]})"
+    draws = len(rows[0]["patch"]["draws"])
     places = "at random locations" if draws == 1 else f"each at {draws} random locations (means; drop ± sd over them)"
     success = "success: correctly classified images " + ("fooled" if target is None else "sent to the target")
     t = Table(title=f"Universal patch, {goal}, on {count} held-out test images {places}",
@@ -276,12 +276,12 @@ def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[s
             m = r[kind]
             t.add_row("trained" if kind == "patch" else "[dim]noise[/]", f"{m['area']:.2%}",
                       f"{m['clean_accuracy']:.2%}", f"{m['patched_accuracy']:.2%}",
-                      _drop(m, draws), f"{m['robust_accuracy']:.2%}",
+                      _drop(m), f"{m['robust_accuracy']:.2%}",
                       f"{m['success_rate']:.2%}")
         t.add_section()
     return t
 
 
-def _drop(m: dict, draws: int) -> str:
+def _drop(m: dict) -> str:
     drop = f"{100 * (m['clean_accuracy'] - m['patched_accuracy']):.2f}"
-    return f"{drop} ± {100 * m['drop_sd']:.2f} pts" if draws > 1 else f"{drop} pts"
+    return f"{drop} ± {100 * m['drop_sd']:.2f} pts" if len(m["draws"]) > 1 else f"{drop} pts"
