@@ -13,11 +13,16 @@ from typing import BinaryIO, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Create or replace ``path`` with what ``write(file)`` writes; on any failure ``path`` is left as it was."""
+    """Create or replace ``path`` with what ``write(file)`` writes; on any failure ``path`` is left as it was.
+
+    The file gets the permissions a plain ``open`` would give it (``0o666`` less the umask), not the owner-only
+    ones of a temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -28,3 +33,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back; there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+

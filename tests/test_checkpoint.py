@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -114,3 +116,15 @@ def test_checkpoint_is_a_plain_weights_only_document(saved, tmp_path):
     assert doc["format"] == "robustcnn-checkpoint" and set(doc) == {"format", "version", "model", "meta", "resume"}
     copy = save_checkpoint(tmp_path / "copy.pt", result.model, doc["meta"])
     assert read_checkpoint(copy)["resume"] is None
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    """Not the owner-only mode of the temporary file it writes first: saved files can be shared like any other."""
+    old = os.umask(0o027)
+    try:
+        written = atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+        with open(tmp_path / "b.bin", "wb") as handle:
+            handle.write(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o640
