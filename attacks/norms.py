@@ -209,6 +209,29 @@ def patch_shape(area: float, height: int, width: int) -> tuple[int, int]:
     return min(a, height), min(b, width)
 
 
+#: Longest side over shortest side of the patch shapes :func:`patch_shapes` offers: 13x3 at 5 % of a 28x28 image
+#: is in (4.3), a 2x19 line is not (9.5).
+MAX_ASPECT = 5.0
+
+
+def patch_shapes(area: float, height: int, width: int, max_aspect: float = MAX_ASPECT) -> list[tuple[int, int]]:
+    """Every rectangle a patch of at most ``area`` of the image can take, with neither side more than ``max_aspect``
+    times the other, that lies inside no other such rectangle; ordered by rows.
+
+    On a 28x28 image 5 % (39.2 pixels) gives 3x13, 4x9, 5x7, 6x6, 7x5, 9x4 and 13x3; 2 % (15.7 pixels) gives 2x7,
+    3x5, 5x3 and 7x2 (the near-square :func:`patch_shape`, 3x4, is inside 3x5).
+    """
+    patch_shape(area, height, width)  # the same checks and messages
+    budget = area * height * width + 1e-9
+
+    def widest(a: int) -> int:  # the most columns a rows may have (0: none fits)
+        b = min(width, int(budget // a), int(max_aspect * a + 1e-9))
+        return b if b >= 1 and a <= max_aspect * b + 1e-9 else 0
+
+    cols = [widest(a) for a in range(1, height + 1)]
+    return [(a, b) for a, b in enumerate(cols, start=1) if b and all(c < b for c in cols[a:])]
+
+
 def window_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], height: int, width: int) -> Tensor:
     """Boolean ``(N, 1, height, width)`` masks of ``shape``-sized windows whose top-left corners are ``(rows, cols)``."""
     a, b = shape

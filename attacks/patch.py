@@ -8,11 +8,14 @@
   2018. A patch optimized for each image by signed-gradient steps, at a chosen or searched location
   (:class:`LocalizedPatch`).
 
-The budget ``area`` is a fraction of the image; the footprint is the largest near-square rectangle that fits in it
-(:func:`attacks.norms.patch_shape`: 5 % of a 28x28 image is 6x6 pixels). Both attacks change nothing outside the
-footprint (``_enforce`` guarantees it) and report the footprint's area in ``res.norms``.
+The budget ``area`` is a fraction of the image, and the footprint is a rectangle of whole pixels within it. The
+attacks' own footprint is the largest near-square one (:func:`attacks.norms.patch_shape`: 5 % of a 28x28 image is
+6x6 pixels); :func:`train_patch` by default tries every rectangle the budget allows (sides at most 1:5,
+:func:`attacks.norms.patch_shapes`) and keeps the one whose short trial fools the most training images, since the
+threat model fixes the area, not the shape. Both attacks change nothing outside the footprint (``_enforce``
+guarantees it) and report the footprint's area in ``res.norms``.
 
->>> patch = train_patch(model, train_images, area=0.05)           # (C, 6, 6) on 28x28 images
+>>> patch = train_patch(model, train_images, area=0.05)           # e.g. (C, 13, 3) on 28x28 images
 >>> UniversalPatch(patch=patch)(model, x_test, y_test).success.float().mean()
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from attacks.base import Attack, Context, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective, get_loss
-from attacks.norms import get_norm, patch_shape, ranked_windows, window_mask
+from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows, window_mask
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.greedyl0 import corner_proposals
@@ -138,7 +141,9 @@ class PatchTraining:
     in as many directions as there are classes, pull every image towards one *sink* class, the one whose short
     trial (``trial_steps`` steps for each class, and one of the plain untargeted loss) fools the most training
     images; images of that class are left out of its loss. The patch with the best trial continues training.
-    Brown et al.'s strongest patches are targeted ones for the same reason.
+    Brown et al.'s strongest patches are targeted ones for the same reason. When several patch shapes are asked
+    for (:func:`train_patch`'s ``shape="auto"``), every shape gets the same trials and the best (shape, objective)
+    pair continues.
 
     ``refine``: sweeps of a discrete search after the gradient steps. The gradient steps end in a patch whose pixels
     sit at black or white (the corners of the colour cube), where a first-order method stalls. Each sweep takes the
@@ -238,14 +243,14 @@ def _sink_objective(loss: Objective) -> Objective:
     return objective
 
 
-def _fooling_rate(ctx: Context, patch: Tensor) -> tuple[float, int]:
-    """Untargeted success of ``patch`` pasted at random locations on the first training images (counted passes),
-    and the number of classes the model's outputs have."""
+def _fooling_rate(ctx: Context, patch: Tensor) -> float:
+    """Success of ``patch`` (the goal of ``ctx``: untargeted or towards its target) pasted at random locations on
+    the first training images (counted passes)."""
     _, _, h, w = ctx.x.shape
     idx = torch.arange(min(ctx.n, _TRIAL_IMAGES), device=ctx.x.device)
     rows, cols = random_corners(ctx.rng, idx, tuple(patch.shape[-2:]), h, w)
     logits = ctx.logits(paste(ctx.x[idx], patch, rows, cols), idx)
-    return ctx.is_adversarial(logits, idx).float().mean().item(), logits.shape[1]
+    return ctx.is_adversarial(logits, idx).float().mean().item()
 
 
 def _scores(ctx: Context, idx: Tensor, rows: Tensor, cols: Tensor, patches: Tensor, objective: Objective) -> Tensor:
@@ -294,40 +299,84 @@ def _refine(ctx: Context, patch: Tensor, training: PatchTraining, objective: Obj
     return patch
 
 
-def fit_patch(ctx: Context, shape: tuple[int, int], training: PatchTraining) -> Tensor:
-    """Train one patch of ``shape`` over the images of ``ctx`` (every pass counted there); returns ``(C, a, b)``.
+def fit_patch(ctx: Context, shapes: Sequence[tuple[int, int]], training: PatchTraining) -> Tensor:
+    """Train one patch over the images of ``ctx`` (every pass counted there); returns ``(C, a, b)`` with ``(a, b)``
+    one of ``shapes``.
 
-    The patch starts mid-grey. The model is reached only through ``ctx``: its input gradient on the patched images
+    Each patch starts mid-grey. The model is reached only through ``ctx``: its input gradient on the patched images
     is carried back to the patch through the (differentiable) pasting. Random draws come from the samples' streams.
-    Untargeted with ``training.sink``, a short trial per class picks the sink class first; the gradient steps are
-    followed by ``training.refine`` sweeps of discrete search (see :class:`PatchTraining`).
+    With several shapes, or untargeted with ``training.sink``, short trials pick the shape and the objective first
+    (see :func:`_trials`); the gradient steps are followed by ``training.refine`` sweeps of discrete search (see
+    :class:`PatchTraining`).
     """
-    grey = torch.full((ctx.x.shape[1], *shape), 0.5, dtype=ctx.x.dtype, device=ctx.x.device)
+    if not shapes:
+        raise ValueError("fit_patch needs at least one patch shape")
+    greys = [torch.full((ctx.x.shape[1], *shape), 0.5, dtype=ctx.x.dtype, device=ctx.x.device) for shape in shapes]
     plain = _capped(target_checked(get_loss(training.loss)), training.kappa)
-    if ctx.targeted or not training.sink:
-        best = (ctx, plain, _optimize(ctx, grey, training, plain, training.steps))
+    aims = [(ctx, plain)]
+    if not ctx.targeted and training.sink:
+        aims += _sink_aims(ctx, training)
+    if len(greys) == 1 and len(aims) == 1:
+        view, objective, patch = ctx, plain, greys[0]
     else:
-        best = _sink_search(ctx, grey, training, plain)
-    view, objective, patch = best
+        view, objective, patch = _trials(ctx, greys, aims, training)
+    patch = _optimize(view, patch, training, objective, training.steps)
     return _refine(view, patch, training, objective) if training.refine else patch
 
 
-def _sink_search(ctx: Context, grey: Tensor, training: PatchTraining, plain: Objective):
-    """Untargeted: a short trial of the plain loss and one per sink class; the best trial's view, objective and
-    patch, after ``training.steps`` more steps."""
-    # the plain loss's trial first: scoring it also tells how many classes there are to try as sinks
-    patch = _optimize(ctx, grey, training, plain, training.trial_steps)
-    rate, classes = _fooling_rate(ctx, patch)
-    best = (rate, ctx, plain, patch)
+def _sink_aims(ctx: Context, training: PatchTraining) -> list[tuple[Context, Objective]]:
+    """One (view, objective) per class: every image pulled towards that class (its own images left out). The number
+    of classes comes from one counted forward pass of the first image."""
     sink = _capped(_sink_objective(get_loss(training.loss)), training.kappa)
-    for k in range(classes):
-        view = ctx.retarget(torch.full_like(ctx.y, k))
-        patch = _optimize(view, grey, training, sink, training.trial_steps)
-        rate, _ = _fooling_rate(ctx, patch)
-        if rate > best[0]:
-            best = (rate, view, sink, patch)
-    _, view, objective, patch = best
-    return view, objective, _optimize(view, patch, training, objective, training.steps)
+    classes = ctx.logits(ctx.x[:1], torch.zeros(1, dtype=torch.long, device=ctx.x.device)).shape[1]
+    return [(ctx.retarget(torch.full_like(ctx.y, k)), sink) for k in range(classes)]
+
+
+def _trials(ctx: Context, greys: list[Tensor], aims: list[tuple[Context, Objective]], training: PatchTraining):
+    """A short trial (``training.trial_steps`` steps, never more than ``training.steps``) of every starting patch in
+    ``greys`` (one per shape) under every (view, objective) in ``aims``; returns the view, objective and trial patch
+    that fool the most of the first training images (the first one on ties), for the full training to go on from."""
+    best = None
+    for grey in greys:
+        for view, objective in aims:
+            patch = _optimize(view, grey, training, objective, min(training.trial_steps, training.steps))
+            rate = _fooling_rate(ctx, patch)
+            if best is None or rate > best[0]:
+                best = (rate, view, objective, patch)
+    return best[1:]
+
+
+#: A patch's rectangle when training one: ``"auto"``, ``"square"`` or ``(rows, cols)`` (see :func:`patch_footprints`).
+Shape = Union[str, tuple[int, int]]
+SHAPES = ("auto", "square")
+
+
+def patch_footprints(shape: Shape, area: float, height: int, width: int) -> list[tuple[int, int]]:
+    """The rectangles a patch of at most ``area`` of a ``height x width`` image is trained in, for ``shape``:
+
+    * ``"auto"``: every shape of :func:`attacks.norms.patch_shapes` (on 28x28 at 5 %: 3x13, 4x9, 5x7, 6x6, 7x5,
+      9x4, 13x3), each a short trial; the budget is the area, and the attacker picks the rectangle. On a normally
+      trained Fashion-MNIST CNN a 13x3 strip fools far more images than the 6x6 square;
+    * ``"square"``: the near-square :func:`attacks.norms.patch_shape` alone (6x6 at 5 %);
+    * ``(rows, cols)``: that rectangle, which must fit inside the image and within the budget.
+
+    Raises ``ValueError`` with one clear message otherwise.
+    """
+    if isinstance(shape, str):
+        check_choice("shape", shape, SHAPES)
+        square = [patch_shape(area, height, width)]
+        return (patch_shapes(area, height, width) or square) if shape == "auto" else square
+    patch_shape(area, height, width)  # the area's own checks
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        raise ValueError(f"shape must be 'auto', 'square' or (rows, cols), got {shape!r}")
+    a, b = shape
+    if not (1 <= a <= height and 1 <= b <= width):
+        raise ValueError(f"a {a}x{b} patch does not fit inside a {height}x{width} image")
+    if a * b > area * height * width + 1e-9:
+        raise ValueError(f"a {a}x{b} patch covers {a * b / (height * width):.2%} of a {height}x{width} image, "
+                         f"more than area={area}")
+    return [(a, b)]
 
 
 def train_patch(
@@ -336,19 +385,23 @@ def train_patch(
     labels: Optional[Tensor] = None,
     *,
     area: float = DEFAULT_AREA,
+    shape: Shape = "auto",
     target: Optional[int] = None,
     training: PatchTraining = PatchTraining(),
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Train a universal patch of ``area`` (fraction of the image) on ``images`` ``(N, C, H, W)`` in [0, 1].
+    """Train a universal patch of at most ``area`` (fraction of the image) on ``images`` ``(N, C, H, W)`` in [0, 1].
 
     Untargeted (``target=None``) the patch pushes images away from ``labels`` (the model's own predictions when
-    None); targeted it pulls every image towards class ``target``. Returns the patch ``(C, a, b)`` with
-    ``(a, b) = patch_shape(area, H, W)``, on the images' device. The model is left as it was.
+    None); targeted it pulls every image towards class ``target``. ``shape`` is the patch's rectangle (see
+    :func:`patch_footprints`): ``"auto"`` tries every shape of :func:`attacks.norms.patch_shapes` and keeps the one
+    whose short trial fools the most training images, ``"square"`` is :func:`attacks.norms.patch_shape`, a pair
+    ``(rows, cols)`` is that rectangle. Returns the patch ``(C, a, b)`` on the images' device. The model is left as
+    it was.
     """
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty batch (N, C, H, W), got {tuple(images.shape)}")
-    shape = patch_shape(area, images.shape[-2], images.shape[-1])
+    shapes = patch_footprints(shape, area, images.shape[-2], images.shape[-1])
     if labels is None:
         with torch.no_grad():
             labels = torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(1024)])
@@ -358,7 +411,7 @@ def train_patch(
         tgt = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     gen = generator if generator is not None else torch.Generator(device="cpu").manual_seed(0)
     rng = SampleRNG.from_generator(gen, images.shape[0], images.device)
-    return fit_patch(Context(model, images, labels.to(images.device).long(), tgt, rng), shape, training)
+    return fit_patch(Context(model, images, labels.to(images.device).long(), tgt, rng), shapes, training)
 
 
 # -- the attacks ---------------------------------------------------------------------------------------------------
@@ -466,7 +519,7 @@ class UniversalPatch(PatchAttack):
         if self.noise:
             patch = ctx.rng.uniform(everyone, (c, *shape)).to(ctx.x)
         else:
-            patch = self.patch if self.patch is not None else fit_patch(ctx, shape, self.training_config)
+            patch = self.patch if self.patch is not None else fit_patch(ctx, [shape], self.training_config)
         rows, cols = random_corners(ctx.rng, everyone, shape, h, w)
         x_adv = paste(ctx.x, patch, rows, cols)
         logits = ctx.logits(x_adv, everyone)

@@ -16,8 +16,8 @@ from torch import nn
 
 import attacks
 from attacks.greedyl0 import corner_proposals
-from attacks.norms import get_norm, patch_shape, ranked_windows
-from attacks.patch import eot_paste, noise_patch, paste, train_patch
+from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows
+from attacks.patch import eot_paste, noise_patch, paste, patch_footprints, train_patch
 from cli.commands.patch import load_patch, save_patch
 from robustcnn.errors import RobustCNNError, UsageError
 from train_fixtures import assert_one_line_error, run_cli
@@ -346,7 +346,7 @@ def test_universal_patch_transfers_to_unseen_images(task):
     xtr, ytr = _blobs(256, seed=7)
     patch = train_patch(model, xtr, ytr, area=0.05, generator=_gen(),
                         training=attacks.patch.PatchTraining(steps=60, lr=0.1, batch_size=64))
-    assert patch.shape == (1, *patch_shape(0.05, SIZE, SIZE))
+    assert tuple(patch.shape[1:]) in patch_shapes(0.05, SIZE, SIZE)  # the default tries every shape
     trained = attacks.UniversalPatch(patch=patch)(model, x, y, generator=_gen(1)).success.float().mean()
     noise = attacks.UniversalPatch(patch=noise_patch(tuple(patch.shape), _gen(2)))(model, x, y, generator=_gen(1))
     assert trained >= 0.5 and trained > noise.success.float().mean() + 0.3
@@ -485,20 +485,75 @@ def test_sink_search_picks_the_best_trial_and_only_when_untargeted(task, monkeyp
 
     rates = iter([0.1, 0.2, 0.9, 0.3, 0.4])  # plain, then classes 0..3: class 1 has the best trial
     monkeypatch.setattr(patch_mod, "_optimize", spy_optimize)
-    monkeypatch.setattr(patch_mod, "_fooling_rate", lambda ctx, patch: (next(rates), real_rate(ctx, patch)[1]))
+    monkeypatch.setattr(patch_mod, "_fooling_rate", lambda ctx, patch: next(rates))
     training = patch_mod.PatchTraining(steps=7, trial_steps=3, batch_size=32)
-    train_patch(model, xtr, ytr, area=0.05, generator=_gen(), training=training)
+    train_patch(model, xtr, ytr, area=0.05, shape="square", generator=_gen(), training=training)
     assert calls == [(None, 3), (0, 3), (1, 3), (2, 3), (3, 3), (1, 7)]
 
     calls.clear()
-    targeted = train_patch(model, xtr, ytr, area=0.05, target=2, generator=_gen(), training=training)
+    targeted = train_patch(model, xtr, ytr, area=0.05, shape="square", target=2, generator=_gen(), training=training)
     assert calls == [(2, 7)]
     calls.clear()
     monkeypatch.setattr(patch_mod, "_fooling_rate", real_rate)
     plain = patch_mod.PatchTraining(steps=7, trial_steps=3, batch_size=32, sink=False)
-    assert torch.equal(train_patch(model, xtr, ytr, area=0.05, target=2, generator=_gen(), training=plain), targeted)
-    train_patch(model, xtr, ytr, area=0.05, generator=_gen(), training=plain)
+    assert torch.equal(train_patch(model, xtr, ytr, area=0.05, shape="square", target=2, generator=_gen(),
+                                   training=plain), targeted)
+    train_patch(model, xtr, ytr, area=0.05, shape="square", generator=_gen(), training=plain)
     assert calls == [(2, 7), (None, 7)]
+
+
+def test_patch_shapes_are_the_largest_rectangles_within_the_budget():
+    for area in (0.01, 0.02, 0.05, 0.1, 0.3):
+        budget = area * 784
+        shapes = patch_shapes(area, 28, 28)
+        assert shapes == sorted(shapes) and len(set(shapes)) == len(shapes)
+        def fits(a, b):
+            return 1 <= a <= 28 and 1 <= b <= 28 and a * b <= budget and max(a, b) <= 5 * min(a, b)
+
+        for a, b in shapes:
+            assert fits(a, b) and not fits(a + 1, b) and not fits(a, b + 1)
+        # every rectangle of the budget and aspect lies inside one of them
+        for a in range(1, 29):
+            for b in range(1, 29):
+                if fits(a, b):
+                    assert any(a <= p and b <= q for p, q in shapes), (area, a, b)
+    assert patch_shapes(0.05, 28, 28) == [(3, 13), (4, 9), (5, 7), (6, 6), (7, 5), (9, 4), (13, 3)]
+
+
+def test_patch_footprints_name_the_rectangles_to_train():
+    assert patch_footprints("auto", 0.05, 28, 28) == patch_shapes(0.05, 28, 28)
+    assert patch_footprints("square", 0.05, 28, 28) == [(6, 6)]
+    assert patch_footprints((13, 3), 0.05, 28, 28) == [(13, 3)]
+    for shape, match in [((7, 6), "more than area=0.05"), ((29, 1), "does not fit"), ((0, 3), "does not fit"),
+                         ("round", "shape must be one of"), ((2.0, 3), "rows, cols"), ((1, 2, 3), "rows, cols")]:
+        with pytest.raises(ValueError, match=match):
+            patch_footprints(shape, 0.05, 28, 28)
+
+
+def test_auto_shape_trains_the_shape_with_the_best_trial(task, monkeypatch):
+    """``shape="auto"``: one short trial per shape (and per objective), then the winner's shape and objective go on
+    training; the patch returned has the winning trial's shape."""
+    import attacks.patch as patch_mod
+
+    model = task[0]
+    xtr, ytr = _blobs(128, seed=7)
+    shapes = patch_shapes(0.05, SIZE, SIZE)
+    assert len(shapes) >= 2
+    seen = []
+    real_optimize = patch_mod._optimize
+
+    def spy_optimize(ctx, patch, training, objective, steps):
+        seen.append((tuple(patch.shape[1:]), None if ctx.aim is None else int(ctx.aim[0]), steps))
+        return real_optimize(ctx, patch, training, objective, steps)
+
+    winner = len(shapes) - 1  # the last shape's plain-loss trial fools the most
+    rates = iter([0.9 if i == winner else 0.1 for i in range(len(shapes))])
+    monkeypatch.setattr(patch_mod, "_optimize", spy_optimize)
+    monkeypatch.setattr(patch_mod, "_fooling_rate", lambda ctx, patch: next(rates))
+    training = patch_mod.PatchTraining(steps=5, trial_steps=2, batch_size=32, sink=False, refine=0)
+    patch = train_patch(model, xtr, ytr, area=0.05, generator=_gen(), training=training)
+    assert seen == [(s, None, 2) for s in shapes] + [(shapes[winner], None, 5)]
+    assert tuple(patch.shape[1:]) == shapes[winner]
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
@@ -691,7 +746,8 @@ def test_patch_train_saves_and_measures(cli_env, tmp_path):
     assert [r["area_requested"] for r in doc["results"]] == [0.02, 0.1]
     for row, pct in zip(doc["results"], ("2", "10")):
         patch = load_patch(row["tensor"], image_shape=(3, 32, 32))
-        assert list(patch.shape) == row["patch_shape"] == [3, *patch_shape(row["area_requested"], 32, 32)]
+        assert list(patch.shape) == row["patch_shape"]
+        assert tuple(patch.shape[1:]) in patch_shapes(row["area_requested"], 32, 32)  # --shape auto
         assert row["png"].endswith(f"p-{pct}pct.png") and load_patch(row["png"]).shape == patch.shape
         for kind in ("patch", "noise"):
             m = row[kind]
@@ -699,6 +755,17 @@ def test_patch_train_saves_and_measures(cli_env, tmp_path):
             # every image correct without and with the patch is counted in both; the patched accuracy may also
             # count images the patch happened to put right, and never more than the misclassified ones
             assert m["robust_accuracy"] <= m["patched_accuracy"] <= m["robust_accuracy"] + 1 - m["clean_accuracy"]
+
+
+@pytest.mark.parametrize("shape,expected", [("square", (7, 7)), ("13X3", (13, 3))])
+def test_patch_train_shape_option(cli_env, tmp_path, shape, expected):
+    """--shape square trains the near-square patch only, --shape ROWSxCOLS that rectangle (5 % of 32x32 images)."""
+    result = run_cli("patch", "train", "--shape", shape, "--steps", "2", "--refine", "0", "--train-images", "32",
+                     "--n", "16", "--draws", "1", "--out", str(tmp_path / "p"), "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["shape"] == (shape if shape == "square" else list(expected))
+    assert doc["results"][0]["patch_shape"] == [3, *expected]
 
 
 def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
@@ -722,6 +789,9 @@ def test_patch_train_human_table_names_the_control(cli_env, tmp_path):
         (("--target", "99"), "--target must be a class index"),
         (("--steps", "0"), "--steps must be > 0"),
         (("--draws", "0"), "--draws must be > 0"),
+        (("--shape", "round"), "invalid --shape 'round'"),
+        (("--shape", "9x9"), "--area 0.05: a 9x9 patch covers 7.91% .* more than area=0.05"),
+        (("--shape", "40x1"), "does not fit inside a 32x32 image"),
     ],
 )
 def test_patch_train_bad_input_is_a_usage_error(cli_env, tmp_path, args, match):

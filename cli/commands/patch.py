@@ -16,8 +16,7 @@ import typer
 from rich.table import Table
 
 import attacks
-from attacks.norms import patch_shape
-from attacks.patch import PatchTraining, check_patch, train_patch
+from attacks.patch import SHAPES, PatchTraining, check_patch, patch_footprints, train_patch
 from cli import output
 from cli.app import app
 from cli.distributed import refuse_distributed
@@ -112,6 +111,18 @@ def parse_areas(text: str) -> list[float]:
     return values
 
 
+def parse_shape(text: str):
+    """``auto``, ``square`` or ``ROWSxCOLS`` (``13x3``): the patch's rectangle (see
+    :func:`attacks.patch.patch_footprints`)."""
+    text = text.strip().lower()
+    if text in SHAPES:
+        return text
+    rows, sep, cols = text.partition("x")
+    if sep and rows.isdigit() and cols.isdigit():
+        return int(rows), int(cols)
+    raise UsageError(f"invalid --shape {text!r}: write auto, square or ROWSxCOLS such as 13x3")
+
+
 def _measure(model, images, labels, patch, *, target, seed, batch_size, device, noise=False,
              draws: int = 1) -> dict[str, Any]:
     """How ``patch`` at random places does on the test images; with ``noise`` the same for the control, a
@@ -143,12 +154,12 @@ def _measure(model, images, labels, patch, *, target, seed, batch_size, device, 
         else:
             tgt = torch.full_like(labels, target)
             hit = run_stage(model, images, labels, clean.nonzero()[:, 0], atk, "patch", target=tgt, **run).fooled
-        per_draw.append({"patched_accuracy": 1.0 - wrong.float().mean().item(),
+        per_draw.append({"patched_accuracy": (n - int(wrong.sum())) / n,
                          "robust_accuracy": (int(clean.sum()) - int(hit.sum())) / n,
                          "success_rate": hit.float().mean().item()})
     mean = {k: sum(r[k] for r in per_draw) / draws for k in per_draw[0]}
     patched = torch.tensor([r["patched_accuracy"] for r in per_draw], dtype=torch.float64)
-    return {"clean_accuracy": clean.float().mean().item(), **mean,
+    return {"clean_accuracy": int(clean.sum()) / n, **mean,
             "drop_sd": patched.std().item() if draws > 1 else 0.0, "draws": per_draw,
             "area": patch.shape[1] * patch.shape[2] / images[0, 0].numel()}
 
@@ -167,6 +178,10 @@ def train_cmd(
                                       "(0.01,0.02,0.05,0.1) trains one patch per area.", rich_help_panel=PATCH)] = "0.05",
     target: Annotated[Optional[int], typer.Option("--target", help="Targeted: push every image towards this class "
                                                   "index. Default: untargeted.", rich_help_panel=PATCH)] = None,
+    shape: Annotated[str, typer.Option("--shape", help="The patch's rectangle: auto (a short trial of every "
+                                       "rectangle the area allows, sides at most 1:5, and the best one trained), "
+                                       "square (the near-square one only), or ROWSxCOLS such as 13x3.",
+                                       rich_help_panel=PATCH)] = "auto",
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (one minibatch each).",
                                        rich_help_panel=PATCH)] = PatchTraining.steps,
     refine: Annotated[int, typer.Option("--refine", help="Sweeps of discrete search after the gradient steps "
@@ -208,9 +223,10 @@ def train_cmd(
     if target is not None and not 0 <= target < len(classes):
         raise UsageError(f"--target must be a class index in [0, {len(classes) - 1}], got {target}")
     train_x, train_y, test_x, test_y = _load_data(meta, data_dir, train_images, n, dev)
+    footprint = parse_shape(shape)
     for a in areas:
         try:
-            patch_shape(a, test_x.shape[-2], test_x.shape[-1])
+            patch_footprints(footprint, a, test_x.shape[-2], test_x.shape[-1])
         except ValueError as exc:
             raise UsageError(f"--area {a}: {exc}") from None
     measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev, draws=draws)
@@ -219,7 +235,7 @@ def train_cmd(
         task = bar.add_task("training patches", total=len(areas))
         for a in areas:
             gen = torch.Generator(device="cpu").manual_seed(seed)
-            patch = train_patch(model, train_x, train_y, area=a, target=target, generator=gen,
+            patch = train_patch(model, train_x, train_y, area=a, shape=footprint, target=target, generator=gen,
                                 training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink,
                                                        refine=refine))
             png, pt = save_patch(patch, _default_stem(out, meta["dataset"], a, target, len(areas) > 1))
@@ -230,8 +246,8 @@ def train_cmd(
     if json_out:
         output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
                           "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
-                          "steps": steps, "refine": refine, "sink": sink and target is None, "seed": seed,
-                          "draws": draws,
+                          "shape": footprint if isinstance(footprint, str) else list(footprint), "steps": steps,
+                          "refine": refine, "sink": sink and target is None, "seed": seed, "draws": draws,
                           "results": rows})
         return
     output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
@@ -266,22 +282,21 @@ def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[s
     success = "success: correctly classified images " + ("fooled" if target is None else "sent to the target")
     t = Table(title=f"Universal patch, {goal}, on {count} held-out test images {places}",
               title_justify="left", caption_justify="left",
-              caption="acc with patch: accuracy on all the test images with the patch; drop: clean minus that; "
+              caption="patched: accuracy on all the test images with the patch; drop: clean minus patched, in points; "
                       "robust: right both without and with it; " + success
-                      + "; noise: the control, a uniform-noise patch of the same size, fresh per image")
-    for col in ("patch", "area", "clean acc", "acc with patch", "drop", "robust", "success"):
+                      + "; noise: the control, a uniform-noise patch of the same shape, fresh per image")
+    for col in ("patch", "shape", "area", "clean", "patched", "drop (pts)", "robust", "success"):
         t.add_column(col, justify="left" if col == "patch" else "right")
     for r in rows:
         for kind in ("patch", "noise"):
             m = r[kind]
-            t.add_row("trained" if kind == "patch" else "[dim]noise[/]", f"{m['area']:.2%}",
-                      f"{m['clean_accuracy']:.2%}", f"{m['patched_accuracy']:.2%}",
-                      _drop(m), f"{m['robust_accuracy']:.2%}",
-                      f"{m['success_rate']:.2%}")
+            t.add_row("trained" if kind == "patch" else "[dim]noise[/]", "x".join(map(str, r["patch_shape"][1:])),
+                      f"{m['area']:.2%}", f"{m['clean_accuracy']:.2%}", f"{m['patched_accuracy']:.2%}",
+                      _drop(m), f"{m['robust_accuracy']:.2%}", f"{m['success_rate']:.2%}")
         t.add_section()
     return t
 
 
 def _drop(m: dict) -> str:
     drop = f"{100 * (m['clean_accuracy'] - m['patched_accuracy']):.2f}"
-    return f"{drop} ± {100 * m['drop_sd']:.2f} pts" if len(m["draws"]) > 1 else f"{drop} pts"
+    return f"{drop} ± {100 * m['drop_sd']:.2f}" if len(m["draws"]) > 1 else drop
