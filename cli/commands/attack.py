@@ -162,7 +162,8 @@ def attack_cmd(
                                                  rich_help_panel=ATTACK)] = None,
     patch: Annotated[Optional[Path], typer.Option(
         help="--method patch: a saved patch (.pt or .png from `robustcnn patch train`). Without it a patch of "
-             "--area is first trained on 2,000 training images, then evaluated on the test images.",
+             "--area is first trained on 2,000 training images (its rectangle picked by trials, as `robustcnn patch "
+             "train --shape auto` does), then evaluated on the test images.",
         rich_help_panel=ATTACK)] = None,
     targeted: Annotated[bool, typer.Option("--targeted", help="Targeted mode: aim each image at a random wrong "
                                            "class (seeded).", rich_help_panel=ATTACK)] = False,
