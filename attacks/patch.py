@@ -373,10 +373,17 @@ def patch_footprints(shape: Shape, area: float, height: int, width: int) -> list
     a, b = shape
     if not (1 <= a <= height and 1 <= b <= width):
         raise ValueError(f"a {a}x{b} patch does not fit inside a {height}x{width} image")
+    check_within_area((a, b), area, height, width)
+    return [(a, b)]
+
+
+def check_within_area(shape: tuple[int, int], area: float, height: int, width: int) -> None:
+    """Refuse (``ValueError``) a ``shape = (rows, cols)`` patch covering more than ``area`` of a ``height x width``
+    image."""
+    a, b = shape
     if a * b > area * height * width + 1e-9:
         raise ValueError(f"a {a}x{b} patch covers {a * b / (height * width):.2%} of a {height}x{width} image, "
                          f"more than area={area}")
-    return [(a, b)]
 
 
 def train_patch(
@@ -500,9 +507,8 @@ class UniversalPatch(PatchAttack):
             return patch_shape(self.area or DEFAULT_AREA, h, w)
         check_patch(self.patch, (c, h, w))
         a, b = self.patch.shape[-2:]
-        if self.area is not None and a * b > self.area * h * w + 1e-9:
-            raise ValueError(f"the {a}x{b} patch covers {a * b / (h * w):.2%} of a {h}x{w} image, "
-                             f"more than area={self.area}")
+        if self.area is not None:
+            check_within_area((a, b), self.area, h, w)
         return a, b
 
     def config(self) -> dict:
