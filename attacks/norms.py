@@ -19,11 +19,12 @@ from attacks.rng import SampleRNG
 _TINY = 1e-12
 
 
-def _per_sample(eps: float | Tensor, like: Tensor) -> Tensor | float:
-    """Reshape a per-sample ``(N,)`` budget so it broadcasts against ``like`` of shape ``(N, ...)``."""
-    if isinstance(eps, Tensor):
-        return eps.to(like).reshape(-1, *([1] * (like.dim() - 1)))
-    return eps
+def per_sample(value: float | Tensor, like: Tensor) -> Tensor | float:
+    """Reshape a per-sample ``(N,)`` tensor so it broadcasts against ``like`` of shape ``(N, ...)`` (cast to
+    ``like``'s dtype and device); a plain number is returned as it is."""
+    if isinstance(value, Tensor):
+        return value.to(like).reshape(-1, *([1] * (like.dim() - 1)))
+    return value
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -51,6 +52,10 @@ class Norm:
         """The unit-norm direction that increases a linear function with gradient ``grad`` the most."""
         raise NotImplementedError
 
+    def clip(self, x0: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        """The point of the ``eps``-ball around ``x0`` closest to ``x`` (projection), then clamped to [0, 1]."""
+        return (x0 + self.project(x - x0, eps)).clamp(0.0, 1.0)
+
     def box(self, x0: Tensor, eps: float | Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """Per-element bounds ``(lo, hi)`` of the ball around ``x0`` intersected with [0, 1], when that set is a box
         (Linf); ``None`` otherwise. Computed once per run, it turns projection and clamping into one ``clamp``."""
@@ -77,18 +82,18 @@ class Linf(Norm):
         return _flat(delta).abs().amax(dim=1)
 
     def project(self, delta: Tensor, eps: float | Tensor) -> Tensor:
-        e = _per_sample(eps, delta)
+        e = per_sample(eps, delta)
         return torch.maximum(torch.minimum(delta, e), -e) if isinstance(e, Tensor) else delta.clamp(-e, e)
 
     def random(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...], eps: float | Tensor) -> Tensor:
         u = rng.uniform(idx, tuple(shape))
-        return (2 * u - 1) * _per_sample(eps, u)
+        return (2 * u - 1) * per_sample(eps, u)
 
     def steepest(self, grad: Tensor) -> Tensor:
         return grad.sign()
 
     def box(self, x0: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
-        e = _per_sample(eps, x0)
+        e = per_sample(eps, x0)
         return (x0 - e).clamp_(min=0.0), (x0 + e).clamp_(max=1.0)
 
     def ascend(self, cur, grad, alpha, x0, eps, box=None):
@@ -96,7 +101,7 @@ class Linf(Norm):
         lo, hi = box if box is not None else self.box(x0, eps)
         direction = grad.sign_() if _owned(grad) else grad.sign()
         if isinstance(alpha, Tensor):
-            cur = cur.addcmul_(direction, _per_sample(alpha, cur))
+            cur = cur.addcmul_(direction, per_sample(alpha, cur))
         else:
             cur = cur.add_(direction, alpha=alpha)
         return cur.clamp_(lo, hi)
