@@ -13,7 +13,6 @@ from rich.table import Table
 
 import attacks
 from cli import output
-from cli.app import app
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, parse_eps_list, positive
 from robustcnn.errors import UsageError
@@ -134,7 +133,6 @@ def _table(method: str, rows: list[dict], targeted: bool, kind: str = "white-box
     return t
 
 
-@app.command("attack")
 def attack_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Attack to run: "
                                         + ", ".join(attacks.available()) + ". See `robustcnn attacks`.")] = "pgd",
@@ -239,7 +237,6 @@ def attack_cmd(
             output.stdout.print(f"examples written to {save_examples}")
 
 
-@app.command("attacks")
 def attacks_cmd(
     kind: Annotated[Optional[str], typer.Option(help="Only this kind: " + ", ".join(attacks.KINDS) + ".")] = None,
     json_out: Json = False,

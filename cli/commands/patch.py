@@ -18,7 +18,6 @@ from rich.table import Table
 import attacks
 from attacks.patch import SHAPES, PatchTraining, check_patch, patch_footprints, train_patch
 from cli import output
-from cli.app import app
 from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
 from robustcnn.errors import RobustCNNError, UsageError
@@ -32,7 +31,6 @@ patch_app = typer.Typer(
     rich_markup_mode="rich",
     help="Universal adversarial patches (Brown et al. 2017): train, save, measure on held-out images.",
 )
-app.add_typer(patch_app, name="patch")
 
 
 # -- patch files ---------------------------------------------------------------------------------------------------

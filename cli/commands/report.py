@@ -12,7 +12,6 @@ from rich.table import Table
 
 import attacks
 from cli import output
-from cli.app import app
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps_list, positive
 from robustcnn.errors import RobustCNNError, UsageError
@@ -60,7 +59,6 @@ def _table(doc: dict) -> Table:
     return t
 
 
-@app.command("report")
 def report_cmd(
     suite: Annotated[str, typer.Option(help="Attack suite: quick (FGSM, PGD), standard (APGD-CE, APGD-T, DeepFool, "
                                             "Square), full (standard + decision, patch and pixel attacks).")]

@@ -10,7 +10,6 @@ from rich.progress import TextColumn
 from rich.table import Table
 
 from cli import output
-from cli.app import app
 from cli.distributed import refuse_distributed, session, sigterm_interrupts
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
 from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
@@ -44,7 +43,6 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
-@app.command("train")
 def train_command(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Architecture: {', '.join(MODELS)}.",
                                        rich_help_panel=TRAINING)] = TrainConfig.model,
@@ -239,7 +237,6 @@ def _report_training(meta: dict[str, Any], path: Path, json_mode: bool) -> None:
     output.stdout.print(table)
 
 
-@app.command("eval")
 def eval_command(
     checkpoint: Checkpoint = None,
     device: Device = "auto",
