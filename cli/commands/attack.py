@@ -83,7 +83,7 @@ def _load(checkpoint: Optional[Path], dev: torch.device, data_dir: Optional[Path
 def _with_patch(atk, patch_file, model, meta, data_dir, dev, target_class, seed):
     """The universal patch attack with a loaded patch, or one trained on training images (never the test images)."""
     from attacks.patch import DEFAULT_AREA, train_patch
-    from cli.commands.patch import load_patch
+    from robustcnn.patches import load_patch
     from robustcnn.data import load_dataset
 
     if patch_file is not None:
