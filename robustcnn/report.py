@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import attacks
-from attacks.evaluate import (Shard, StageResult, cascade, correctly_classified, run_stage,
+from attacks.evaluate import (ProgressFn, Shard, StageResult, cascade, correctly_classified, run_stage,
                               sanity_warnings)
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
@@ -33,8 +33,6 @@ from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
 BLACK_BOX = ("score", "decision")
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,25 @@ class ReportRequest:
     seed: int
     checkpoint_sha256: str
     dataset: str
+
+
+#: The budget most papers use per dataset and norm (pixel units of [0, 1]), as the user would write it.
+USUAL_EPS = {
+    "linf": {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"},
+    "l2": {"mnist": "2.0", "fashion-mnist": "1.5", "cifar10": "0.5", "svhn": "0.5", "shapes": "0.5"},
+}
+
+
+def usual_eps(dataset: str, norm: str) -> str:
+    """The usual budget for ``dataset`` under ``norm`` (``linf`` or ``l2``): 8/255 resp. 0.5 for other datasets."""
+    return USUAL_EPS[norm].get(dataset.strip().lower(), USUAL_EPS[norm]["cifar10"])
+
+
+def default_folder(request: ReportRequest) -> Path:
+    """``reports/<dataset>-<model hash>-<suite>-<request hash>``: one folder per request, so running the same
+    request again resumes it."""
+    key = hashlib.sha256(json.dumps(request.__dict__, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("reports") / f"{request.dataset}-{request.checkpoint_sha256[:8]}-{request.suite or 'custom'}-{key}"
 
 
 def file_sha256(path: Path) -> str:
