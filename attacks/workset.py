@@ -9,8 +9,7 @@ on, so each model call serves exactly the samples that need it. Two pieces do th
   tensors (``work.cur``, ``work.grad``, ...). :meth:`WorkSet.retire` records the finished samples' results and drops
   them; :meth:`WorkSet.keep` compacts every per-sample tensor at once; :meth:`WorkSet.join` admits new samples.
 
->>> results = Results(x0)
->>> work = WorkSet(results, torch.arange(n), cur=x0.clone())
+>>> work = WorkSet.batch(x0, cur=x0.clone())         # every sample, with a fresh Results store
 >>> work.retire(fooled, x=work.cur, logits=logits)   # fooled samples leave with their current point
 >>> work.cur = step(work.cur)                           # the state of the others lives on
 """
@@ -96,6 +95,11 @@ class WorkSet:
         self._set_pos(pos)
         for name, value in fields.items():
             setattr(self, name, value)
+
+    @classmethod
+    def batch(cls, x: Tensor, **fields: Field) -> "WorkSet":
+        """Every sample of the batch ``x`` (its clean input), with a fresh :class:`Results` store."""
+        return cls(Results(x), torch.arange(x.shape[0], device=x.device), **fields)
 
     def _set_pos(self, pos: Tensor) -> None:
         object.__setattr__(self, "pos", pos)
