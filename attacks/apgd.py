@@ -23,7 +23,7 @@ from torch import Tensor
 from attacks.base import BoundedAttack, Context, check_choice, check_int, check_range
 from attacks.iterative import with_restarts
 from attacks.losses import Objective, dlr, get_loss
-from attacks.norms import Norm
+from attacks.norms import Norm, per_sample
 from attacks.registry import register
 from attacks.workset import Results, WorkSet
 
@@ -34,10 +34,6 @@ def checkpoints(steps: int) -> set[int]:
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     return {math.ceil(round(q * steps, 6)) for q in p[1:] if q <= 1}  # round: 0.57 * 100 must give 57
-
-
-def _per(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _start(ctx: Context, idx: Tensor, norm: Norm, eps: float, objective: Objective) -> tuple[WorkSet, Tensor]:
@@ -63,7 +59,7 @@ def _start(ctx: Context, idx: Tensor, norm: Norm, eps: float, objective: Objecti
 def _momentum_step(work: WorkSet, norm: Norm, eps: float, momentum: float, first: bool) -> None:
     """Move ``cur``: a steepest-ascent step of size ``step``, then (after the first) the momentum mix with the last
     move, each projected onto the ball and the box."""
-    z = norm.clip(work.base, work.cur + _per(work.step, work.cur) * norm.steepest(work.grad), eps)
+    z = norm.clip(work.base, work.cur + per_sample(work.step, work.cur) * norm.steepest(work.grad), eps)
     if not first:
         z = norm.clip(work.base, work.cur + momentum * (z - work.cur) + (1 - momentum) * (work.cur - work.prev), eps)
     work.prev, work.cur = work.cur, z
@@ -74,9 +70,9 @@ def _track(work: WorkSet, loss: Tensor, logits: Tensor) -> None:
     work.rises += (loss > work.loss).float()
     work.loss = loss
     better = loss > work.best_loss
-    work.best_x = torch.where(_per(better, work.cur), work.cur, work.best_x)
-    work.best_grad = torch.where(_per(better, work.grad), work.grad, work.best_grad)
-    work.best_logits = torch.where(_per(better, logits), logits, work.best_logits)
+    work.best_x = torch.where(per_sample(better, work.cur), work.cur, work.best_x)
+    work.best_grad = torch.where(per_sample(better, work.grad), work.grad, work.best_grad)
+    work.best_logits = torch.where(per_sample(better, logits), logits, work.best_logits)
     work.best_loss = torch.where(better, loss, work.best_loss)
 
 
@@ -88,8 +84,8 @@ def _checkpoint(work: WorkSet, rho: float, since: int) -> None:
     stuck = ~work.halved & (work.ckpt_best >= work.best_loss)
     halve = stalled | stuck
     work.step = torch.where(halve, work.step / 2, work.step)
-    work.cur = torch.where(_per(halve, work.cur), work.best_x, work.cur)
-    work.grad = torch.where(_per(halve, work.grad), work.best_grad, work.grad)
+    work.cur = torch.where(per_sample(halve, work.cur), work.best_x, work.cur)
+    work.grad = torch.where(per_sample(halve, work.grad), work.best_grad, work.grad)
     work.halved, work.ckpt_best, work.rises = halve, work.best_loss.clone(), torch.zeros_like(work.rises)
 
 
@@ -111,7 +107,7 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
             done = adv if k < steps else torch.ones_like(adv)
             fooled = adv[done]
             # fooled samples keep the fooling iterate; at the end the others keep their best-loss iterate
-            work.record(done, torch.where(_per(fooled, work.cur), work.cur[done], work.best_x[done]),
+            work.record(done, torch.where(per_sample(fooled, work.cur), work.cur[done], work.best_x[done]),
                         torch.where(fooled[:, None], logits[done], work.best_logits[done]), fooled)
             if k == steps:
                 break

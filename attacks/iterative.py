@@ -5,8 +5,9 @@ average over the model's randomness (EOT). Norm maths comes from :mod:`attacks.n
 
 Work tracking: the loop keeps its state in a :class:`~attacks.workset.WorkSet`, compacted to the samples it still
 works on. With ``early_stop=True`` (the default, right for measuring robust accuracy) a sample leaves the work set
-as soon as one iterate fools the model, and that iterate is its result; every later pass runs on fewer samples. With ``early_stop=False``
-every sample takes every step and the last iterate is returned (classic PGD, right for adversarial training).
+as soon as one iterate fools the model, and that iterate is its result; every later pass runs on fewer samples.
+With ``early_stop=False`` every sample takes every step and the last iterate is returned (classic PGD, right for
+adversarial training).
 """
 
 from __future__ import annotations

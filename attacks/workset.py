@@ -9,14 +9,14 @@ on, so each model call serves exactly the samples that need it. Two pieces do th
   tensors (``work.cur``, ``work.grad``, ...). :meth:`WorkSet.retire` records the finished samples' results and drops
   them; :meth:`WorkSet.keep` compacts every per-sample tensor at once; :meth:`WorkSet.join` admits new samples.
 
->>> work = WorkSet.batch(x0, cur=x0.clone())         # every sample, with a fresh Results store
->>> work.retire(fooled, x=work.cur, logits=logits)   # fooled samples leave with their current point
->>> work.cur = step(work.cur)                           # the state of the others lives on
+>>> work = WorkSet.batch(x0, cur=x0.clone())        # every sample, with a fresh Results store
+>>> work.retire(fooled, work.cur, logits)           # fooled samples leave with their current point
+>>> work.cur = step(work.cur)                       # the state of the others lives on
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -116,10 +116,6 @@ class WorkSet:
         if name in ("results", "pos", "ids"):
             raise AttributeError(f"{name} is managed by the work set")
         self._fields[name] = value
-
-    def fields(self) -> Iterator[str]:
-        """The names of the per-sample fields."""
-        return iter(self._fields)
 
     def __len__(self) -> int:
         return self.pos.shape[0]
