@@ -356,12 +356,12 @@ class DecisionSearch:
         x0 = self.oracle.x
         ids = torch.arange(x0.shape[0], device=x0.device)
         noise, found = self._uniform_adversarial(ids)
-        work = WorkSet(self.results, ids, x=x0.clone())
+        work = WorkSet(self.results, ids, x=x0.clone(), noise=noise)
         work.retire(~found, work.x)
-        noise = noise[found]
         ones = torch.ones(len(work), device=x0.device, dtype=x0.dtype)
-        a = self.bisect(work.ids, lambda pos, t: self.blend(work.ids[pos], noise[pos], t), high=ones, tol=ones * 1e-3)
-        work.x = self.blend(work.ids, noise, a)
+        a = self.bisect(work.ids, lambda pos, t: self.blend(work.ids[pos], work.noise[pos], t), high=ones,
+                        tol=ones * 1e-3)
+        work.x, work.noise = self.blend(work.ids, work.noise, a), None
         work.best, work.dist = work.x.clone(), self.distance(work.x, work.ids)
         return work
 
