@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import attacks
+from attacks.base import ModelState, model_dtype
 from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
@@ -72,6 +73,9 @@ def prepare_folder(out: Path, request: ReportRequest) -> dict:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: never overwrite what we cannot read
         raise CheckpointError(f"cannot read the resume state {state_file}: {exc}; choose another --out") from None
+    if not isinstance(state, dict) or not isinstance(state.get("request"), dict) or "stages" not in state:
+        raise CheckpointError(f"{state_file} is not a robustcnn report state: choose another --out "
+                              "(nothing was changed)")
     if state.get("request") != asdict(request):
         old = state.get("request", {})
         what = "model" if old.get("checkpoint_sha256") != request.checkpoint_sha256 else "request"
@@ -108,7 +112,8 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     saver = _Saver(out, state, enabled=dist.is_main)
     shard = dist.shard
     start = time.perf_counter()
-    flags = [m.training for m in model.modules()]
+    saved = ModelState(model)
+    x = x.to(model_dtype(model) or x.dtype)
     model.eval()
     try:
         clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=shard)
@@ -162,8 +167,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
             results.append(_eps_result(eps, ei, bounded, state, clean, robust, fooled_by))
         others = _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress, shard)
     finally:
-        for m, f in zip(model.modules(), flags):
-            m.training = f
+        saved.restore()
 
     notes += _consistency_warnings(results, len(y))
     doc = {
