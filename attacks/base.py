@@ -492,11 +492,24 @@ def check_range(name: str, value, *, low=None, high=None, low_inclusive=False, h
         raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
 
 
-def check_int(name: str, value, *, low: int = 1) -> None:
+#: Upper bounds of counts, far above any useful setting and low enough that a slip (``2**63``) is refused at once
+#: instead of running for ever: iterations of any kind (steps, binary-search steps, candidates, population, ...),
+#: model queries per sample, restarts, and sizes of the batches a model is called on.
+MAX_ITERATIONS = 100_000
+MAX_QUERIES = 10_000_000
+MAX_RESTARTS = 1_000
+MAX_BATCH = 1_000_000
+
+
+def check_int(name: str, value, *, low: int = 1, high: int = MAX_ITERATIONS) -> None:
+    """Refuse anything but an integer in ``[low, high]``; ``high`` defaults to :data:`MAX_ITERATIONS`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high:,} (a bound far above any useful setting, so that one call "
+                         f"ends), got {value}")
 
 
 def check_choice(name: str, value, choices) -> None:
