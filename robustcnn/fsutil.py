@@ -37,6 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         with os.fdopen(fd, "wb") as handle:
             recording = _RecordingFile(handle)
             write(recording)
+            recording.finished = True
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -57,6 +58,7 @@ class _RecordingFile:
     def __init__(self, handle: BinaryIO):
         self._handle = handle
         self.error: Optional[OSError] = None
+        self.finished = False  # set once the writer returned: later errors (flush, fsync, rename) are the file's
 
     def write(self, data) -> int:
         try:
@@ -70,9 +72,12 @@ class _RecordingFile:
 
 
 def write_failure(path: Path, exc: BaseException, recording: Optional[_RecordingFile] = None) -> Optional[WriteError]:
-    """The :class:`WriteError` for a write of ``path`` that failed with ``exc`` (None when ``exc`` is no I/O error:
-    a bug or an interruption stays what it is)."""
-    cause = exc if isinstance(exc, OSError) else getattr(recording, "error", None)
+    """The :class:`WriteError` for a write of ``path`` that failed with ``exc``, or None when the failure is not the
+    target file's: a bug, an interruption, or an error of the writer's own (reading its source, say) stays what it
+    is."""
+    cause = getattr(recording, "error", None)
+    if cause is None and isinstance(exc, OSError) and (recording is None or recording.finished):
+        cause = exc
     if cause is None or not isinstance(exc, Exception):
         return None
     why = _CAUSES.get(cause.errno) or cause.strerror or str(cause)
