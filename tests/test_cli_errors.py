@@ -59,17 +59,26 @@ def test_a_write_past_the_file_size_limit_names_the_file_and_keeps_the_old_one(t
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on the device"),
                                          (errno.EDQUOT, "disk quota exceeded")])
-def test_a_full_disk_is_a_write_error_naming_the_file(tmp_path, code, words):
+def test_a_full_disk_is_a_write_error_naming_the_file(tmp_path, monkeypatch, code, words):
+    """A full disk often shows only when the data reach it (flush, fsync); simulated by a failing fsync."""
     target = tmp_path / "report.json"
     target.write_text("old")
 
-    def write(handle):
-        handle.write(b"partial")
+    def full(fd):
         raise OSError(code, os.strerror(code))
 
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(WriteError, match=rf"^cannot write {target}: {words}; any earlier version"):
-        atomic_write(target, write)
+        atomic_write(target, lambda handle: handle.write(b"new"))
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_an_error_reading_the_writers_own_source_is_not_called_a_write_error(tmp_path):
+    def write(handle):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "source.bin")
+
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "copy.bin", write)
 
 
 def test_a_bug_in_the_writer_is_not_disguised_as_a_write_error(tmp_path):
