@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.base import BoundedAttack, Context, check_choice, check_int, check_range
+from attacks.base import MAX_RESTARTS, BoundedAttack, Context, check_choice, check_int, check_range
 from attacks.iterative import with_restarts
 from attacks.losses import Objective, dlr, get_loss
 from attacks.norms import Norm, per_sample
@@ -140,7 +140,7 @@ class _APGDBase(BoundedAttack):
     def _validate(self) -> None:
         super()._validate()
         check_int("steps", self.steps)
-        check_int("restarts", self.restarts)
+        check_int("restarts", self.restarts, high=MAX_RESTARTS)
         check_range("rho", self.rho, low=0.0, high=1.0)
         check_range("momentum", self.momentum, low=0.0, high=1.0)
 

@@ -22,7 +22,9 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range
+from attacks.base import (
+    MAX_BATCH, MAX_QUERIES, BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range,
+)
 from attacks.losses import LOSSES, Objective
 from attacks.norms import Norm, per_sample
 from attacks.oracle import QueryOracle
@@ -83,11 +85,11 @@ class ScoreAttack(BoundedAttack):
     def _validate(self) -> None:
         super()._validate()
         check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
-        check_int("max_queries", self.max_queries)
+        check_int("max_queries", self.max_queries, high=MAX_QUERIES)
         check_choice("loss", self.loss, self._objectives())
         for name in ("rows_per_call", "work_set"):
             if getattr(self, name) is not None:
-                check_int(name, getattr(self, name))
+                check_int(name, getattr(self, name), high=MAX_BATCH)
 
     def samples_per_call(self, batch_size: int) -> int:
         """Samples a caller should hand over per call: many batches at once, since the work set is refilled as
@@ -320,9 +322,9 @@ class DecisionAttack(MinNormAttack):
         super()._validate()
         if self.eps is not None:
             check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
-        check_int("max_queries", self.max_queries)
+        check_int("max_queries", self.max_queries, high=MAX_QUERIES)
         if self.rows_per_call is not None:
-            check_int("rows_per_call", self.rows_per_call)
+            check_int("rows_per_call", self.rows_per_call, high=MAX_BATCH)
 
     def _minimize(self, search: "DecisionSearch", work: WorkSet) -> None:
         """Shrink the perturbation of every sample in the work set, retiring samples as they finish."""

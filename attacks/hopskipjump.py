@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.base import check_int, check_range
+from attacks.base import MAX_QUERIES, check_int, check_range
 from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch
 from attacks.norms import per_sample
 from attacks.registry import register
@@ -50,8 +50,8 @@ class HopSkipJump(DecisionAttack):
 
     def _validate(self) -> None:
         super()._validate()
-        check_int("init_evals", self.init_evals)
-        check_int("max_evals", self.max_evals, low=self.init_evals)
+        check_int("init_evals", self.init_evals, high=MAX_QUERIES)
+        check_int("max_evals", self.max_evals, low=self.init_evals, high=MAX_QUERIES)
         check_range("gamma", self.gamma, low=0.0)
 
     def _theta(self, d: int) -> float:

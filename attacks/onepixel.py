@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Context, check_int, check_range
+from attacks.base import MAX_QUERIES, Context, check_int, check_range
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.sparse import PixelBudget, check_target, set_pixels
@@ -79,7 +79,7 @@ class OnePixel(PixelBudget):
         check_int("steps", self.steps, low=0)
         check_range("mutation", self.mutation, low=0.0, high=2.0)
         if self.max_queries is not None:
-            check_int("max_queries", self.max_queries, low=self.population + 1)
+            check_int("max_queries", self.max_queries, low=self.population + 1, high=MAX_QUERIES)
 
     @property
     def generations(self) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Context, check_choice, check_int, check_range
+from attacks.base import MAX_BATCH, MAX_RESTARTS, Attack, Context, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective, get_loss
 from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows, window_mask
 from attacks.registry import register
@@ -171,7 +171,7 @@ class PatchTraining:
         check_int("steps", self.steps)
         check_range("lr", self.lr, low=0.0)
         if self.batch_size is not None:
-            check_int("batch_size", self.batch_size)
+            check_int("batch_size", self.batch_size, high=MAX_BATCH)
         check_range("min_scale", self.min_scale, low=0.0, high=1.0)
         check_range("rotation", self.rotation, low=0.0, high=180.0, low_inclusive=True)
         check_choice("loss", self.loss, LOSSES)
@@ -566,7 +566,7 @@ class LocalizedPatch(PatchAttack):
         check_int("steps", self.steps)
         check_range("alpha", self.alpha, low=0.0)
         check_choice("location", self.location, LOCATIONS)
-        check_int("restarts", self.restarts)
+        check_int("restarts", self.restarts, high=MAX_RESTARTS)
         check_choice("loss", self.loss, LOSSES)
 
     def footprint(self, shape: tuple[int, ...]) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Attack, check_int
+from attacks.base import MAX_BATCH, Attack, check_int
 from attacks.losses import Objective
 from attacks.norms import get_norm
 
@@ -72,7 +72,7 @@ class PixelBudget(Attack):
         super()._validate()
         check_int("pixels", self.pixels)
         if self.max_batch is not None:
-            check_int("max_batch", self.max_batch)
+            check_int("max_batch", self.max_batch, high=MAX_BATCH)
 
     def inputs_per_pass(self, device: torch.device) -> int:
         """``max_batch`` if given, else the size that suits ``device`` (:data:`AUTO_MAX_BATCH`)."""

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import attacks
+from attacks.base import ModelState, model_dtype
 from attacks.evaluate import (ProgressFn, Shard, StageResult, cascade, correctly_classified, run_stage,
                               sanity_warnings)
 from attacks.suites import OTHER_THREAT_MODELS
@@ -90,6 +91,9 @@ def prepare_folder(out: Path, request: ReportRequest) -> dict:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: never overwrite what we cannot read
         raise CheckpointError(f"cannot read the resume state {state_file}: {exc}; choose another --out") from None
+    if not isinstance(state, dict) or not isinstance(state.get("request"), dict) or "stages" not in state:
+        raise CheckpointError(f"{state_file} is not a robustcnn report state: choose another --out "
+                              "(nothing was changed)")
     if state.get("request") != asdict(request):
         old = state.get("request", {})
         what = "model" if old.get("checkpoint_sha256") != request.checkpoint_sha256 else "request"
@@ -156,10 +160,11 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     one process's, sample by sample, whatever the number of processes or the batch size."""
     state = dist.on_main(lambda: prepare_folder(out, request))
     saver = _Saver(out, state, enabled=dist.is_main)
+    x = x.to(model_dtype(model) or x.dtype)
     run = _Run(model, x, y, request, device=device, batch_size=batch_size, progress=progress, shard=dist.shard,
                stages=_Stages(state, saver, on_stage))
     start = time.perf_counter()
-    flags = [m.training for m in model.modules()]
+    saved = ModelState(model)
     model.eval()
     try:
         clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=dist.shard)
@@ -170,8 +175,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
         results = [run.budget(ei, eps, clean) for ei, eps in enumerate(request.eps)]
         others = run.other_threat_models(clean)
     finally:
-        for m, f in zip(model.modules(), flags):
-            m.training = f
+        saved.restore()
 
     notes += _consistency_warnings(results, len(y))
     doc = {
