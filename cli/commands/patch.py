@@ -22,6 +22,7 @@ from cli.app import app
 from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
 from robustcnn.errors import RobustCNNError, UsageError
+from robustcnn.fsutil import claim_outputs
 from robustcnn.perf import keep_freed_memory
 
 TENSOR_SUFFIXES = (".pt", ".pth")
@@ -84,14 +85,15 @@ def save_patch(patch: torch.Tensor, stem: Path) -> tuple[Path, Path]:
     """Write ``patch`` as ``<stem>.png`` and ``<stem>.pt``, each atomically; returns both paths."""
     from PIL import Image
 
-    from robustcnn.fsutil import atomic_write
+    from robustcnn.fsutil import atomic_write, png_tag
 
     patch = check_patch(patch.detach().cpu().float())
     pixels = (patch * 255).round().to(torch.uint8).numpy()
     img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
     buf = io.BytesIO()
     torch.save(patch.clone(), buf)
-    png_path = atomic_write(stem.parent / f"{stem.name}.png", lambda handle: img.save(handle, format="PNG"))
+    png_path = atomic_write(stem.parent / f"{stem.name}.png",
+                            lambda handle: img.save(handle, format="PNG", pnginfo=png_tag()))
     pt_path = atomic_write(stem.parent / f"{stem.name}.pt", lambda handle: handle.write(buf.getvalue()))
     return png_path, pt_path
 
@@ -231,14 +233,16 @@ def train_cmd(
             raise UsageError(f"--area {a}: {exc}") from None
     measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev, draws=draws)
     rows = []
-    with output.progress(json_out) as bar:
+    stems = [_default_stem(out, meta["dataset"], a, target, len(areas) > 1) for a in areas]
+    files = [stem.parent / f"{stem.name}{suffix}" for stem in stems for suffix in (".png", ".pt")]
+    with output.progress(json_out) as bar, claim_outputs(*files):
         task = bar.add_task("training patches", total=len(areas))
-        for a in areas:
+        for a, stem in zip(areas, stems):
             gen = torch.Generator(device="cpu").manual_seed(seed)
             patch = train_patch(model, train_x, train_y, area=a, shape=footprint, target=target, generator=gen,
                                 training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink,
                                                        refine=refine))
-            png, pt = save_patch(patch, _default_stem(out, meta["dataset"], a, target, len(areas) > 1))
+            png, pt = save_patch(patch, stem)
             rows.append({"area_requested": a, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
                          "patch": _measure(model, test_x, test_y, patch.to(dev), **measure),
                          "noise": _measure(model, test_x, test_y, patch.to(dev), noise=True, **measure)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -91,7 +92,7 @@ def report_cmd(
     from robustcnn.data import load_dataset
     from robustcnn.device import default_batch_size
     from robustcnn.plots import save_grid
-    from robustcnn.report import ReportRequest, file_sha256, run_report, write_report
+    from robustcnn.report import ReportRequest, file_sha256, hold_folder, run_report, write_report
 
     if norm not in ("linf", "l2"):
         raise UsageError(f"--norm must be linf or l2, got {norm!r}")
@@ -107,7 +108,7 @@ def report_cmd(
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
 
-    with session(device) as (ctx, dev):
+    with session(device) as (ctx, dev), ExitStack() as held:
         path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
         model, meta = load_model(path, device=dev)
         eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"))
@@ -122,6 +123,7 @@ def report_cmd(
         request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
                                 seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
         folder = out if out is not None else _request_folder(request)
+        hold_folder(folder, held, ctx)
 
         with output.progress(json_out or not ctx.is_main) as bar:
             tasks: dict[str, int] = {}
