@@ -26,8 +26,8 @@ class BIM(IterativeAttack):
     supported_norms = ("linf", "l2")
     description = "Basic Iterative Method / I-FGSM: repeated small FGSM steps from x (Kurakin et al. 2017)"
 
-    steps: Optional[int] = param(None, "Gradient steps (None: the paper's min(255 eps + 4, 1.25 * 255 eps) under "  # type: ignore[assignment]
-                                 "Linf, 10 under L2).", fast=10)
+    steps: Optional[int] = param(  # type: ignore[assignment]
+        None, "Gradient steps (None: the paper's min(255 eps + 4, 1.25 * 255 eps) under Linf, 10 under L2).", fast=10)
     alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units, in the attack's norm (None: 1/255 under "
                                    "Linf, 1.25 * eps / steps under L2).", fast=0.04)
 
