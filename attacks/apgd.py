@@ -23,7 +23,7 @@ from torch import Tensor
 from attacks.base import BoundedAttack, Context, check_choice, check_int, check_range
 from attacks.iterative import with_restarts
 from attacks.losses import Objective, dlr, get_loss
-from attacks.norms import Norm
+from attacks.norms import Norm, per_sample
 from attacks.registry import register
 
 
@@ -33,10 +33,6 @@ def checkpoints(steps: int) -> set[int]:
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     return {math.ceil(round(q * steps, 6)) for q in p[1:] if q <= 1}  # round: 0.57 * 100 must give 57
-
-
-def _per(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, objective: Objective,
@@ -50,7 +46,6 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
     out_x, fooled = x0.clone(), torch.zeros(idx.numel(), dtype=torch.bool, device=x0.device)
     out_logits = None
     ckpts = checkpoints(steps)
-    project = lambda p, base: (base + norm.project(p - base, eps)).clamp(0.0, 1.0)  # noqa: E731
 
     s = {"pos": torch.arange(idx.numel(), device=x0.device), "base": x0}
     s["cur"] = (x0 + norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)).clamp(0.0, 1.0)
@@ -68,7 +63,7 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
             done = adv if k < steps else torch.ones_like(adv)
             where = s["pos"][done]
             # fooled samples keep the fooling iterate; at the end the others keep their best-loss iterate
-            out_x[where] = torch.where(_per(adv[done], s["cur"]), s["cur"][done], s["best_x"][done])
+            out_x[where] = torch.where(per_sample(adv[done], s["cur"]), s["cur"][done], s["best_x"][done])
             out_logits[where] = torch.where(adv[done, None], logits[done], s["best_logits"][done])
             fooled[where] = adv[done]
             if k == steps:
@@ -78,9 +73,9 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
             if s["pos"].numel() == 0:
                 break
         # momentum step (plain step the first time), projected onto the ball and the box
-        z = project(s["cur"] + _per(s["step"], s["cur"]) * norm.steepest(s["grad"]), s["base"])
+        z = norm.clip(s["base"], s["cur"] + per_sample(s["step"], s["cur"]) * norm.steepest(s["grad"]), eps)
         if k > 0:
-            z = project(s["cur"] + momentum * (z - s["cur"]) + (1 - momentum) * (s["cur"] - s["prev"]), s["base"])
+            z = norm.clip(s["base"], s["cur"] + momentum * (z - s["cur"]) + (1 - momentum) * (s["cur"] - s["prev"]), eps)
         s["prev"], s["cur"] = s["cur"], z
         ids = idx[s["pos"]]
         if k + 1 < steps:
@@ -93,7 +88,7 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
         s["f"] = f
         better = f > s["best_f"]
         for key, new in (("best_x", s["cur"]), ("best_grad", s["grad"]), ("best_logits", logits)):
-            s[key] = torch.where(_per(better, new), new, s[key])
+            s[key] = torch.where(per_sample(better, new), new, s[key])
         s["best_f"] = torch.where(better, f, s["best_f"])
         if k + 1 in ckpts and k + 1 < steps:
             stalled = s["ups"] < rho * (k + 1 - last_ckpt)
@@ -101,7 +96,7 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
             halve = stalled | stuck
             s["step"] = torch.where(halve, s["step"] / 2, s["step"])
             for key, best in (("cur", "best_x"), ("grad", "best_grad")):
-                s[key] = torch.where(_per(halve, s[key]), s[best], s[key])
+                s[key] = torch.where(per_sample(halve, s[key]), s[best], s[key])
             s["halved"], s["ckpt_best"], s["ups"] = halve, s["best_f"].clone(), torch.zeros_like(s["ups"])
             last_ckpt = k + 1
     return out_x, out_logits, fooled

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective
-from attacks.norms import Norm
+from attacks.norms import Norm, per_sample
 from attacks.oracle import QueryOracle
 from attacks.rng import SampleRNG
 
@@ -71,13 +71,8 @@ WORK_SET_BYTES = 1 << 30
 
 def default_work_set(x: Tensor, rows_per_call: int) -> int:
     """One full model call of samples (one query each per iteration), fewer for large images (memory)."""
-    per_sample = max(1, x[:1].numel() * x.element_size() * 8)
-    return max(1, min(rows_per_call, WORK_SET_BYTES // per_sample))
-
-
-def expand(t: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-sample ``(N,)`` tensor to broadcast against ``like`` of shape ``(N, ...)``."""
-    return t.reshape(-1, *([1] * (like.dim() - 1)))
+    sample_bytes = max(1, x[:1].numel() * x.element_size() * 8)
+    return max(1, min(rows_per_call, WORK_SET_BYTES // sample_bytes))
 
 
 class Results:
@@ -111,6 +106,7 @@ class ScoreAttack(BoundedAttack):
 
     kind: ClassVar[str] = "score"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    positive_budget: ClassVar[bool] = True
 
     max_queries: int = 1000
     loss: str = "margin"
@@ -119,7 +115,6 @@ class ScoreAttack(BoundedAttack):
 
     def _validate(self) -> None:
         super()._validate()
-        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
         check_choice("loss", self.loss, self._objectives())
         for name in ("rows_per_call", "work_set"):
@@ -184,9 +179,10 @@ class ScoreSearch:
         self.eps = eps
         self.results = Results(oracle.x)
 
-    def project(self, x0: Tensor, x: Tensor) -> Tensor:
-        """The point of the ball around ``x0`` and of the [0, 1] box closest to ``x`` (projection, then clamp)."""
-        return self.norm.project(x - x0, self.eps).add_(x0).clamp_(0.0, 1.0)
+    def clip(self, x0: Tensor, x: Tensor) -> Tensor:
+        """:meth:`Norm.clip <attacks.norms.Norm.clip>` with the run's budget: the point of the ball around ``x0``
+        closest to ``x``, clamped to [0, 1]."""
+        return self.norm.clip(x0, x, self.eps)
 
     def evaluate(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query ``x`` (one row per sample at ``ids``): returns (logits, objective value, fooled)."""
@@ -206,7 +202,7 @@ class ScoreSearch:
             logits, value, fooled = self.evaluate(cand, state["ids"])
             moved = (value > state["value"]) | fooled
             for key, new in (("x", cand), ("logits", logits), ("value", value)):
-                state[key] = torch.where(expand(moved, new), new, state[key])
+                state[key] = torch.where(per_sample(moved, new), new, state[key])
             state["fooled"] |= fooled
             return moved
         moved = torch.zeros_like(state["fooled"])
@@ -274,7 +270,7 @@ class EstimatedGradientAttack(ScoreAttack):
         pos = (~state["fooled"]).nonzero()[:, 0]  # samples a probe of the estimate has not fooled already
         if pos.numel():
             ids = state["ids"][pos]
-            new = search.project(search.oracle.x[ids], nxt[pos])
+            new = search.clip(search.oracle.x[ids], nxt[pos])
             logits, value, fooled = search.evaluate(new, ids)
             for key, val in (("x", new), ("logits", logits), ("value", value), ("fooled", fooled)):
                 state[key][pos] = val
@@ -308,7 +304,7 @@ class EstimatedGradientAttack(ScoreAttack):
                 xp = x[pos, None]
                 probes = torch.cat([xp + su, xp - su], dim=1).flatten(0, 1)
                 rows = ids[pos].repeat_interleave(2 * k)
-                probes = search.project(search.oracle.x[rows], probes)
+                probes = search.clip(search.oracle.x[rows], probes)
                 logits, f, fooled = search.evaluate(probes, rows)
                 f = f.reshape(m, 2 * k)
                 diff = (f[:, :k] - f[:, k:]).reshape(m, k, *([1] * (x.dim() - 1)))
@@ -344,6 +340,7 @@ class DecisionAttack(MinNormAttack):
 
     kind: ClassVar[str] = "decision"
     supported_norms: ClassVar[tuple[str, ...]] = ("l2",)
+    positive_budget: ClassVar[bool] = True
     targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
 
     max_queries: int = 1000
@@ -351,8 +348,6 @@ class DecisionAttack(MinNormAttack):
 
     def _validate(self) -> None:
         super()._validate()
-        if self.eps is not None:
-            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries)
         if self.rows_per_call is not None:
             check_int("rows_per_call", self.rows_per_call)
@@ -414,7 +409,7 @@ class DecisionSearch:
     def blend(self, ids: Tensor, adv: Tensor, a: Tensor) -> Tensor:
         """``(1 - a) x + a adv`` per sample: the segment from the clean input to ``adv``."""
         x0 = self.oracle.x[ids]
-        return x0 + expand(a, x0) * (adv - x0)
+        return x0 + per_sample(a, x0) * (adv - x0)
 
     def bisect(self, ids: Tensor, point: Callable[[Tensor, Tensor], Tensor], high: Tensor, tol: Tensor) -> Tensor:
         """Smallest ``t`` in ``[0, high]`` (per sample) for which ``point(pos, t)`` is adversarial, to within ``tol``.
@@ -442,7 +437,7 @@ class DecisionSearch:
         if mask is not None:
             better &= mask
         state = dict(state)
-        state["best"] = torch.where(expand(better, cand), cand, state["best"])
+        state["best"] = torch.where(per_sample(better, cand), cand, state["best"])
         state["dist"] = torch.where(better, dist, state["dist"])
         return state
 

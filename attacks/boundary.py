@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import check_int, check_range
-from attacks.blackbox import DecisionAttack, DecisionSearch, State, expand
+from attacks.blackbox import DecisionAttack, DecisionSearch, State
+from attacks.norms import L2, per_sample
 from attacks.registry import register
 
 _CONVERGED = 1e-7
+_L2 = L2()  # the walk's geometry: spheres around the clean input
 
 
 @register
@@ -68,18 +70,18 @@ class Boundary(DecisionAttack):
         ids, cur = state["ids"], state["best"]
         x0 = search.oracle.x[ids]
         to_x = x0 - cur
-        dist = to_x.flatten(1).norm(dim=1)
-        unit = to_x / expand(dist.clamp_min(1e-12), to_x)
+        dist = _L2.measure(to_x)
+        unit = _L2.normalize(to_x)
         eta = search.oracle.rng.normal(ids, cur.shape[1:]).to(cur)
-        eta = eta - expand((eta * unit).flatten(1).sum(dim=1), eta) * unit
-        eta = eta * expand(state["spherical"] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12), eta)
-        sphere = (x0 + (cur + eta - x0) / expand((1 + state["spherical"] ** 2).sqrt(), eta)).clamp(0.0, 1.0)
+        eta = eta - per_sample((eta * unit).flatten(1).sum(dim=1), eta) * unit
+        eta = _L2.rescale(eta, state["spherical"] * dist)
+        sphere = (x0 + (cur + eta - x0) / per_sample((1 + state["spherical"] ** 2).sqrt(), eta)).clamp(0.0, 1.0)
         sph_adv = search.oracle.is_adversarial(sphere, ids)
 
         back = x0 - sphere
-        back_norm = back.flatten(1).norm(dim=1).clamp_min(1e-12)
+        back_norm = _L2.measure(back).clamp_min(1e-12)
         length = (state["source"] * dist + back_norm - dist).clamp_min(0.0)  # corrects for leaving the sphere
-        cand = (sphere + expand(length / back_norm, back) * back).clamp(0.0, 1.0)
+        cand = (sphere + _L2.rescale(back, length)).clamp(0.0, 1.0)
         pos = (sph_adv & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
         adv = torch.zeros_like(sph_adv)
         if pos.numel():

@@ -22,15 +22,43 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from attacks.base import check_int, check_range
-from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch, State, expand
+from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch, State
+from attacks.norms import L2, Linf, per_sample
 from attacks.registry import register
+from attacks.rng import SampleRNG
 
 _MAX_HALVINGS = 30  # geometric step search: give up (stay on the boundary point) after this many halvings
+_L2 = L2()  # probes are unit vectors in L2 under every norm
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The paper's choices for one norm.
+
+    ``spread(d)``: how theta and the probe radius grow with the dimension ``d`` (``theta = gamma / (d spread(d))``,
+    ``delta = spread(d) theta dist``); ``probes``: random directions ``(len(idx), *shape)`` for the normal's
+    estimate; ``direction``: the step's direction from the estimate; ``capped``: whether the bisection's tolerance
+    is capped at theta.
+    """
+
+    spread: Callable[[int], float]
+    probes: Callable[[SampleRNG, Tensor, tuple[int, ...]], Tensor]
+    direction: Callable[[Tensor], Tensor]
+    capped: bool
+
+
+GEOMETRY = {
+    L2: Geometry(spread=math.sqrt, probes=lambda rng, idx, shape: rng.normal(idx, shape),
+                 direction=_L2.normalize, capped=False),
+    Linf: Geometry(spread=lambda d: d, probes=lambda rng, idx, shape: rng.uniform(idx, shape) * 2 - 1,
+                   direction=Linf().steepest, capped=True),
+}
 
 
 @register
@@ -52,8 +80,12 @@ class HopSkipJump(DecisionAttack):
         check_int("max_evals", self.max_evals, low=self.init_evals)
         check_range("gamma", self.gamma, low=0.0)
 
+    @property
+    def geometry(self) -> Geometry:
+        return GEOMETRY[type(self.norm_obj)]
+
     def _theta(self, d: int) -> float:
-        return self.gamma / (d * math.sqrt(d)) if self.norm == "l2" else self.gamma / d ** 2
+        return self.gamma / (d * self.geometry.spread(d))
 
     def _minimize(self, search: DecisionSearch, state: State) -> State:
         d = search.oracle.x[0].numel()
@@ -65,8 +97,8 @@ class HopSkipJump(DecisionAttack):
             state = search.settle(state, spend_at_least=reserve + 1)
             if state["ids"].numel() == 0:
                 return state
-            scale = math.sqrt(d) if self.norm == "l2" else d
-            delta = torch.full_like(state["post"], 0.1) if t == 1 else scale * theta * state["post"]
+            spread = self.geometry.spread(d)
+            delta = torch.full_like(state["post"], 0.1) if t == 1 else spread * theta * state["post"]
             evals = (search.oracle.remaining(state["ids"]) - reserve).clamp(
                 max=min(int(self.init_evals * math.sqrt(t)), self.max_evals))
             update = self._normal(search, state, delta, evals)
@@ -87,23 +119,19 @@ class HopSkipJump(DecisionAttack):
             valid = torch.arange(first, first + k, device=cur.device)[None, :] < evals[need, None]  # (len(need), k)
             pos = need[:, None].expand(-1, k)[valid]
             shape = (k, *cur.shape[1:])
-            rv = rng.normal(ids[need], shape) if self.norm == "l2" else rng.uniform(ids[need], shape) * 2 - 1
-            rv = rv.to(cur)[valid]
-            rv = rv / expand(rv.flatten(1).norm(dim=1).clamp_min(1e-12), rv)
-            step = expand(delta[pos], rv)
+            rv = _L2.normalize(self.geometry.probes(rng, ids[need], shape).to(cur)[valid])
+            step = per_sample(delta[pos], rv)
             probe = (cur[pos] + step * rv).clamp(0.0, 1.0)
             rv = (probe - cur[pos]) / step
             phi = search.oracle.is_adversarial(probe, ids[pos]).to(cur.dtype) * 2 - 1
             phi_sum.index_add_(0, pos, phi)
             sums["rv"].index_add_(0, pos, rv)
-            sums["phi_rv"].index_add_(0, pos, expand(phi, rv) * rv)
+            sums["phi_rv"].index_add_(0, pos, per_sample(phi, rv) * rv)
         count = evals.clamp_min(1).to(cur.dtype)
-        mean_phi = expand(phi_sum / count, cur)
-        mean_rv = sums["rv"] / expand(count, cur)
-        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / expand(count, cur) - mean_phi * mean_rv)
-        if self.norm == "linf":
-            return grad.sign()
-        return grad / expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+        mean_phi = per_sample(phi_sum / count, cur)
+        mean_rv = sums["rv"] / per_sample(count, cur)
+        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / per_sample(count, cur) - mean_phi * mean_rv)
+        return self.geometry.direction(grad)
 
     # -- 2. the step and 3. the bisection back to the boundary ----------------------------------------------------
     def _jump(self, search: DecisionSearch, state: State, update: Tensor, t: int, theta: float) -> State:
@@ -114,7 +142,7 @@ class HopSkipJump(DecisionAttack):
             pos = ((~moved) & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
             if pos.numel() == 0:
                 break
-            cand = (cur[pos] + expand(size[pos], update) * update[pos]).clamp(0.0, 1.0)
+            cand = (cur[pos] + per_sample(size[pos], update) * update[pos]).clamp(0.0, 1.0)
             adv = search.oracle.is_adversarial(cand, ids[pos])
             cur[pos[adv]] = cand[adv]
             moved[pos[adv]] = True
@@ -124,7 +152,7 @@ class HopSkipJump(DecisionAttack):
         # (under L2 that projection is the segment from x0 to `cur`)
         x0 = search.oracle.x[ids]
         radius = search.distance(cur, ids)
-        tol = theta * radius if self.norm == "l2" else (theta * radius).clamp(max=theta)
+        tol = (theta * radius).clamp(max=theta) if self.geometry.capped else theta * radius
         point = lambda pos, r: x0[pos] + search.norm.project(cur[pos] - x0[pos], r)  # noqa: E731
         found = search.bisect(ids, point, high=radius, tol=tol)
         state["post"] = radius

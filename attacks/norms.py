@@ -1,4 +1,5 @@
-"""All norm-specific maths in one place: measuring, projecting, random starts and steepest-ascent directions.
+"""All norm-specific maths in one place: measuring, projecting, normalising, random starts, steepest-ascent
+directions, the dual norm and the budgets each norm allows.
 
 Every attack that is bounded by an Lp ball goes through a :class:`Norm` object, so adding a norm means adding one
 class here, not an ``if norm == ...`` chain in every attack. Budgets are in [0, 1] pixel units. ``eps`` may be a
@@ -8,11 +9,10 @@ float or a per-sample tensor of shape ``(N,)``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
-
-from typing import Optional
 
 from attacks.geometry import best_window, patch_shape, window_mask
 from attacks.rng import SampleRNG
@@ -21,10 +21,11 @@ _TINY = 1e-12
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> Tensor | float:
-    """Reshape a per-sample ``(N,)`` tensor so it broadcasts against ``like`` of shape ``(N, ...)`` (cast to
-    ``like``'s dtype and device); a plain number is returned as it is."""
+    """Reshape a per-sample ``(N,)`` tensor so it broadcasts against ``like`` of shape ``(N, ...)`` (numbers cast
+    to ``like``'s dtype, masks kept boolean, both moved to its device); a plain number is returned as it is."""
     if isinstance(value, Tensor):
-        return value.to(like).reshape(-1, *([1] * (like.dim() - 1)))
+        value = value.to(like.device) if value.dtype == torch.bool else value.to(like)
+        return value.reshape(-1, *([1] * (like.dim() - 1)))
     return value
 
 
@@ -32,26 +33,49 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
 class Norm:
-    """Interface of a norm; the concrete norms below fill it in."""
+    """Interface of a norm; the concrete norms below fill it in.
+
+    ``p`` is the exponent of an Lp norm (``math.inf`` for Linf); :attr:`dual` is the norm that measures gradients
+    (the distance to a hyperplane ``<w, x> = b`` is ``|<w, x> - b| / dual.measure(w)``).
+    """
 
     name: str = ""
+    p: float = math.nan
 
     def measure(self, delta: Tensor) -> Tensor:
         """Size of each sample's perturbation, shape ``(N,)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm cannot measure")
 
     def project(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         """The closest perturbation inside the ball of radius ``eps`` (per sample)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm has no projection")
 
     def random(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...], eps: float | Tensor) -> Tensor:
         """Perturbations drawn uniformly from the ball, one per sample at ``idx`` (float32, on ``rng``'s device)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm has no random draws")
 
     def steepest(self, grad: Tensor) -> Tensor:
         """The unit-norm direction that increases a linear function with gradient ``grad`` the most."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm has no steepest direction")
+
+    @property
+    def dual(self) -> "Norm":
+        """The dual norm: ``max <g, d>`` over unit ``d`` in this norm is ``dual.measure(g)``."""
+        raise ValueError(f"the {self.name} norm has no dual norm")
+
+    def normalize(self, v: Tensor) -> Tensor:
+        """Each sample divided by its size, so it measures 1 (a zero sample stays zero)."""
+        return v / per_sample(self.measure(v).clamp_min(_TINY), v)
+
+    def rescale(self, v: Tensor, size: float | Tensor) -> Tensor:
+        """Each sample multiplied so it measures ``size`` (a number or per sample; a zero sample stays zero)."""
+        return v * per_sample(size / self.measure(v).clamp_min(_TINY), v)
 
     def clip(self, x0: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         """The point of the ``eps``-ball around ``x0`` closest to ``x`` (projection), then clamped to [0, 1]."""
@@ -69,8 +93,25 @@ class Norm:
 
         Works in place where it can: the caller must own ``cur`` and ``grad`` and not use them afterwards.
         """
-        stepped = cur + alpha * self.steepest(grad)
-        return (x0 + self.project(stepped - x0, eps)).clamp(0.0, 1.0)
+        return self.clip(x0, cur + alpha * self.steepest(grad), eps)
+
+    def check_budget(self, eps, shape: Optional[tuple[int, ...]] = None, *, positive: bool = False,
+                     name: str = "eps") -> None:
+        """Raise a one-line ``ValueError`` unless ``eps`` is a budget of this norm: a number >= 0 (> 0 when
+        ``positive``) and no larger than the largest the norm allows on images of ``shape`` ``(C, H, W)`` (when
+        ``shape`` is None only the bounds that hold for every image are checked)."""
+        _check_number(name, eps)
+        if positive and eps <= 0:
+            raise ValueError(f"{name} must be > 0, got {eps}")
+        if eps < 0:
+            raise ValueError(f"{name} must be >= 0, got {eps}")
+        limit = self.largest_budget(shape)
+        if limit is not None and eps > limit[0]:
+            raise ValueError(f"{name} must be <= {limit[0]:g} ({limit[1]}), got {eps}")
+
+    def largest_budget(self, shape: Optional[tuple[int, ...]]) -> Optional[tuple[float, str]]:
+        """The largest budget on images of ``shape`` (None: not known) and why, or None when there is no bound."""
+        return None
 
     def __repr__(self) -> str:
         return f"Norm({self.name!r})"
@@ -78,6 +119,14 @@ class Norm:
 
 class Linf(Norm):
     name = "linf"
+    p = math.inf
+
+    @property
+    def dual(self) -> Norm:
+        return L1_NORM
+
+    def largest_budget(self, shape):
+        return 1.0, "Linf budgets are in [0, 1] pixel units"
 
     def measure(self, delta: Tensor) -> Tensor:
         return _flat(delta).abs().amax(dim=1)
@@ -115,6 +164,16 @@ def _owned(t: Tensor) -> bool:
 
 class L2(Norm):
     name = "l2"
+    p = 2.0
+
+    @property
+    def dual(self) -> Norm:
+        return self
+
+    def largest_budget(self, shape):
+        if shape is None:
+            return None
+        return math.sqrt(math.prod(shape)), f"the L2 diameter of a {'x'.join(map(str, shape))} image, sqrt(C*H*W)"
 
     def measure(self, delta: Tensor) -> Tensor:
         return _flat(delta).norm(p=2, dim=1)
@@ -151,6 +210,27 @@ class L2(Norm):
         return delta.mul_(factor.reshape(shape)).add_(x0).clamp_(0.0, 1.0)
 
 
+class L1(Norm):
+    """Sum of absolute changes. The dual of Linf (DeepFool measures gradients with it); no attack is bounded by it,
+    so it only measures and gives steepest directions."""
+
+    name = "l1"
+    p = 1.0
+
+    @property
+    def dual(self) -> Norm:
+        return NORMS["linf"]
+
+    def measure(self, delta: Tensor) -> Tensor:
+        return _flat(delta).norm(p=1, dim=1)
+
+    def steepest(self, grad: Tensor) -> Tensor:
+        """All the unit budget on one coordinate of largest ``|grad|`` (the first such), with ``grad``'s sign."""
+        flat = _flat(grad)
+        out = torch.zeros_like(flat).scatter_(1, flat.abs().argmax(dim=1, keepdim=True), 1.0)
+        return (out * flat.sign()).reshape(grad.shape)
+
+
 class L0(Norm):
     """Number of changed *pixels* (a pixel counts once however many of its channels changed).
 
@@ -159,6 +239,20 @@ class L0(Norm):
     """
 
     name = "l0"
+    p = 0.0
+
+    def check_budget(self, eps, shape=None, *, positive=False, name="eps"):
+        """A whole number of pixels, >= 0 (> 0 when ``positive``), at most the image's ``H * W`` when known."""
+        _check_number(name, eps)
+        if float(eps) != math.floor(eps):
+            raise ValueError(f"{name} must be a whole number of pixels, got {eps}")
+        super().check_budget(eps, shape, positive=positive, name=name)
+
+    def largest_budget(self, shape):
+        if shape is None:
+            return None
+        h, w = shape[-2:] if len(shape) >= 2 else (1, shape[0])
+        return h * w, f"the pixels of a {h}x{w} image"
 
     def measure(self, delta: Tensor) -> Tensor:
         changed = delta.ne(0)
@@ -205,6 +299,14 @@ class PatchArea(Norm):
 
     name = "area"
 
+    def check_budget(self, eps, shape=None, *, positive=True, name="area"):
+        """A fraction of the image in (0, 1); with ``shape`` ``(C, H, W)`` known, at least one pixel of it."""
+        _check_number(name, eps)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"{name} must be a fraction of the image in (0, 1), got {eps}")
+        if shape is not None:
+            patch_shape(eps, shape[-2], shape[-1])
+
     def measure(self, delta: Tensor) -> Tensor:
         pixels = delta[0, 0].numel() if delta.dim() == 4 else delta[0].numel()
         return L0().measure(delta) / pixels
@@ -229,7 +331,9 @@ class PatchArea(Norm):
         return delta * window_mask(rows, cols, shape, h, w).to(delta.dtype)
 
 
+#: The norms attacks can be bounded by, by name.
 NORMS: dict[str, Norm] = {n.name: n for n in (Linf(), L2(), L0(), PatchArea())}
+L1_NORM = L1()
 
 
 def get_norm(name: str) -> Norm:

@@ -28,11 +28,16 @@ import torch
 from torch import Tensor
 
 from attacks.base import check_choice, check_range
-from attacks.blackbox import ScoreAttack, ScoreSearch, State, expand
+from attacks.blackbox import ScoreAttack, ScoreSearch, State
 from attacks.losses import LOSSES, Objective
+from attacks.norms import L2, Linf
 from attacks.registry import register
 
 BASES = ("pixel", "dct")
+
+#: The default step for each norm, from ``eps``: a full step to the edge of the ball (Linf), the paper's 0.2 (L2)
+#: unless the ball is smaller.
+DEFAULT_STEP = {Linf: lambda eps: eps, L2: lambda eps: min(0.2, eps)}
 
 
 def probability(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
@@ -78,7 +83,7 @@ class SimBA(ScoreAttack):
     def step_size(self) -> float:
         if self.step is not None:
             return self.step
-        return self.eps if self.norm == "linf" else min(0.2, self.eps)
+        return DEFAULT_STEP[type(self.norm_obj)](self.eps)
 
     def _start(self, search: ScoreSearch, ids: Tensor) -> State:
         x0 = search.oracle.x[ids]
@@ -102,13 +107,13 @@ class SimBA(ScoreAttack):
         image = rows[:, :, None] * cols[:, None, :]
         out = torch.zeros_like(like)
         out[torch.arange(n, device=like.device), ch] = image
-        return out * expand(self.step_size / self.norm_obj.measure(out), out)
+        return self.norm_obj.rescale(out, self.step_size)
 
     def _step(self, search: ScoreSearch, state: State) -> State:
         x0 = search.oracle.x[state["ids"]]
         order = state["order"]
         q = self._direction(order.gather(1, (state["it"] % order.shape[1])[:, None])[:, 0], x0)
-        moved = search.accept(state, search.project(x0, state["x"] - q))
+        moved = search.accept(state, search.clip(x0, state["x"] - q))
         retry = ~moved & ~state["fooled"] & (search.oracle.remaining(state["ids"]) >= 1)
-        search.accept(state, search.project(x0, state["x"] + q), retry)
+        search.accept(state, search.clip(x0, state["x"] + q), retry)
         return state

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State, expand
+from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
+from attacks.norms import per_sample
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.square import rademacher
@@ -55,6 +56,6 @@ class SPSA(EstimatedGradientAttack):
         state["m"] = b1 * state["m"] + (1 - b1) * grad
         state["v"] = b2 * state["v"] + (1 - b2) * grad * grad
         t = state["it"].double() + 1  # each sample's own Adam step (bias corrections in double, as for a float)
-        m_hat = state["m"] / expand(1 - b1 ** t, grad).to(grad)
-        v_hat = state["v"] / expand(1 - b2 ** t, grad).to(grad)
+        m_hat = state["m"] / per_sample(1 - b1 ** t, grad)
+        v_hat = state["v"] / per_sample(1 - b2 ** t, grad)
         return state["x"] + self.step_size * m_hat / (v_hat.sqrt() + _ADAM_EPS), state
