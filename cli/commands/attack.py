@@ -59,6 +59,14 @@ def build_attack(method: str, eps: Optional[float], options: dict[str, Any]) -> 
         raise UsageError(f"{spec.name}: {exc}") from None
 
 
+def _default_norm(method: str) -> str:
+    """The norm ``--eps`` is measured in when ``--norm`` is not given: the attack's own (linf if it has none)."""
+    try:
+        return attacks.get(method).params.get("norm") or "linf"
+    except ValueError:  # an unknown attack is reported by build_attack
+        return "linf"
+
+
 def _targets(y: torch.Tensor, classes: int, targeted: bool, target_class: Optional[int], seed: int):
     if target_class is not None:
         if not 0 <= target_class < classes:
@@ -185,10 +193,11 @@ def attack_cmd(
 
     With no options it runs PGD on the newest model from `robustcnn train`. Budgets are in [0, 1] pixel units.
     """
-    eps_list = parse_eps_list(eps) if eps is not None else [None]
+    eps_norm = norm or _default_norm(method)
+    eps_list = parse_eps_list(eps, eps_norm) if eps is not None else [None]
     positive("--n", n)
     positive("--batch-size", batch_size)
-    options = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha) if alpha is not None else None,
+    options = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha, eps_norm) if alpha is not None else None,
                "restarts": restarts, "loss": loss, "c": c, "queries": queries, "pixels": pixels, "area": area,
                "basis": basis}
     built = [build_attack(method, e, options) for e in eps_list]  # every usage error before any work

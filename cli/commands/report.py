@@ -110,7 +110,7 @@ def report_cmd(
     with session(device) as (ctx, dev):
         path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
         model, meta = load_model(path, device=dev)
-        eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"))
+        eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"), norm)
         try:  # every usage error before any work
             for e in eps_list:
                 attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
