@@ -147,7 +147,8 @@ def attack_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Attack to run: "
                                         + ", ".join(attacks.available()) + ". See `robustcnn attacks`.")] = "pgd",
     eps: Annotated[Optional[str], typer.Option(
-        help="Budget in [0,1] pixel units: 0.005, 8/255, or a list 0.01,0.02,0.05 for a sweep. Default: the "
+        help="Budget in pixel units of [0, 1] images (Linf at most 1, L2 at most the image's diameter): 0.005, "
+             "8/255, or a list 0.01,0.02,0.05 for a sweep. Default: the "
              "attack's own (8/255 Linf, 0.5 L2; none for minimum-norm attacks).")] = None,
     norm: Annotated[Optional[str], typer.Option(help="Threat model: linf or l2 (and l0 for sparse attacks).",
                                                 rich_help_panel=ATTACK)] = None,
