@@ -265,6 +265,7 @@ class Attack:
         supported_norms: norms the attack can bound or minimize.
         targeted_ok: whether a ``target`` may be passed.
         accepts_start: whether a warm ``start`` may be passed (the gradient-ascent family).
+        positive_budget: whether ``eps`` must be > 0 (not just >= 0).
         description: one line for ``robustcnn attacks``.
     """
 
@@ -273,6 +274,7 @@ class Attack:
     supported_norms: ClassVar[tuple[str, ...]] = ("linf",)
     targeted_ok: ClassVar[bool] = True
     accepts_start: ClassVar[bool] = False
+    positive_budget: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -303,6 +305,13 @@ class Attack:
     @property
     def norm_obj(self) -> Norm:
         return get_norm(getattr(self, "norm", self.supported_norms[0]))
+
+    def _check_budget(self, shape: Optional[tuple[int, ...]] = None) -> None:
+        """Refuse an ``eps`` its norm does not allow (``ValueError``), on images of ``shape`` ``(C, H, W)`` when
+        given: checked when the attack is built, and again with the inputs' shape when it is called."""
+        eps = getattr(self, "eps", None)
+        if eps is not None:
+            self.norm_obj.check_budget(eps, shape, positive=self.positive_budget)
 
     def samples_per_call(self, batch_size: int) -> int:
         """How many samples a caller that works in batches of ``batch_size`` (:func:`attacks.evaluate`) should
@@ -384,6 +393,7 @@ class Attack:
         With ``verify``, ``ctx.final_logits`` are the model's logits on exactly that ``x_adv``. Everything that runs
         the model happens before the model's state is put back (:class:`ModelState`)."""
         x, y, target = self._check_inputs(model, x, y, target)
+        self._check_budget(tuple(x.shape[1:]))
         start = self._check_start(start, x)
         if model.training:
             warnings.warn(
@@ -473,14 +483,13 @@ class BoundedAttack(Attack):
         check_norm(self, self.norm)
         if self.eps is None:  # the budget most papers use for this norm on [0, 1] images
             object.__setattr__(self, "eps", DEFAULT_EPS[self.norm])
-        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
+        self._check_budget()
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
         box = self.norm_obj.box(x, self.eps)
         if box is not None:  # Linf: ball and [0, 1] in one clamp, exact on points the attack already clamped to it
             return torch.clamp(x_adv, box[0], box[1])
-        delta = self.norm_obj.project(x_adv - x, self.eps)
-        return (x + delta).clamp(0.0, 1.0)
+        return self.norm_obj.clip(x, x_adv, self.eps)
 
 
 # -- validation helpers shared by every attack (clear ValueErrors, never asserts) -------------------------------
@@ -541,8 +550,7 @@ class MinNormAttack(Attack):
     def _validate(self) -> None:
         super()._validate()
         check_norm(self, self.norm)
-        if self.eps is not None:
-            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
+        self._check_budget()
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
         x_adv = x_adv.clamp(0.0, 1.0)

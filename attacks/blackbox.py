@@ -78,6 +78,7 @@ class ScoreAttack(BoundedAttack):
 
     kind: ClassVar[str] = "score"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    positive_budget: ClassVar[bool] = True
 
     max_queries: int = param(1000, "Query budget per image (forward passes).", fast=300)
     loss: str = param("margin", "Objective the search maximizes: margin, ce or dlr.")
@@ -86,7 +87,6 @@ class ScoreAttack(BoundedAttack):
 
     def _validate(self) -> None:
         super()._validate()
-        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries, high=MAX_QUERIES)
         check_choice("loss", self.loss, self._objectives())
         for name in ("rows_per_call", "work_set"):
@@ -316,6 +316,7 @@ class DecisionAttack(MinNormAttack):
 
     kind: ClassVar[str] = "decision"
     supported_norms: ClassVar[tuple[str, ...]] = ("l2",)
+    positive_budget: ClassVar[bool] = True
     targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
 
     max_queries: int = param(1000, "Query budget per image (label queries).", fast=300)
@@ -323,8 +324,6 @@ class DecisionAttack(MinNormAttack):
 
     def _validate(self) -> None:
         super()._validate()
-        if self.eps is not None:
-            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
         check_int("max_queries", self.max_queries, high=MAX_QUERIES)
         if self.rows_per_call is not None:
             check_int("rows_per_call", self.rows_per_call, high=MAX_BATCH)

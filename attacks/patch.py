@@ -9,9 +9,9 @@
   (:class:`LocalizedPatch`).
 
 The budget ``area`` is a fraction of the image, and the footprint is a rectangle of whole pixels within it. The
-attacks' own footprint is the largest near-square one (:func:`attacks.norms.patch_shape`: 5 % of a 28x28 image is
+attacks' own footprint is the largest near-square one (:func:`attacks.geometry.patch_shape`: 5 % of a 28x28 image is
 6x6 pixels); :func:`train_patch` by default tries every rectangle the budget allows (sides at most 1:5,
-:func:`attacks.norms.patch_shapes`) and keeps the one whose short trial fools the most training images, since the
+:func:`attacks.geometry.patch_shapes`) and keeps the one whose short trial fools the most training images, since the
 threat model fixes the area, not the shape. Both attacks change nothing outside the footprint (``_enforce``
 guarantees it) and report the footprint's area in ``res.norms``.
 
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.base import MAX_BATCH, MAX_RESTARTS, Attack, Context, check_choice, check_int, check_range
+from attacks.geometry import patch_shape, patch_shapes, ranked_windows, window_mask
 from attacks.losses import LOSSES, Objective, get_loss
-from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows, window_mask
+from attacks.norms import get_norm
 from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
@@ -355,10 +356,10 @@ SHAPES = ("auto", "square")
 def patch_footprints(shape: Shape, area: float, height: int, width: int) -> list[tuple[int, int]]:
     """The rectangles a patch of at most ``area`` of a ``height x width`` image is trained in, for ``shape``:
 
-    * ``"auto"``: every shape of :func:`attacks.norms.patch_shapes` (on 28x28 at 5 %: 3x13, 4x9, 5x7, 6x6, 7x5,
+    * ``"auto"``: every shape of :func:`attacks.geometry.patch_shapes` (on 28x28 at 5 %: 3x13, 4x9, 5x7, 6x6, 7x5,
       9x4, 13x3), each a short trial; the budget is the area, and the attacker picks the rectangle. On a normally
       trained Fashion-MNIST CNN a 13x3 strip fools far more images than the 6x6 square;
-    * ``"square"``: the near-square :func:`attacks.norms.patch_shape` alone (6x6 at 5 %);
+    * ``"square"``: the near-square :func:`attacks.geometry.patch_shape` alone (6x6 at 5 %);
     * ``(rows, cols)``: that rectangle, which must fit inside the image and within the budget.
 
     Raises ``ValueError`` with one clear message otherwise.
@@ -402,8 +403,8 @@ def train_patch(
 
     Untargeted (``target=None``) the patch pushes images away from ``labels`` (the model's own predictions when
     None); targeted it pulls every image towards class ``target``. ``shape`` is the patch's rectangle (see
-    :func:`patch_footprints`): ``"auto"`` tries every shape of :func:`attacks.norms.patch_shapes` and keeps the one
-    whose short trial fools the most training images, ``"square"`` is :func:`attacks.norms.patch_shape`, a pair
+    :func:`patch_footprints`): ``"auto"`` tries every shape of :func:`attacks.geometry.patch_shapes` and keeps the one
+    whose short trial fools the most training images, ``"square"`` is :func:`attacks.geometry.patch_shape`, a pair
     ``(rows, cols)`` is that rectangle. Returns the patch ``(C, a, b)`` on the images' device. The model is left as
     it was.
     """

@@ -30,12 +30,16 @@ from torch import Tensor
 from attacks.base import check_choice, check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch
 from attacks.losses import LOSSES, Objective
-from attacks.norms import per_sample
+from attacks.norms import L2, Linf
 from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
 BASES = ("pixel", "dct")
+
+#: The default step for each norm, from ``eps``: a full step to the edge of the ball (Linf), the paper's 0.2 (L2)
+#: unless the ball is smaller.
+DEFAULT_STEP = {Linf: lambda eps: eps, L2: lambda eps: min(0.2, eps)}
 
 
 def probability(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
@@ -81,7 +85,7 @@ class SimBA(ScoreAttack):
     def step_size(self) -> float:
         if self.step is not None:
             return self.step
-        return self.eps if self.norm == "linf" else min(0.2, self.eps)
+        return DEFAULT_STEP[type(self.norm_obj)](self.eps)
 
     def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
         x0 = search.oracle.x[ids]
@@ -105,7 +109,7 @@ class SimBA(ScoreAttack):
         image = rows[:, :, None] * cols[:, None, :]
         out = torch.zeros_like(like)
         out[torch.arange(n, device=like.device), ch] = image
-        return out * per_sample(self.step_size / self.norm_obj.measure(out), out)
+        return self.norm_obj.rescale(out, self.step_size)
 
     def _step(self, search: ScoreSearch, work: WorkSet) -> None:
         x0 = search.oracle.x[work.ids]

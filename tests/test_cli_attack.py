@@ -39,6 +39,16 @@ def test_human_table_and_example_grid(newest, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_l2_budget_above_one(newest):
+    doc = _json(run_cli("attack", "--method", "pgd", "--norm", "l2", "--eps", "1.5", "--steps", "2", "--n", "8",
+                        "--json"))
+    (row,) = doc["results"]
+    assert row["eps"] == 1.5 and 0 < row["attacks"]["pgd"]["max_norm"] <= 1.5 + 1e-5
+    # an L2 attack's own default norm measures --eps when --norm is not given
+    doc = _json(run_cli("attack", "--method", "deepfool", "--eps", "1.5", "--steps", "2", "--n", "8", "--json"))
+    assert doc["results"][0]["eps"] == 1.5
+
+
 def test_per_sample_and_targeted(newest):
     doc = _json(run_cli("attack", "--method", "pgd", "--eps", "0.5", "--steps", "10", "--n", "32",
                         "--target-class", "1", "--per-sample", "--json"))
@@ -94,6 +104,8 @@ def test_attacks_lists_the_registry():
     [
         (("--eps", "-0.1"), 2, "must be >= 0"),
         (("--eps", "1.5"), 2, "eps must be <= 1"),
+        (("--norm", "linf", "--method", "deepfool", "--eps", "1.5"), 2, "eps must be <= 1"),
+        (("--norm", "l2", "--eps", "-1"), 2, "must be >= 0"),
         (("--eps", "0.1,,x"), 2, "invalid eps"),
         (("--method", "pgd", "--steps", "0"), 2, "steps must be >= 1"),
         (("--method", "pgdd"), 2, "did you mean pgd"),

@@ -95,6 +95,14 @@ def build_attack(method: str, eps: Optional[float], options: dict[str, Any],
         raise UsageError(f"{spec.name}: {exc}") from None
 
 
+def _default_norm(method: str) -> str:
+    """The norm ``--eps`` is measured in when ``--norm`` is not given: the attack's own (linf if it has none)."""
+    try:
+        return attacks.get(method).params.get("norm") or "linf"
+    except ValueError:  # an unknown attack is reported by build_attack
+        return "linf"
+
+
 def _targets(y: torch.Tensor, classes: int, targeted: bool, target_class: Optional[int], seed: int):
     if target_class is not None:
         if not 0 <= target_class < classes:
@@ -174,7 +182,8 @@ def attack_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Attack to run: "
                                         + ", ".join(attacks.available()) + ". See `robustcnn attacks`.")] = "pgd",
     eps: Annotated[Optional[str], typer.Option(
-        help="Budget in [0,1] pixel units: 0.005, 8/255, or a list 0.01,0.02,0.05 for a sweep. Default: the "
+        help="Budget in pixel units of [0, 1] images (Linf at most 1, L2 at most the image's diameter): 0.005, "
+             "8/255, or a list 0.01,0.02,0.05 for a sweep. Default: the "
              "attack's own (8/255 Linf, 0.5 L2; none for minimum-norm attacks).")] = None,
     norm: Annotated[Optional[str], typer.Option(help="Threat model: linf or l2 (and l0 for sparse attacks).",
                                                 rich_help_panel=ATTACK)] = None,
@@ -226,10 +235,11 @@ def attack_cmd(
 
     With no options it runs PGD on the newest model from `robustcnn train`. Budgets are in [0, 1] pixel units.
     """
-    eps_list = parse_eps_list(eps) if eps is not None else [None]
+    eps_norm = norm or _default_norm(method)
+    eps_list = parse_eps_list(eps, eps_norm) if eps is not None else [None]
     positive("--n", n)
     positive("--batch-size", batch_size)
-    shortcuts = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha) if alpha is not None else None,
+    shortcuts = {"norm": norm, "steps": steps, "alpha": parse_eps(alpha, eps_norm) if alpha is not None else None,
                  "restarts": restarts, "loss": loss, "c": c, "queries": queries, "pixels": pixels, "area": area,
                  "basis": basis}
     spec, built = _plan(method, eps_list, shortcuts, param or [], targeted=targeted, target_class=target_class,

@@ -82,7 +82,7 @@ def report_cmd(
     with session(device) as (ctx, dev), ExitStack() as held:
         path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
         model, meta = load_model(path, device=dev)
-        eps_list = parse_eps_list(eps if eps is not None else usual_eps(meta["dataset"], norm))
+        eps_list = parse_eps_list(eps if eps is not None else usual_eps(meta["dataset"], norm), norm)
         try:  # every usage error before any work
             for e in eps_list:
                 attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)

@@ -176,13 +176,13 @@ def _adversarial_config(dataset: str, *, method: str | None, eps: str | None, no
         if str(norm).strip().lower() != "linf":
             raise UsageError(f"--adv-norm {norm} needs an explicit --eps (in [0, 1] pixel units)")
         eps = usual_eps(str(dataset), "linf")  # the budget reports use for the dataset
-    budget = parse_eps(eps)
+    budget = parse_eps(eps, norm)
     if budget <= 0:
         raise UsageError(f"--eps must be > 0 for adversarial training, got {eps}")
     step = None
     if alpha is not None:
         try:
-            step = parse_eps(alpha)
+            step = parse_eps(alpha, norm)
         except UsageError:
             raise UsageError(f"invalid --adv-alpha {alpha!r}: write a number > 0 such as 0.02 or 2/255") from None
     return AdvConfig(method=method, eps=budget, norm=norm, steps=steps, alpha=step, beta=beta, eps_warmup=warmup,
