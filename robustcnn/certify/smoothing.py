@@ -18,7 +18,6 @@ import math
 from typing import NamedTuple
 
 import torch
-from scipy import stats
 from torch import nn
 
 #: What :meth:`Smoothed.predict` and :meth:`Smoothed.certify` return instead of a class when they abstain.
@@ -33,6 +32,13 @@ class Certificate(NamedTuple):
     radius: float
     p_lower: float
     samples: int
+
+
+def _stats():
+    """``scipy.stats``, imported on first use (it takes a while to import, and training never needs it)."""
+    from scipy import stats
+
+    return stats
 
 
 def _check_count(name: str, value: int) -> int:
@@ -51,12 +57,12 @@ def lower_confidence_bound(successes: int, trials: int, alpha: float) -> float:
     """The one-sided ``(1 - alpha)`` Clopper-Pearson lower bound on a binomial proportion (0 when no successes)."""
     if successes <= 0:
         return 0.0
-    return float(stats.beta.ppf(alpha, successes, trials - successes + 1))
+    return float(_stats().beta.ppf(alpha, successes, trials - successes + 1))
 
 
 def radius(sigma: float, p_lower: float) -> float:
     """The certified L2 radius ``sigma * Phi^-1(p_lower)`` (0 when ``p_lower <= 1/2``: nothing is certified)."""
-    return float(sigma * stats.norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
+    return float(sigma * _stats().norm.ppf(p_lower)) if p_lower > 0.5 else 0.0
 
 
 class Smoothed:
@@ -110,7 +116,7 @@ class Smoothed:
         counts = self.counts(x, n, batch_size, generator)
         top = torch.topk(counts, 2)
         first, second = int(top.values[0]), int(top.values[1])
-        if stats.binomtest(first, first + second, 0.5).pvalue > alpha:
+        if _stats().binomtest(first, first + second, 0.5).pvalue > alpha:
             return ABSTAIN
         return int(top.indices[0])
 
@@ -131,6 +137,9 @@ class Smoothed:
 
 
 def add_gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x + N(0, sigma^2)`` per pixel, not clamped (the training augmentation that randomized smoothing needs)."""
+    """``x + N(0, sigma^2)`` per pixel, not clamped (the training augmentation that randomized smoothing needs), in
+    ``x``'s memory layout; the noise comes from ``generator`` (on ``x``'s device; the global RNG when None)."""
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + sigma * noise).contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x + sigma * noise
+    layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    return (x + sigma * noise).contiguous(memory_format=layout)
