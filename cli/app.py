@@ -108,6 +108,9 @@ def _register() -> None:
     from cli.commands import report as _report  # noqa: F401
     from cli.commands import train as _train  # noqa: F401
     from cli.commands import patch as _patch  # noqa: F401
+    from cli.commands import certify as _certify
+
+    app.command("certify")(_certify.certify_cmd)
 
 
 def main() -> None:

@@ -5,8 +5,9 @@
   itself, and the bounds IBP training minimizes.
 """
 
+from robustcnn.certify.evaluate import IBPResult, certified_accuracy, ibp_certify, smooth_certify
 from robustcnn.certify.ibp import bounds, check_supported, margin_lower_bounds, verified, verified_loss
 from robustcnn.certify.smoothing import ABSTAIN, Certificate, Smoothed, add_gaussian_noise
 
-__all__ = ["ABSTAIN", "Certificate", "Smoothed", "add_gaussian_noise", "bounds", "check_supported",
-           "margin_lower_bounds", "verified", "verified_loss"]
+__all__ = ["ABSTAIN", "Certificate", "IBPResult", "Smoothed", "add_gaussian_noise", "bounds", "certified_accuracy",
+           "check_supported", "ibp_certify", "margin_lower_bounds", "smooth_certify", "verified", "verified_loss"]
