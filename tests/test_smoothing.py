@@ -104,3 +104,18 @@ def test_gaussian_noise_is_unclamped_and_seeded():
     assert torch.equal(a, b)
     assert a.min() < 0 and a.max() > 1
     assert (a - x).std().item() == pytest.approx(0.25, rel=0.05)
+
+
+def test_each_image_has_its_own_stream_and_certified_accuracy_counts_correct_and_certified():
+    from robustcnn.certify import certified_accuracy, smooth_certify
+
+    images = torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.3)])
+    model = Threshold(0.2)
+    both = smooth_certify(model, images, torch.tensor([0, 1]), sigma=SIGMA, num_classes=2, n0=20, samples=500,
+                          alpha=0.01, seed=4)
+    alone = smooth_certify(model, images[:1], torch.tensor([0]), sigma=SIGMA, num_classes=2, n0=20, samples=500,
+                           alpha=0.01, seed=4)
+    assert both[0] == alone[0]
+    rows = [{"correct": True, "radius": 0.3}, {"correct": True, "radius": 0.0}, {"correct": False, "radius": 0.9},
+            {"correct": False, "radius": 0.0}]
+    assert certified_accuracy(rows, [0.0, 0.25, 0.5]) == [0.5, 0.25, 0.0]

@@ -21,6 +21,12 @@ from robustcnn.certify.smoothing import ABSTAIN, Smoothed
 from robustcnn.data import to_float
 
 
+def _device(model: nn.Module, images: torch.Tensor) -> torch.device:
+    """Where ``model`` runs: its parameters' device (the images' for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else images.device
+
+
 def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The noise stream of test image ``index`` under ``seed``: an image's result does not depend on which others
     are certified with it."""
@@ -35,7 +41,7 @@ def smooth_certify(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     ``label``, ``prediction`` (None when abstaining), ``correct``, ``radius`` (L2, 0 when abstaining) and
     ``p_lower``. ``on_image(done)`` after each image."""
     smoothed = Smoothed(model, sigma, num_classes)
-    device = next(model.parameters()).device
+    device = _device(model, images)
     rows = []
     for i in range(images.shape[0]):
         x = images[i] if images.is_floating_point() else to_float(images[i])
@@ -97,7 +103,7 @@ def ibp_certify(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ep
     seeded per sample by ``seed``)."""
     import attacks
 
-    device = next(model.parameters()).device
+    device = _device(model, images)
     x = images.to(device) if images.is_floating_point() else to_float(images, device)
     y = labels.to(device)
     with torch.inference_mode():
