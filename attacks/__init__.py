@@ -11,7 +11,8 @@ The model must map images in [0, 1] to logits (normalization inside the model). 
 """
 
 from attacks.base import (
-    DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, MinNormAttack, NonFiniteOutputError,
+    DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, LabelRangeError, MinNormAttack, ModelState,
+    NonFiniteOutputError,
 )
 from attacks.registry import AttackSpec, available, build, get, register
 from attacks.evaluate import AttackStats, Report, evaluate
@@ -39,7 +40,7 @@ from attacks.trades import KLPGD  # noqa: E402  (not registered: the TRADES inne
 
 __all__ = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
-    "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
+    "NonFiniteOutputError", "LabelRangeError", "ModelState", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
     "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
     "Square", "SimBA", "NES", "SPSA", "HopSkipJump", "Boundary",
     "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0", "KLPGD",

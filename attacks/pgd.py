@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from attacks.base import BoundedAttack, check_choice, check_int, check_range
+from attacks.base import MAX_RESTARTS, BoundedAttack, check_choice, check_int, check_range
 from attacks.iterative import gradient_ascent
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
@@ -57,7 +57,7 @@ class PGD(IterativeAttack):
 
     def _validate(self) -> None:
         super()._validate()
-        check_int("restarts", self.restarts)
+        check_int("restarts", self.restarts, high=MAX_RESTARTS)
 
     def _run(self, ctx):
         return gradient_ascent(

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from attacks.base import MAX_BATCH, MAX_ITERATIONS
 from robustcnn.errors import UsageError
 
 COMMON = "Common options"
@@ -68,7 +69,18 @@ def parse_eps_list(text: str) -> list[float]:
     return [parse_eps(p) for p in parts]
 
 
+#: Upper bounds of the count options, far above any useful setting and low enough that a slip (``2**63``) is refused
+#: at once instead of running for ever (the attack fields' own counts are bounded by :func:`attacks.base.check_int`).
+COUNT_LIMITS = {"--epochs": 10_000, "--steps": MAX_ITERATIONS, "--draws": 1_000, "--batch-size": MAX_BATCH,
+                "--n": 10_000_000, "--limit": 10_000_000, "--train-images": 10_000_000}
+
+
 def positive(name: str, value: float | int | None) -> None:
-    """Refuse a non-positive number for option ``name`` (None means 'use the default')."""
+    """Refuse a non-positive number for option ``name`` (None means 'use the default'), and a count above its
+    bound in :data:`COUNT_LIMITS`."""
     if value is not None and not value > 0:
         raise UsageError(f"{name} must be > 0, got {value}")
+    high = COUNT_LIMITS.get(name)
+    if value is not None and high is not None and value > high:
+        raise UsageError(f"{name} must be <= {high:,} (a bound far above any useful setting, so that the run ends), "
+                         f"got {value}")

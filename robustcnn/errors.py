@@ -30,6 +30,10 @@ class CheckpointError(RobustCNNError):
     """A checkpoint is missing, truncated, not a robustcnn checkpoint, or does not match the request."""
 
 
+class WriteError(RobustCNNError):
+    """A file could not be written (no space left, file too large, ...); the file it was to replace is unchanged."""
+
+
 def check_choice(what: str, value: str, choices: "tuple[str, ...] | list[str]") -> str:
     """Return ``value`` (normalised to lower case) if it is one of ``choices``, else raise :class:`UsageError`.
 

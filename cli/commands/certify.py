@@ -17,7 +17,6 @@ from robustcnn.errors import RobustCNNError, UsageError, check_choice
 METHODS = ("smoothing", "ibp")
 #: The one norm each method certifies.
 METHOD_NORM = {"smoothing": "l2", "ibp": "linf"}
-USUAL_LINF_EPS = {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"}
 DEFAULT_RADII = "0,0.25,0.5,0.75,1,1.25,1.5"
 SMOOTHING = "Randomized smoothing"
 IBP = "Interval bound propagation"
@@ -95,6 +94,7 @@ def certify_cmd(
     from robustcnn.checkpoint import latest_checkpoint, load_model
     from robustcnn.data import load_dataset
     from robustcnn.device import resolve_device
+    from robustcnn.report import usual_eps
 
     dev = resolve_device(device)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
@@ -110,7 +110,7 @@ def certify_cmd(
             check_supported(model)
         except ValueError as exc:
             raise RobustCNNError(f"{path}: {exc}") from None
-        eps_list = eps_list or parse_eps_list(USUAL_LINF_EPS.get(meta["dataset"], "8/255"))
+        eps_list = eps_list or parse_eps_list(usual_eps(meta["dataset"], "linf"))
     data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
     if list(data.shape) != list(meta["input_shape"]) or list(data.classes) != list(meta["classes"]):
         raise RobustCNNError(f"{path} was trained on {meta['input_shape']} images of {len(meta['classes'])} classes, "
