@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.norms import Norm, get_norm
+from attacks.params import param
 from attacks.rng import SampleRNG
 
 KINDS = ("white-box", "score", "decision", "patch", "pixel")
@@ -463,8 +464,9 @@ class Attack:
 class BoundedAttack(Attack):
     """An attack that stays inside an Lp ball of radius ``eps`` around ``x``."""
 
-    eps: Optional[float] = None
-    norm: str = "linf"
+    eps: Optional[float] = param(None, "Budget: the radius of the ball, in [0, 1] pixel units measured in norm "
+                                 "(None: 8/255 under Linf, 0.5 under L2).", fast=0.3)
+    norm: str = param("linf", "Threat model: the norm of the ball (linf or l2, as the attack supports).")
 
     def _validate(self) -> None:
         super()._validate()
@@ -532,8 +534,9 @@ class MinNormAttack(Attack):
     fooled only if its perturbation fits the budget; larger ones are discarded (``x_adv = x``).
     """
 
-    eps: Optional[float] = None
-    norm: str = "l2"
+    eps: Optional[float] = param(None, "Budget in [0, 1] pixel units measured in norm: a sample counts as fooled "
+                                 "only within it (None: unbounded, the norm needed is reported).")
+    norm: str = param("l2", "The norm whose size is minimized (as the attack supports).")
 
     def _validate(self) -> None:
         super()._validate()

@@ -14,6 +14,7 @@ from typing import Optional
 
 from attacks.iterative import gradient_ascent
 from attacks.losses import get_loss
+from attacks.params import param
 from attacks.pgd import IterativeAttack
 from attacks.registry import register
 
@@ -21,13 +22,14 @@ from attacks.registry import register
 @register
 @dataclass(frozen=True, kw_only=True)
 class BIM(IterativeAttack):
-    """``steps=None``/``alpha=None`` follow the paper's rules for the given eps."""
-
     name = "bim"
     supported_norms = ("linf", "l2")
     description = "Basic Iterative Method / I-FGSM: repeated small FGSM steps from x (Kurakin et al. 2017)"
 
-    steps: Optional[int] = None  # type: ignore[assignment]
+    steps: Optional[int] = param(  # type: ignore[assignment]
+        None, "Gradient steps (None: the paper's min(255 eps + 4, 1.25 * 255 eps) under Linf, 10 under L2).", fast=10)
+    alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units, in the attack's norm (None: 1/255 under "
+                                   "Linf, 1.25 * eps / steps under L2).", fast=0.04)
 
     def _validate(self) -> None:
         if self.steps is None:

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -28,6 +28,7 @@ from attacks.base import (
 from attacks.losses import LOSSES, Objective
 from attacks.norms import Norm, per_sample
 from attacks.oracle import QueryOracle
+from attacks.params import param
 from attacks.rng import SampleRNG
 from attacks.workset import Results, WorkSet
 
@@ -36,7 +37,7 @@ def rows_per_call_field():
     """The ``rows_per_call`` field of every black-box attack: the most query rows one model call runs (None: the
     oracle's measured default for the device, :func:`attacks.oracle.default_rows_per_call`). A runtime setting: it
     changes speed, never results or counts, and is left out of :meth:`~attacks.base.Attack.config`."""
-    return field(default=None, metadata={"runtime": True})
+    return param(None, "Most query rows one model call runs (None: measured per device). Speed only.", runtime=True)
 
 #: Batches of samples a score-based attack takes per call from :func:`attacks.evaluate` (see
 #: :meth:`ScoreAttack.samples_per_call`): its work set stays one model call wide either way.
@@ -52,7 +53,8 @@ def work_set_field():
     """The ``work_set`` field of the score-based attacks: the most samples iterated on at once (None:
     :func:`default_work_set`). A runtime setting like ``rows_per_call``: each sample's draws and iterations are its
     own, so it changes speed and memory only, never results or counts."""
-    return field(default=None, metadata={"runtime": True})
+    return param(None, "Most samples iterated on at once (None: one model call of them, fewer for large images). "
+                       "Speed and memory only.", runtime=True)
 
 
 #: Bytes of image state a default work set may hold (several copies of each image: current point, candidate, ...).
@@ -77,8 +79,8 @@ class ScoreAttack(BoundedAttack):
     kind: ClassVar[str] = "score"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
-    max_queries: int = 1000
-    loss: str = "margin"
+    max_queries: int = param(1000, "Query budget per image (forward passes).", fast=300)
+    loss: str = param("margin", "Objective the search maximizes: margin, ce or dlr.")
     rows_per_call: Optional[int] = rows_per_call_field()
     work_set: Optional[int] = work_set_field()
 
@@ -204,9 +206,10 @@ class EstimatedGradientAttack(ScoreAttack):
     one query of the new iterate, which tells whether it fools the model. The starting point (``x``) costs one.
     """
 
-    samples: int = 50
-    sigma: float = 1e-3
-    alpha: Optional[float] = None
+    samples: int = param(50, "Queries per gradient estimate (even: antithetic pairs).", fast=10)
+    sigma: float = param(1e-3, "Distance of the probes x +- sigma * u, in [0, 1] pixel units.")
+    alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units (SPSA: Adam's learning rate); None: "
+                                   "2.5 * eps / the iterations max_queries pays for.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -315,7 +318,7 @@ class DecisionAttack(MinNormAttack):
     supported_norms: ClassVar[tuple[str, ...]] = ("l2",)
     targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
 
-    max_queries: int = 1000
+    max_queries: int = param(1000, "Query budget per image (label queries).", fast=300)
     rows_per_call: Optional[int] = rows_per_call_field()
 
     def _validate(self) -> None:

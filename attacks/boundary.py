@@ -24,6 +24,7 @@ import torch
 from attacks.base import check_int, check_range
 from attacks.blackbox import DecisionAttack, DecisionSearch
 from attacks.norms import per_sample
+from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
@@ -33,15 +34,13 @@ _CONVERGED = 1e-7
 @register
 @dataclass(frozen=True, kw_only=True)
 class Boundary(DecisionAttack):
-    """``spherical_step``, ``source_step``: relative step sizes; ``step_adaptation``, ``adapt_every``: their tuning."""
-
     name = "boundary"
     description = "Boundary attack: random walk along the decision boundary, minimum L2 (Brendel et al. 2018)"
 
-    spherical_step: float = 0.01
-    source_step: float = 0.01
-    step_adaptation: float = 1.5
-    adapt_every: int = 10
+    spherical_step: float = param(0.01, "Orthogonal step, a fraction of the current distance to x.")
+    source_step: float = param(0.01, "Step towards x, a fraction of the current distance to x.")
+    step_adaptation: float = param(1.5, "Factor by which the steps grow or shrink when they adapt.")
+    adapt_every: int = param(10, "Steps between two adaptations of the step sizes.")
 
     def _validate(self) -> None:
         super()._validate()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import MinNormAttack, check_int, check_range
+from attacks.params import param
 from attacks.registry import register
 
 
@@ -31,9 +32,10 @@ class DeepFool(MinNormAttack):
     targeted_ok = False
     description = "DeepFool: iterative step to the nearest linearized boundary, minimal L2/Linf (Moosavi-Dezfooli 2016)"
 
-    steps: int = 50
-    overshoot: float = 0.02
-    candidates: int = 10
+    steps: int = param(50, "Linearization steps at most.", fast=10)
+    overshoot: float = param(0.02, "The total perturbation is scaled by 1 + overshoot to cross the boundary.")
+    candidates: int = param(10, "Classes whose boundaries are considered: the original and the candidates - 1 "
+                                "most likely others (>= 2).")
 
     def _validate(self) -> None:
         super()._validate()

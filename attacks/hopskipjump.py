@@ -29,6 +29,7 @@ from torch import Tensor
 from attacks.base import MAX_QUERIES, check_int, check_range
 from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch
 from attacks.norms import per_sample
+from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
@@ -38,15 +39,15 @@ _MAX_HALVINGS = 30  # geometric step search: give up (stay on the boundary point
 @register
 @dataclass(frozen=True, kw_only=True)
 class HopSkipJump(DecisionAttack):
-    """``init_evals``/``max_evals``: boundary-normal estimate sizes; ``gamma``: bisection precision factor."""
-
     name = "hopskipjump"
     supported_norms = ("l2", "linf")
     description = "HopSkipJump: boundary-normal estimates from labels, minimum norm (Chen et al. 2020)"
 
-    init_evals: int = 100
-    max_evals: int = 10000
-    gamma: float = 1.0
+    init_evals: int = param(100, "Label queries of the first boundary-normal estimate (then init_evals * sqrt(t) "
+                                 "at iteration t).", fast=20)
+    max_evals: int = param(10000, "Most label queries of one boundary-normal estimate.")
+    gamma: float = param(1.0, "Bisection precision: theta = gamma / d^1.5 (L2) or gamma / d^2 (Linf), d the "
+                              "input size.")
 
     def _validate(self) -> None:
         super()._validate()

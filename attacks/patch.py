@@ -22,7 +22,7 @@ guarantees it) and report the footprint's area in ``res.norms``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Sequence, Union
 
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from attacks.base import MAX_BATCH, MAX_RESTARTS, Attack, Context, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective, get_loss
 from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows, window_mask
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.greedyl0 import corner_proposals
@@ -460,8 +461,7 @@ class UniversalPatch(PatchAttack):
     ``patch``: a ``(C, h, w)`` tensor in [0, 1] (see :func:`check_patch`); its own size is the budget, which must not
     exceed ``area`` when both are given. Without a patch, one of ``area`` (default 5 %) is first trained on the
     attacked batch itself (transductive; for unseen images train with :func:`train_patch` on training images and
-    pass the result). Training settings: ``steps``, ``lr``, ``min_scale``, ``rotation``, ``loss``, ``kappa``,
-    ``sink``, ``trial_steps``, ``refine``, ``refine_candidates`` (see :class:`PatchTraining`).
+    pass the result) with the training settings below (see :class:`PatchTraining`).
 
     ``noise=True`` is the control: every image gets its own patch of uniform random values, of the same footprint
     (the given patch's, else ``area``'s), drawn from its own stream; nothing is trained. Averaged over the images it
@@ -472,19 +472,27 @@ class UniversalPatch(PatchAttack):
     name = "patch"
     description = "Universal adversarial patch at a random location, trained with EOT (Brown et al. 2017)"
 
-    patch: Optional[Tensor] = field(default=None, compare=False, repr=False)
-    area: Optional[float] = None
-    noise: bool = False
-    steps: int = PatchTraining.steps
-    lr: float = PatchTraining.lr
-    min_scale: float = PatchTraining.min_scale
-    rotation: float = PatchTraining.rotation
-    loss: str = PatchTraining.loss
-    kappa: Optional[float] = PatchTraining.kappa
-    sink: bool = PatchTraining.sink
-    trial_steps: int = PatchTraining.trial_steps
-    refine: int = PatchTraining.refine
-    refine_candidates: int = PatchTraining.refine_candidates
+    patch: Optional[Tensor] = param(None, "The patch, a (C, h, w) tensor in [0, 1] whose size is the budget (None: "
+                                    "train one of area on the attacked batch). CLI: --patch FILE.",
+                                    compare=False, repr=False)
+    area: Optional[float] = param(None, "Patch area budget, a fraction of the image (None: the given patch's size, "
+                                  "else 0.05).", fast=0.25)
+    noise: bool = param(False, "The control: each image gets its own uniform-noise patch of the same footprint, "
+                               "nothing is trained.")
+    steps: int = param(PatchTraining.steps, "Training: Adam steps.", fast=10)
+    lr: float = param(PatchTraining.lr, "Training: Adam's learning rate in [0, 1] pixel units (cosine-decayed to 0).")
+    min_scale: float = param(PatchTraining.min_scale, "Training: smallest random scale of the patch, a fraction of "
+                                                      "its size.")
+    rotation: float = param(PatchTraining.rotation, "Training: largest random rotation of the patch, in degrees.")
+    loss: str = param(PatchTraining.loss, "Training: loss to maximize, margin, ce or dlr.")
+    kappa: Optional[float] = param(PatchTraining.kappa, "Training: cap on each image's loss, so images fooled by a "
+                                                        "wide margin stop pulling (None: no cap).")
+    sink: bool = param(PatchTraining.sink, "Training, untargeted: pull every image towards one sink class, the one "
+                                           "whose short trial fools the most images.")
+    trial_steps: int = param(PatchTraining.trial_steps, "Training: steps of each short trial.")
+    refine: int = param(PatchTraining.refine, "Training: sweeps of the one-pixel search after the gradient steps "
+                                              "(0: none).")
+    refine_candidates: int = param(PatchTraining.refine_candidates, "Training: one-pixel moves tried per sweep.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -540,25 +548,22 @@ LOCATIONS = ("saliency", "center", "random")
 @dataclass(frozen=True, kw_only=True)
 class LocalizedPatch(PatchAttack):
     """A patch of ``area`` optimized for each image (LaVAN): ``steps`` signed-gradient steps of size ``alpha`` on
-    the patch's pixels, starting from uniform noise, stopping for an image once it is fooled.
-
-    ``location``: ``saliency`` (default: the window where the loss's input gradient on the clean image is largest),
-    ``center`` or ``random``. ``restarts``: locations tried per image that is not yet fooled (5 by default, the
-    searched location of LaVAN: on a normally trained Fashion-MNIST CNN at 5 % area one location fools 62 % of the
-    correctly classified images, three 78 %, five 81 %); after the first, ``saliency`` takes the next most salient
-    window that does not overlap the ones tried, the other rules a random one. The first gradient pass, on the
-    clean image, also leaves misclassified images as they are. ``loss``: ``margin`` (default), ``ce`` or ``dlr``.
+    the patch's pixels, starting from uniform noise, stopping for an image once it is fooled, at up to ``restarts``
+    locations (the searched location of LaVAN). The first gradient pass, on the clean image, also leaves
+    misclassified images as they are.
     """
 
     name = "lavan"
     description = "Localized per-image patch optimized by gradient steps (LaVAN, Karmon et al. 2018)"
 
-    area: float = DEFAULT_AREA
-    steps: int = 100
-    alpha: float = 0.1
-    location: str = "saliency"
-    restarts: int = 5
-    loss: str = "margin"
+    area: float = param(DEFAULT_AREA, "Patch area, a fraction of the image.", fast=0.1)
+    steps: int = param(100, "Signed-gradient steps per location.", fast=10)
+    alpha: float = param(0.1, "Step size on the patch's pixels, in [0, 1] pixel units.")
+    location: str = param("saliency", "First location: saliency (the window where the loss's input gradient on the "
+                                      "clean image is largest), center or random.")
+    restarts: int = param(5, "Locations tried per image not yet fooled; after the first, saliency takes the next "
+                             "most salient window not overlapping those tried, the others a random one.", fast=1)
+    loss: str = param("margin", "Loss to maximize: margin, ce or dlr.")
 
     def _validate(self) -> None:
         super()._validate()

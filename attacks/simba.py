@@ -31,6 +31,7 @@ from attacks.base import check_choice, check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch
 from attacks.losses import LOSSES, Objective
 from attacks.norms import per_sample
+from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
@@ -58,14 +59,14 @@ def dct_matrix(size: int) -> Tensor:
 @register
 @dataclass(frozen=True, kw_only=True)
 class SimBA(ScoreAttack):
-    """``basis``: ``pixel`` or ``dct``; ``step``: length of one step in the attack's norm (None: see above)."""
-
     name = "simba"
     description = "SimBA: +-step along random pixel or low-frequency DCT directions, scores only (Guo et al. 2019)"
 
-    basis: str = "dct"
-    step: Optional[float] = None
-    loss: str = "prob"
+    basis: str = param("dct", "Search directions: pixel (single pixels) or dct (low-frequency cosine images first).")
+    step: Optional[float] = param(None, "Length of one step in the attack's norm, in [0, 1] pixel units (None: eps "
+                                  "under Linf, min(0.2, eps) under L2).")
+    loss: str = param("prob", "Objective: prob (the true class's probability lowered, the target's raised), "
+                              "margin, ce or dlr.")
 
     def _validate(self) -> None:
         super()._validate()

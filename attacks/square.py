@@ -30,6 +30,7 @@ from torch import Tensor
 from attacks.base import check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch
 from attacks.norms import per_sample
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.workset import WorkSet
@@ -141,12 +142,11 @@ class _Windows:
 @register
 @dataclass(frozen=True, kw_only=True)
 class Square(ScoreAttack):
-    """``p_init``: fraction of the image the window covers at the start."""
-
     name = "square"
     description = "Square Attack: random search over square windows, scores only (Andriushchenko et al. 2020)"
 
-    p_init: float = 0.8
+    p_init: float = param(0.8, "Fraction of the image the square window covers at the start (then halved on "
+                               "the paper's schedule).")
 
     def _validate(self) -> None:
         super()._validate()

@@ -3,7 +3,9 @@
 A report folder holds ``report.json`` (everything: request, model hash, versions, per-attack and per-sample
 results, warnings), ``report.md`` (the tables), ``accuracy_vs_eps.png`` and ``gallery.png``, and ``state.pt``, the
 resume state: after every finished (budget, attack) stage the state is saved atomically, so an interrupted report
-continues where it stopped. A folder holding a report of another model or request is refused, never overwritten.
+continues where it stopped. A folder holding a report of another model or request is refused, never overwritten,
+and so is a folder holding a file of one of these names that robustcnn did not write. While a report is written, its
+folder is held (:func:`hold_folder`), so a second report into the same folder fails at once instead of mixing in.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,10 +32,12 @@ from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError
-from robustcnn.fsutil import atomic_write
+from robustcnn.fsutil import OutputLock, atomic_write, refuse_foreign
 from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
+#: Every file a report folder may hold.
+REPORT_FILES = ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png", STATE)
 BLACK_BOX = ("score", "decision")
 
 
@@ -78,10 +83,12 @@ def file_sha256(path: Path) -> str:
 
 
 def prepare_folder(out: Path, request: ReportRequest) -> dict:
-    """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report)."""
+    """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report). A folder with a
+    file of :data:`REPORT_FILES`'s names that robustcnn did not write is refused (:class:`ForeignFileError`)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    refuse_foreign(*(out / name for name in REPORT_FILES))
     state_file = out / STATE
     if not state_file.exists():
         if (out / "report.json").exists():
@@ -99,6 +106,15 @@ def prepare_folder(out: Path, request: ReportRequest) -> dict:
         what = "model" if old.get("checkpoint_sha256") != request.checkpoint_sha256 else "request"
         raise UsageError(f"{out} holds a report of another {what}; choose another --out (nothing was changed)")
     return state
+
+
+def hold_folder(out: Path, held: ExitStack, dist: DistContext = SINGLE) -> None:
+    """Hold the report folder ``out`` until ``held`` closes (an :class:`OutputLock`, taken by rank 0 of a distributed
+    run): a second report into it fails at once with :class:`OutputBusyError`, on every rank alike."""
+    def take() -> None:
+        held.enter_context(OutputLock(out))
+
+    dist.on_main(take)
 
 
 class _Saver:

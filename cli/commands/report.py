@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -78,11 +79,11 @@ def report_cmd(
     """
     from robustcnn.checkpoint import latest_checkpoint, load_model
     from robustcnn.data import load_dataset
-    from robustcnn.report import ReportRequest, default_folder, file_sha256, usual_eps
+    from robustcnn.report import ReportRequest, default_folder, file_sha256, hold_folder, usual_eps
 
     names = _check_options(suite=suite, attack_list=attack_list, norm=norm, n=n, batch_size=batch_size,
                            fail_under=fail_under, out=out)
-    with session(device) as (ctx, dev):
+    with session(device) as (ctx, dev), ExitStack() as held:
         path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
         model, meta = load_model(path, device=dev)
         eps_list = parse_eps_list(eps if eps is not None else usual_eps(meta["dataset"], norm))
@@ -97,6 +98,7 @@ def report_cmd(
         request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
                                 seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
         folder = out if out is not None else default_folder(request)
+        hold_folder(folder, held, ctx)
         doc, gallery = _run(model, x, y, request, folder, ctx=ctx, dev=dev, batch_size=batch_size,
                             quiet=json_out or not ctx.is_main)
         if not ctx.is_main:  # rank 0 writes the files and prints; the others are done

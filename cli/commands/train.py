@@ -65,7 +65,8 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint, saved as "
                                       "<dataset>-<model>.pt after every epoch.", rich_help_panel=SAVING)] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last "
-                                         "complete epoch (same options required).", rich_help_panel=SAVING)] = False,
+                                         "complete epoch (same options required); a finished run is reported "
+                                         "as it is.", rich_help_panel=SAVING)] = False,
     adv: Annotated[Optional[str], typer.Option("--adv", help="Adversarial training: pgd (Madry et al.), trades "
                                                "(Zhang et al.), fast (FGSM with random start, Wong et al.), mart "
                                                "(Wang et al.) or ibp (interval bounds, Gowal et al.; verifiable). "
@@ -172,6 +173,8 @@ def _train(ctx: DistContext, dev: torch.device, config: TrainConfig, adversarial
         kept = f"{checkpoint} holds epoch {done['epochs']}" if done["epochs"] else "no epoch was completed"
         raise Interrupted(f"interrupted: {kept}; rerun with --resume to continue") from None
     if ctx.is_main:
+        if result.already_finished:
+            output.stderr.print(f"{checkpoint} holds a finished run: nothing to resume; it is left as it is", highlight=False)
         record_latest(checkpoint, result.meta)
         _report_training(result.meta, checkpoint, json_mode)
 
