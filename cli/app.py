@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 import robustcnn
-from cli.commands import attack, patch, report, train
+from cli.commands import attack, certify, patch, report, train
 from cli.errors import OneLineErrors
 
 app = typer.Typer(
@@ -45,6 +45,7 @@ app.command("attacks")(attack.attacks_cmd)
 app.command("report")(report.report_cmd)
 app.command("train")(train.train_command)
 app.command("eval")(train.eval_command)
+app.command("certify")(certify.certify_cmd)
 app.add_typer(patch.patch_app, name="patch")
 
 

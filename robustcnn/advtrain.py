@@ -10,10 +10,14 @@ loss the optimizer minimizes:
   ``1.25 * eps``. Cheap, and known to overfit catastrophically now and then, which the validation below catches.
 * ``mart`` — Wang et al. 2020: boosted cross-entropy on PGD examples ``+ beta * KL(f(x) || f(x'))`` weighted by
   ``1 - p_y(x)``, so misclassified clean samples weigh more.
+* ``ibp`` — Gowal et al. 2018: no attack; ``kappa * CE(f(x), y) + (1 - kappa) * CE(worst-case logits, y)`` with the
+  worst case over the Linf box from interval bound propagation (:mod:`robustcnn.certify.ibp`). After a warm-up of
+  natural training (the first fifth of ``eps_warmup``), eps rises linearly to its full value and kappa falls from 1
+  to 1/2 over the rest of ``eps_warmup``. One process only (the bounds run outside DistributedDataParallel).
 
 Every epoch, :meth:`AdversarialTraining.validate` measures clean, PGD and FGSM accuracy on a held-out slice of the
-training set (never trained on); the run keeps the epoch with the best PGD accuracy, and a collapse of PGD accuracy
-while FGSM accuracy holds is reported as catastrophic overfitting. Randomness: each sample's attack draws come from
+training set (never trained on); the run keeps the epoch with the best PGD accuracy (``ibp``: IBP-verified accuracy),
+and a collapse of PGD accuracy while FGSM accuracy holds is reported as catastrophic overfitting. Randomness: each sample's attack draws come from
 its own stream keyed by (seed, epoch, its index in the training set), so results do not depend on batching.
 
 Where the inner attack starts (``init``): ``random``, each method's own start (uniform in the ball), or ``prior``,
@@ -40,10 +44,11 @@ import attacks
 from attacks.base import MAX_ITERATIONS
 from attacks.norms import get_norm
 from attacks.rng import SampleRNG, sample_keys
+from robustcnn.certify.ibp import check_supported, verified, verified_loss
 from robustcnn.data import ImageData, to_float
 from robustcnn.errors import UsageError, check_choice
 
-METHODS: tuple[str, ...] = ("pgd", "trades", "fast", "mart")
+METHODS: tuple[str, ...] = ("pgd", "trades", "fast", "mart", "ibp")
 NORMS: tuple[str, ...] = ("linf", "l2")
 INITS: tuple[str, ...] = ("random", "prior")
 ATTACK_BN: tuple[str, ...] = ("eval", "train")
@@ -52,7 +57,9 @@ DEFAULT_STEPS = {"pgd": 5, "trades": 5, "mart": 5, "fast": 1}
 DEFAULT_BETA = {"trades": 6.0, "mart": 6.0}
 #: Epochs of ``robustcnn train --adv METHOD`` when not told otherwise: about 24 minutes for ``pgd`` on 2 CPU cores
 #: (Fashion-MNIST, the default model); trades and mart cost more per step, fast is kept near a third of pgd's time.
-DEFAULT_EPOCHS = {"pgd": 10, "trades": 8, "mart": 8, "fast": 8}
+DEFAULT_EPOCHS = {"pgd": 10, "trades": 8, "mart": 8, "fast": 8, "ibp": 10}
+#: ``--adv ibp``'s ramp of eps (and kappa) in epochs when ``eps_warmup`` is not given: IBP needs one.
+IBP_RAMP_EPOCHS = 5.0
 #: Validation streams (distinct from the training epochs' streams, which are 1 + epoch).
 _VAL_PGD_STREAM, _VAL_FGSM_STREAM = -1, -2
 
@@ -92,6 +99,9 @@ class AdvConfig:
         if not _number(self.eps) or not 0 < self.eps <= 1:
             raise UsageError(f"--eps must be in (0, 1] (pixel units of [0, 1] images) for --adv, got {self.eps}")
         set_(self, "eps", float(self.eps))
+        if self.method == "ibp":
+            self._check_ibp()
+            return
         if self.method == "fast":
             if self.steps not in (None, 1):
                 raise UsageError(f"--adv fast takes exactly one FGSM step; --adv-steps {self.steps} does not apply "
@@ -116,13 +126,38 @@ class AdvConfig:
             if _number(self.beta) and self.beta < 0:
                 raise UsageError(f"--beta must be >= 0, got {self.beta}")
             raise UsageError(f"--beta applies to --adv trades and mart only, not {self.method}")
+        self._check_common()
+
+    def _check_common(self) -> None:
         if not _number(self.eps_warmup) or self.eps_warmup < 0:
             raise UsageError(f"--eps-warmup must be >= 0 epochs, got {self.eps_warmup}")
-        set_(self, "eps_warmup", float(self.eps_warmup))
+        object.__setattr__(self, "eps_warmup", float(self.eps_warmup))
         for name, flag in (("val_count", "--adv-val"), ("val_steps", "validation steps")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{flag} must be an integer >= 1, got {value}")
+
+    def _check_ibp(self) -> None:
+        """``ibp`` has no inner attack: attack options are refused; the ramp defaults to ``IBP_RAMP_EPOCHS``."""
+        given = [flag for flag, value in (("--adv-steps", self.steps), ("--adv-alpha", self.alpha),
+                                          ("--beta", self.beta)) if value is not None]
+        if self.init != "random":
+            given.append("--adv-init")
+        if given:
+            raise UsageError(f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply to --adv ibp "
+                             "(it bounds the whole box instead of attacking)")
+        if self.norm != "linf":
+            raise UsageError("--adv ibp certifies Linf boxes only: use --adv-norm linf")
+        if self.eps_warmup == 0:
+            object.__setattr__(self, "eps_warmup", IBP_RAMP_EPOCHS)
+        self._check_common()
+
+    def ibp_schedule(self, progress: float) -> tuple[float, float]:
+        """``(eps, kappa)`` of ``ibp`` after ``progress`` epochs: natural training (eps 0, kappa 1) for the first
+        fifth of ``eps_warmup``, then eps rising linearly to ``eps`` and kappa falling to 1/2 (Gowal et al.)."""
+        start = 0.2 * self.eps_warmup
+        ramp = min(1.0, max(0.0, (progress - start) / (self.eps_warmup - start))) if self.eps_warmup > 0 else 1.0
+        return self.eps * ramp, 1.0 - 0.5 * ramp
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready dict: the threat model (method, norm, eps, steps, alpha, beta, ...)."""
@@ -167,7 +202,13 @@ def split_held_out(data: ImageData, count: int) -> tuple[ImageData, ImageData]:
 
 
 def check_differentiable(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str) -> None:
-    """Refuse (:class:`UsageError`) a model whose loss has no usable input gradient: no attack could train it."""
+    """Refuse (:class:`UsageError`) a model whose loss has no usable input gradient: no attack could train it;
+    for ``ibp``, a model with a layer interval bounds cannot pass."""
+    if method == "ibp":
+        try:
+            check_supported(model)
+        except ValueError as exc:
+            raise UsageError(f"--adv ibp: {exc}") from None
     flags = [m.training for m in model.modules()]
     model.eval()
     try:
@@ -224,12 +265,14 @@ class AdversarialTraining:
         self.config, self.held_out, self.seed = config, held_out, seed
         self.label_smoothing = label_smoothing
         self.eval_batch_size = eval_batch_size
-        self._full = config.inner_attack()
+        self._full = None if config.method == "ibp" else config.inner_attack()
         self.train_size = train_size
         # init="prior": each training image's last perturbation (int8, units of _scale) and whether it has one yet
         self._prior: torch.Tensor | None = None
         self._has_prior: torch.Tensor | None = None
         self._scale = min(config.eps, 1.0) / 127
+        #: The validation accuracy that picks the kept epoch: IBP-verified for ``ibp``, PGD for the attacks.
+        self.kept_by = "val_verified_accuracy" if config.method == "ibp" else "val_robust_accuracy"
 
     # -- training ---------------------------------------------------------------------------------------------
     def adversarial_examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
@@ -293,6 +336,8 @@ class AdversarialTraining:
         """
         net = model if net is None else net
         progress = where.epoch + (where.step + 1) / where.steps
+        if self.config.method == "ibp":
+            return self._ibp_loss(model, x, y, progress, net)
         x_adv = self.adversarial_examples(model, x, y, where.index, where.epoch, progress)
         method, smooth = self.config.method, self.label_smoothing
         if method in ("pgd", "fast"):
@@ -311,14 +356,26 @@ class AdversarialTraining:
         true_clean = log_clean.gather(1, y[:, None])[:, 0].exp()
         return boosted + self.config.beta * (kl * (1.0 - true_clean)).mean(), logits
 
+    def _ibp_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float,
+                  net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if net is not model:
+            raise UsageError("--adv ibp trains in one process: its bounds run outside DistributedDataParallel")
+        eps, kappa = self.config.ibp_schedule(progress)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if eps > 0:
+            loss = kappa * loss + (1 - kappa) * verified_loss(model, x, y, eps)
+        return loss, logits
+
     # -- validation ---------------------------------------------------------------------------------------------
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Clean, PGD and FGSM accuracy on the held-out images at the full budget (model in eval mode)."""
+        """Clean, PGD and FGSM accuracy on the held-out images at the full budget (model in eval mode); for
+        ``ibp`` also the IBP-verified accuracy (``val_verified_accuracy``)."""
         cfg = self.config
         pgd = attacks.PGD(eps=cfg.eps, norm=cfg.norm, steps=cfg.val_steps)
         fgsm = attacks.FGSM(eps=cfg.eps, norm=cfg.norm)
         start = time.perf_counter()
-        clean = robust = single = 0
+        clean = robust = single = proven = 0
         flags = [m.training for m in model.modules()]
         model.eval()
         try:
@@ -330,6 +387,8 @@ class AdversarialTraining:
                 with torch.no_grad():
                     right = model(x).argmax(1) == y
                 clean += int(right.sum())
+                if cfg.method == "ibp":
+                    proven += int(verified(model, x, y, cfg.eps).sum())
                 for attack, stream in ((pgd, _VAL_PGD_STREAM), (fgsm, _VAL_FGSM_STREAM)):
                     fooled = attack(model, x, y, generator=sample_keys(self.seed, index, stream=stream)).success
                     hits = int((right & ~fooled).sum())
@@ -341,8 +400,10 @@ class AdversarialTraining:
             for m, f in zip(model.modules(), flags):
                 m.training = f
         n = len(self.held_out)
-        return {"val_clean_accuracy": clean / n, "val_robust_accuracy": robust / n, "val_fgsm_accuracy": single / n,
-                "val_seconds": time.perf_counter() - start}
+        found = {"val_clean_accuracy": clean / n, "val_robust_accuracy": robust / n, "val_fgsm_accuracy": single / n}
+        if cfg.method == "ibp":
+            found["val_verified_accuracy"] = proven / n
+        return {**found, "val_seconds": time.perf_counter() - start}
 
 
 def overfitting(history: list[dict[str, Any]]) -> str | None:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from robustcnn.advtrain import AdvConfig, AdversarialTraining, check_differentiable, overfitting, split_held_out
+from robustcnn.certify.smoothing import add_gaussian_noise
 from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, versions
 from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
 from robustcnn.distributed import SINGLE, DistContext
@@ -76,6 +77,8 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None  # train on the first `limit` training images only (quick tries, tests)
     arch_args: dict[str, Any] = field(default_factory=dict)
+    # N(0, noise_sigma^2) added to every training image, not clamped (training for randomized smoothing); None: none
+    noise_sigma: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise values once, here
@@ -92,6 +95,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise UsageError(f"{name.replace('_', '-')} must be > 0, got {value}")
+        if self.noise_sigma is not None:
+            if isinstance(self.noise_sigma, bool) or not isinstance(self.noise_sigma, (int, float)) \
+                    or not math.isfinite(self.noise_sigma) or self.noise_sigma <= 0:
+                raise UsageError(f"--sigma must be a number > 0 for Gaussian noise, got {self.noise_sigma}")
+            set_(self, "noise_sigma", float(self.noise_sigma))
         if not (0 <= self.warmup < 1 and 0 <= self.label_smoothing < 1 and self.weight_decay >= 0 and self.momentum >= 0):
             raise UsageError("warmup and label smoothing must be in [0, 1), weight decay and momentum >= 0")
 
@@ -287,6 +295,8 @@ def _run_epoch(run: _Run, data: ImageData, epoch: int, make_batch: BatchTransfor
             if config.augment:
                 images = augment(images, generator=generator, pad=pad, flip=flip)
             x = to_float(images).contiguous(memory_format=torch.channels_last)
+            if config.noise_sigma is not None:
+                x = add_gaussian_noise(x, config.noise_sigma, generator)
             if make_batch is not None:
                 x, y = make_batch(run.model, x, y)
             batch_loss, batch_correct = run.step(x, y, BatchPosition(index, epoch, step, run.steps))
@@ -418,7 +428,7 @@ def train(
     ``adversarial`` trains for that threat model (see :mod:`robustcnn.advtrain`): the last
     ``adversarial.val_count`` training images are held out (before ``config.limit`` applies), each epoch's stats
     gain clean/PGD/FGSM accuracy on them and an ``overfitting`` diagnosis, and the checkpoint and the returned model
-    are those of the epoch with the best PGD accuracy (``meta["kept_epoch"]``).
+    are those of the epoch with the best PGD accuracy (``ibp``: IBP-verified accuracy; ``meta["kept_epoch"]``).
 
     Distributed (``dist`` from :func:`robustcnn.distributed.setup`, one call per rank): ``config.batch_size`` is
     the global batch, split evenly over the ranks (it must be divisible by their number); every rank draws the
@@ -481,14 +491,14 @@ def train(
 
 def _validate_epoch(run: _Run, trainer: AdversarialTraining, stats: dict[str, Any]) -> None:
     """Adversarial runs: add validation accuracies to the epoch's ``stats``, keep the model if it is the most robust
-    so far, and record catastrophic overfitting."""
+    so far (by ``trainer.kept_by``), and record catastrophic overfitting."""
     stats.update(trainer.validate(run.model, run.device))
     diagnosis = overfitting(run.meta["history"])
     stats["overfitting"] = diagnosis
     if diagnosis is not None:
         run.meta["overfitting"].append({"epoch": stats["epoch"], "message": diagnosis})
-    kept = [h for h in run.meta["history"] if h["epoch"] == run.meta["kept_epoch"]]
-    if not kept or stats["val_robust_accuracy"] > kept[0]["val_robust_accuracy"]:
+    kept, key = [h for h in run.meta["history"] if h["epoch"] == run.meta["kept_epoch"]], trainer.kept_by
+    if not kept or stats[key] > kept[0][key]:
         run.kept.load_state_dict(run.model.state_dict())
         run.meta["kept_epoch"] = stats["epoch"]
 
@@ -515,6 +525,8 @@ def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch
             kept_epoch=run.meta["kept_epoch"], val_robust_accuracy=kept["val_robust_accuracy"],
             val_clean_accuracy=kept["val_clean_accuracy"], val_fgsm_accuracy=kept["val_fgsm_accuracy"],
             overfitting=run.meta["overfitting"][0]["message"] if run.meta["overfitting"] else None)
+        if "val_verified_accuracy" in kept:
+            run.meta["metrics"]["val_verified_accuracy"] = kept["val_verified_accuracy"]
     if checkpoint is not None and run.dist.is_main:
         save_checkpoint(checkpoint, model, run.meta, run.resume_state(final=True))
     model.eval()

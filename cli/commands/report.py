@@ -39,7 +39,11 @@ def _table(doc: dict) -> Table:
                       f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}" if st["seen"] else "-",
                       f"{st['max_norm']:.4g}", f"{st['seconds']:.1f}s")
         t.add_row("", "[bold]worst case[/]", "", "", "", f"[bold]{r['robust_accuracy']:.2%}[/]", "", "", "",
-                  end_section=True)
+                  end_section=r.get("certified_accuracy") is None)
+        if r.get("certified_accuracy") is not None:
+            errors = f"[red]{len(r['soundness_errors'])} soundness error(s)[/]" if r["soundness_errors"] else ""
+            t.add_row("", "[bold]certified (IBP)[/]", "proven", "", errors, f"[bold]{r['certified_accuracy']:.2%}[/]",
+                      "", "", "", end_section=True)
     for st in doc["other_threat_models"]:
         t.add_row("-", st["name"], st["kind"], str(st["seen"]), f"{st['success_rate']:.1%}",
                   f"{st['accuracy_under_attack']:.2%}", f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}",

@@ -18,7 +18,7 @@ from robustcnn.checkpoint import latest_checkpoint, load_model, record_latest
 from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
 from robustcnn.distributed import DistContext
-from robustcnn.errors import RobustCNNError, UsageError
+from robustcnn.errors import RobustCNNError, UsageError, check_choice
 from robustcnn.models import MODELS
 from robustcnn.perf import keep_freed_memory
 from robustcnn.report import usual_eps
@@ -68,9 +68,9 @@ def train_command(
                                          "complete epoch (same options required); a finished run is reported "
                                          "as it is.", rich_help_panel=SAVING)] = False,
     adv: Annotated[Optional[str], typer.Option("--adv", help="Adversarial training: pgd (Madry et al.), trades "
-                                               "(Zhang et al.), fast (FGSM with random start, Wong et al.) or mart "
-                                               "(Wang et al.). Keeps the epoch most robust on held-out training "
-                                               "images.", rich_help_panel=ADVERSARIAL, show_default=False)] = None,
+                                               "(Zhang et al.), fast (FGSM with random start, Wong et al.), mart "
+                                               "(Wang et al.) or ibp (interval bounds, Gowal et al.; verifiable). "
+                                               "Keeps the epoch most robust on held-out training images.", rich_help_panel=ADVERSARIAL, show_default=False)] = None,
     eps: Annotated[Optional[str], typer.Option("--eps", help="Budget to train for, in [0, 1] pixel units: 0.1 or "
                                                "8/255. Default: the dataset's usual Linf budget (Fashion-MNIST 0.1).",
                                                rich_help_panel=ADVERSARIAL, show_default=False)] = None,
@@ -92,6 +92,12 @@ def train_command(
     eps_warmup: Annotated[float, typer.Option("--eps-warmup", help="Epochs over which the training budget rises "
                                               "linearly from 0 to --eps (0: none).",
                                               rich_help_panel=ADVERSARIAL)] = 0.0,
+    noise: Annotated[Optional[str], typer.Option("--noise", help="Noise added to every training image: gaussian "
+                                                 "(N(0, sigma^2), not clamped; trains for `robustcnn certify --method "
+                                                 "smoothing`).", rich_help_panel=TRAINING, show_default=False)] = None,
+    sigma: Annotated[Optional[float], typer.Option("--sigma", help="Standard deviation of --noise gaussian, in pixel "
+                                                   "units of [0, 1] images, e.g. 0.25.", rich_help_panel=TRAINING,
+                                                   show_default=False)] = None,
     adv_val: Annotated[int, typer.Option("--adv-val", help="Training images held out (never trained on) to measure "
                                          "clean, PGD-10 and FGSM accuracy after every epoch.",
                                          rich_help_panel=ADVERSARIAL)] = AdvConfig.val_count,
@@ -112,15 +118,30 @@ def train_command(
         positive(name, value)
     adversarial = _adversarial_config(dataset, method=adv, eps=eps, norm=adv_norm, steps=adv_steps, alpha=adv_alpha,
                                       beta=beta, warmup=eps_warmup, val=adv_val, init=adv_init)
+    noise_sigma = _noise_sigma(noise, sigma, adversarial)
     if epochs is None:
         epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
     with session(device) as (ctx, dev):
         config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer,
                              augment=augment, seed=seed, limit=limit,
-                             batch_size=batch_size or default_batch_size(dev, training=True))
-        suffix = f"-{adversarial.method}" if adversarial is not None else ""
+                             batch_size=batch_size or default_batch_size(dev, training=True), noise_sigma=noise_sigma)
+        suffix = f"-{adversarial.method}" if adversarial is not None else ("-gaussian" if noise_sigma else "")
         _train(ctx, dev, config, adversarial, checkpoint=out / f"{config.dataset}-{config.model}{suffix}.pt",
                resume=resume, data_dir=data_dir, json_mode=json_mode)
+
+
+def _noise_sigma(noise: str | None, sigma: float | None, adversarial: AdvConfig | None) -> float | None:
+    """--noise/--sigma as TrainConfig.noise_sigma (None: no noise); usage errors for anything inconsistent."""
+    if noise is None:
+        if sigma is not None:
+            raise UsageError("--sigma only applies to --noise gaussian")
+        return None
+    check_choice("noise", noise, ("gaussian",))
+    if sigma is None or not sigma > 0 or sigma == float("inf"):
+        raise UsageError(f"--noise gaussian needs --sigma > 0 (pixel units), got {sigma}")
+    if adversarial is not None:
+        raise UsageError("--noise and --adv do not combine: train for randomized smoothing or adversarially")
+    return float(sigma)
 
 
 def _train(ctx: DistContext, dev: torch.device, config: TrainConfig, adversarial: Optional[AdvConfig], *,
@@ -195,7 +216,9 @@ def _report_epoch(stats: dict[str, Any], epochs: int, json_mode: bool) -> None:
         output.stderr.print(
             f"epoch {stats['epoch']}/{epochs}: train loss {stats['train_loss']:.4f}, held-out accuracy clean "
             f"{_percent(stats['val_clean_accuracy'])}, PGD {_percent(stats['val_robust_accuracy'])}, FGSM "
-            f"{_percent(stats['val_fgsm_accuracy'])}", highlight=False)
+            f"{_percent(stats['val_fgsm_accuracy'])}"
+            + (f", IBP-verified {_percent(stats['val_verified_accuracy'])}" if "val_verified_accuracy" in stats else ""),
+            highlight=False)
     if stats.get("overfitting"):
         output.stderr.print(f"[bold yellow]warning:[/] {stats['overfitting']}; the checkpoint keeps the most robust "
                             "epoch", highlight=False)
@@ -204,6 +227,9 @@ def _report_epoch(stats: dict[str, Any], epochs: int, json_mode: bool) -> None:
 def _threat_model(adv: dict[str, Any]) -> str:
     norm = {"linf": "Linf", "l2": "L2"}[adv["norm"]]
     prior = adv.get("init") == "prior"
+    if adv["method"] == "ibp":
+        return (f"ibp: {norm} eps {adv['eps']:.4g}, interval bounds, eps and kappa ramped over "
+                f"{adv['eps_warmup']:g} epochs")
     if adv["method"] == "fast":
         steps = "FGSM from the previous epoch's perturbation" if prior else "FGSM + random start"
     else:
@@ -229,10 +255,14 @@ def _report_training(meta: dict[str, Any], path: Path, json_mode: bool) -> None:
     table.add_column()
     if adv is not None:
         table.add_row("adversarial training", _threat_model(adv))
+    if meta["config"].get("noise_sigma"):
+        table.add_row("noise", f"gaussian, sigma {meta['config']['noise_sigma']:g} (for randomized smoothing)")
     table.add_row("test accuracy", _percent(metrics["test_accuracy"]))
     if adv is not None:
         table.add_row("robust accuracy", f"{_percent(metrics['val_robust_accuracy'])} (PGD-{adv['val_steps']} on "
                       f"{adv['val_count']:,} held-out training images)")
+        if "val_verified_accuracy" in metrics:
+            table.add_row("verified accuracy", f"{_percent(metrics['val_verified_accuracy'])} (IBP, same images)")
         table.add_row("kept epoch", f"{meta['kept_epoch']} (most robust on the held-out images)")
         if metrics.get("overfitting"):
             table.add_row("[yellow]warning[/]", metrics["overfitting"])
