@@ -385,8 +385,8 @@ def evaluate(
             It is not moved: ``device`` defaults to the model's device and must match it when given.
         data: ``(x, y)`` tensors (float in [0, 1] or uint8) or an iterable of such batches.
         attack_list: attacks run in this order; each only sees the samples still robust.
-        batch_size: samples per attack call. Default: 250 on a CPU (measured fastest per image for small CNNs
-            on a 2-core CPU), 1024 on a GPU.
+        batch_size: samples per attack call. Default: 250 on a CPU (cache-sized batches are the fastest per
+            image for small CNNs there), 1024 on a GPU.
         seed: seeds every random draw; each sample has its own stream per attack, so the result does not
             depend on ``batch_size`` or on the order of the cascade.
         keep_examples: also return the adversarial examples (``report.x_adv``, on the CPU).

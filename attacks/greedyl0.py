@@ -10,10 +10,9 @@ corners (for grey images: black or white; for colour images: the corner the grad
 is scored by the first-order gain of the loss, ``sum_c grad_c * (corner_c - x_c)``; the ``candidates`` best
 proposals are then tried with real forward passes (one batch for all proposals of all images), and the change that
 fools the model, or else raises the loss the most, is kept. A first-order score alone is a poor guide for
-saturating a pixel of a ReLU network: ``candidates=1`` is the plain JSMA-style greedy, and on 89 images of the
-default Fashion-MNIST vgg it fools 0 / 9 / 16 % of them with 1 / 3 / 5 pixels, against 9 / 39 / 72 % with the
-default 128 proposals (CornerSearch, Croce & Hein, "Sparse and Imperceivable Adversarial Attacks", ICCV 2019, ranks
-single-pixel changes by real forward passes too). It stops for a sample as soon as it is fooled, so ``res.norms``
+saturating a pixel of a ReLU network: ``candidates=1`` is the plain JSMA-style greedy, far weaker than the
+default 128 proposals (docs/attacks.md has the figures; CornerSearch, Croce & Hein, "Sparse and Imperceivable
+Adversarial Attacks", ICCV 2019, ranks single-pixel changes by real forward passes too). It stops for a sample as soon as it is fooled, so ``res.norms``
 is the number of pixels that sample needed (at most ``pixels``); ``res.queries`` counts every forward pass,
 proposals included.
 

@@ -13,9 +13,9 @@ the margin loss improves (one query per sample per iteration). The window covers
   norm eps.
 
 Defaults: margin loss and the schedule as in the paper; ``p_init = 0.8``, the authors' own setting in AutoAttack
-for every dataset (the paper's 0.05 Linf / 0.1 L2 are for 224 x 224 ImageNet images: on 28 x 28 images they
-shrink the window to a single pixel within 100 of 1000 queries; on Fashion-MNIST at Linf 0.1, 0.8 fools 2 points
-more images with half the median queries). Unlike the reference code, every image draws its own window position.
+for every dataset (the paper's 0.05 Linf / 0.1 L2 are meant for 224 x 224 ImageNet images: on 28 x 28 images they
+shrink the window to a single pixel within the first tenth of the budget; docs/attacks.md compares the two). Unlike
+the reference code, every image draws its own window position.
 
 >>> Square(eps=0.1, max_queries=1000)(model, x, y).queries.float().median()
 """

@@ -1,4 +1,4 @@
-"""Cost of adversarial training per method, side by side on the same model and data (issue 6).
+"""Cost of adversarial training per method, side by side on the same model and data.
 
     python benchmarks/bench_advtrain.py [--model vgg] [--images 6400] [--rounds 3]
                                         [--methods plain,fast,fast+prior,pgd,...]

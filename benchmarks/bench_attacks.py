@@ -1,4 +1,4 @@
-"""White-box attack speed, side by side on the same model and batch (issue 3).
+"""White-box attack speed, side by side on the same model and batch.
 
     python benchmarks/bench_attacks.py [--checkpoint PATH] [--n 1000] [--batch-size 250] [--eps 0.1]
                                        [--steps 10,20,50] [--repeats 7] [--threads N] [--clock wall|cpu]

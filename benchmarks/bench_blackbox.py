@@ -1,4 +1,4 @@
-"""Black-box attacks on a trained model: queries to success, and the cost of a query (issue 4).
+"""Black-box attacks on a trained model: queries to success, and the cost of a query.
 
     python benchmarks/bench_blackbox.py [--checkpoint PATH] [--n 1000] [--n-decision 200] [--eps 0.1]
                                         [--queries 1000] [--batch-size 250] [--rows-per-call N] [--repeats 1]

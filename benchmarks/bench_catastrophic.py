@@ -1,4 +1,4 @@
-"""Catastrophic overfitting, and whether the report catches it (issue 5).
+"""Catastrophic overfitting, and whether the report catches it.
 
     python benchmarks/bench_catastrophic.py [--eps 0.2] [--epochs 5] [--n 1000] [--out DIR [--resume]]
 

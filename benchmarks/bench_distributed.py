@@ -1,4 +1,4 @@
-"""Evaluation throughput on 1 and on N processes (torch.distributed, gloo on the CPU), side by side (issue 7).
+"""Evaluation throughput on 1 and on N processes (torch.distributed, gloo on the CPU), side by side.
 
     python benchmarks/bench_distributed.py [--checkpoint PATH] [--n 500] [--processes 2] [--attack pgd]
                                            [--eps 0.03] [--steps 20] [--batch-size 250] [--rounds 2]

@@ -1,4 +1,4 @@
-"""k-pixel attack cost at the paper's settings (issue 8): wall time and queries per image.
+"""k-pixel attack cost at the paper's settings: wall time and queries per image.
 
     python benchmarks/bench_pixel.py [--checkpoint PATH] [--n 100] [--pixels 1,3,5] [--batch-size 100]
 

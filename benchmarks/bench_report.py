@@ -1,4 +1,4 @@
-"""The cascade against running every attack of a suite separately on all samples (issue 5).
+"""The cascade against running every attack of a suite separately on all samples.
 
     python benchmarks/bench_report.py [--checkpoint PATH] [--suite standard] [--eps 0.1] [--n 500]
 

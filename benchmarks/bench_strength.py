@@ -1,4 +1,4 @@
-"""White-box attack strength on a trained model (issue 3's figures).
+"""White-box attack strength on a trained model.
 
     python benchmarks/bench_strength.py [--checkpoint PATH] [--n 1000]
 

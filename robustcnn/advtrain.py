@@ -52,11 +52,11 @@ METHODS: tuple[str, ...] = ("pgd", "trades", "fast", "mart", "ibp")
 NORMS: tuple[str, ...] = ("linf", "l2")
 INITS: tuple[str, ...] = ("random", "prior")
 ATTACK_BN: tuple[str, ...] = ("eval", "train")
-#: Attack steps per batch when none are given: measured on 2 CPU cores (see README, "Adversarial training").
+#: Attack steps per batch when none are given, chosen by measurement (docs/adversarial-training.md).
 DEFAULT_STEPS = {"pgd": 5, "trades": 5, "mart": 5, "fast": 1}
 DEFAULT_BETA = {"trades": 6.0, "mart": 6.0}
-#: Epochs of ``robustcnn train --adv METHOD`` when not told otherwise: about 24 minutes for ``pgd`` on 2 CPU cores
-#: (Fashion-MNIST, the default model); trades and mart cost more per step, fast is kept near a third of pgd's time.
+#: Epochs of ``robustcnn train --adv METHOD`` when not told otherwise; trades and mart cost more per step, fast is
+#: kept near a third of pgd's time (docs/adversarial-training.md has the times).
 DEFAULT_EPOCHS = {"pgd": 10, "trades": 8, "mart": 8, "fast": 8, "ibp": 10}
 #: ``--adv ibp``'s ramp of eps (and kappa) in epochs when ``eps_warmup`` is not given: IBP needs one.
 IBP_RAMP_EPOCHS = 5.0

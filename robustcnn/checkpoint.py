@@ -105,8 +105,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **expected:
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: weights do not fit its {meta.get('architecture')} metadata ({first[:160]})") from None
-    # channels_last, the layout training uses: on the CPU it runs these CNNs 1.3-1.6x faster than the default layout
-    # (max-pooling about 7x), with the same results up to float rounding; inputs may keep any layout.
+    # channels_last, the layout training uses: on the CPU it runs these CNNs faster than the default layout (max
+    # pooling most of all), with the same results up to float rounding; inputs may keep any layout.
     return model.to(device, memory_format=torch.channels_last).eval(), meta
 
 

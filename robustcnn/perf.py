@@ -13,8 +13,7 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse freed blocks instead of handing them back to the OS after every training step.
 
     By default, PyTorch's CPU tensors of a few MB are mapped fresh and unmapped again on every step, so each step
-    page-faults tens of MB back in (measured: ~8,000-13,000 page faults per step for the default model, 20-50 % of
-    the step time). Raising the mmap and trim thresholds keeps those blocks in the heap for reuse. Returns whether
+    page-faults tens of MB back in, a large share of a small model's step time (docs/benchmarks.md). Raising the mmap and trim thresholds keeps those blocks in the heap for reuse. Returns whether
     the setting was applied (only on Linux with glibc); it changes speed and memory reuse, never results.
     """
     if not sys.platform.startswith("linux"):

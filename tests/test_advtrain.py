@@ -1,4 +1,4 @@
-"""Adversarial training (issue 6): the methods, the kept epoch, overfitting detection, determinism, resume, the CLI."""
+"""Adversarial training: the methods, the kept epoch, overfitting detection, determinism, resume, the CLI."""
 
 from __future__ import annotations
 

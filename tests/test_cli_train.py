@@ -1,4 +1,4 @@
-"""`robustcnn train` / `robustcnn eval` through Typer's CliRunner: results, JSON, and every bad input of issue 2."""
+"""`robustcnn train` / `robustcnn eval` through Typer's CliRunner: results, JSON, and every bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distributed runs on torch.distributed (issue 7): 2 CPU processes with gloo, started by torchrun or, for the
+"""Distributed runs on torch.distributed: 2 CPU processes with gloo, started by torchrun or, for the
 fault tests, by hand with torchrun's environment variables (so no launcher kills the survivor for us)."""
 
 from __future__ import annotations
