@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attacks
-from cli.commands.report import DEFAULT_EPS
+from robustcnn.report import USUAL_EPS
 from cli.options import parse_eps_list
 from robustcnn.report import ReportRequest, run_report
 from train_fixtures import assert_one_line_error, isolated, run_cli  # noqa: F401  (fixtures)
@@ -53,7 +53,7 @@ def test_l2_report_accepts_budgets_above_one(newest, tmp_path):
 
 
 def test_default_budgets_are_valid_for_their_norm():
-    for norm, per_dataset in DEFAULT_EPS.items():
+    for norm, per_dataset in USUAL_EPS.items():
         for text in per_dataset.values():
             assert parse_eps_list(text, norm)
 
