@@ -96,8 +96,9 @@ class AdvConfig:
         set_(self, "norm", check_choice("norm", self.norm, NORMS))
         set_(self, "attack_bn", check_choice("attack batch-norm mode", self.attack_bn, ATTACK_BN))
         set_(self, "init", check_choice("attack start", self.init, INITS))
-        if not _number(self.eps) or not 0 < self.eps <= 1:
-            raise UsageError(f"--eps must be in (0, 1] (pixel units of [0, 1] images) for --adv, got {self.eps}")
+        if not _number(self.eps) or self.eps <= 0 or (self.norm == "linf" and self.eps > 1):
+            raise UsageError(f"--eps must be in (0, 1] (pixel units of [0, 1] images) for --adv, got {self.eps}"
+                             if self.norm == "linf" else f"--eps must be > 0 for --adv, got {self.eps}")
         set_(self, "eps", float(self.eps))
         if self.method == "ibp":
             self._check_ibp()
@@ -108,7 +109,7 @@ class AdvConfig:
                                  "(use --adv pgd for several steps)")
         steps = DEFAULT_STEPS[self.method] if self.steps is None else self.steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_ITERATIONS:
-            raise UsageError(f"--adv-steps must be an integer in [1, {MAX_ITERATIONS:,}], got {self.steps}")
+            raise UsageError(f"--adv-steps must be an integer >= 1 and <= {MAX_ITERATIONS:,}, got {self.steps}")
         set_(self, "steps", steps)
         if self.alpha is not None and (not _number(self.alpha) or self.alpha <= 0):
             raise UsageError(f"--adv-alpha must be > 0, got {self.alpha}")

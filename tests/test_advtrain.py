@@ -87,6 +87,13 @@ def test_config_refuses_bad_values(kwargs, message):
         AdvConfig(**{"eps": 0.1, **kwargs})
 
 
+def test_l2_budgets_above_one_are_valid_training_budgets():
+    c = AdvConfig(method="pgd", eps=1.5, norm="l2")
+    assert c.eps == 1.5 and c.inner_attack().eps == 1.5
+    with pytest.raises(UsageError, match="--eps must be > 0"):
+        AdvConfig(method="pgd", eps=0.0, norm="l2")
+
+
 def test_eps_warmup_rises_linearly_and_scales_the_step():
     c = AdvConfig(method="pgd", eps=0.1, steps=4, eps_warmup=2)
     assert [c.eps_at(p) for p in (0.5, 1.0, 2.0, 5.0)] == pytest.approx([0.025, 0.05, 0.1, 0.1])
