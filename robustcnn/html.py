@@ -22,7 +22,7 @@ HTML_FILE = "report.html"
 _STYLE = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2330; background: #f6f7f9;
        margin: 0; }
-main { max-width: 1080px; margin: 0 auto; padding: 24px 32px 48px; }
+main { max-width: 1160px; margin: 0 auto; padding: 24px 32px 48px; }
 h1 { font-size: 26px; margin: 8px 0 4px; }
 h2 { font-size: 19px; margin: 0 0 12px; }
 section { background: #fff; border: 1px solid #dde1e7; border-radius: 8px; padding: 18px 22px; margin: 18px 0; }
@@ -33,7 +33,9 @@ section { background: #fff; border: 1px solid #dde1e7; border-radius: 8px; paddi
 .card .value { font-size: 22px; font-weight: 600; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; font-size: 14px; }
 th, td { padding: 6px 10px; border-bottom: 1px solid #e8ebef; text-align: right; white-space: nowrap; }
-th { background: #f0f2f5; font-weight: 600; }
+th { background: #f0f2f5; font-weight: 600; white-space: normal; vertical-align: bottom; }
+table.narrow { width: auto; min-width: 320px; }
+.scroll { overflow-x: auto; }
 th:first-child, td:first-child, td.text, th.text { text-align: left; }
 tr.total td { font-weight: 700; border-top: 2px solid #c9ced6; }
 h3 { font-size: 16px; margin: 18px 0 6px; }
@@ -60,14 +62,15 @@ def _image(path: Path, alt: str) -> str:
 
 
 def _table(header: Iterable[str], rows: Iterable[Iterable[str]], *, text_columns: int = 1,
-           total: Iterable[str] | None = None) -> str:
+           total: Iterable[str] | None = None, narrow: bool = False) -> str:
     """A table of already escaped cells; the first ``text_columns`` columns are left-aligned."""
     head = "".join(f"<th{' class=text' if i < text_columns else ''}>{h}</th>" for i, h in enumerate(header))
     body = ["<tr>" + "".join(f"<td{' class=text' if i < text_columns else ''}>{c}</td>" for i, c in enumerate(row))
             + "</tr>" for row in rows]
     if total is not None:
         body.append('<tr class="total">' + "".join(f"<td>{c}</td>" for c in total) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    kind = ' class="narrow"' if narrow else ""
+    return f'<div class="scroll"><table{kind}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _card(label: str, value: str) -> str:
@@ -82,7 +85,7 @@ def _summary(doc: dict) -> str:
     cards = _card("clean accuracy", _pct(doc["clean_accuracy"])) + _card("worst-case robust accuracy", _pct(worst)) \
         + _card("samples", str(doc["n"])) + _card("warnings", str(len(doc["warnings"])))
     table = _table(["eps", "worst-case robust accuracy"],
-                   ([f"{r['eps']:g}", _pct(r["robust_accuracy"])] for r in results))
+                   ([f"{r['eps']:g}", _pct(r["robust_accuracy"])] for r in results), narrow=True)
     return (f'<section id="summary"><h1>Robustness report: {_e(req["dataset"])}</h1>'
             f'<p class="sub">norm {_e(req["norm"])} &middot; attacks {_e(attacks)} &middot; seed {_e(req["seed"])}'
             f' &middot; budgets in pixel units of [0, 1]</p><div class="cards">{cards}</div>'

@@ -61,7 +61,7 @@ def load_data(spec: str | Path, *, split: str = "test", limit: Optional[int] = N
             raise UsageError("classes apply to image folders and .npz files; built-in datasets name their own")
         data = load_dataset(text.strip().lower(), train=split == "train", data_dir=data_dir).subset(limit)
     elif path.is_dir():
-        data = _folder(path, split, limit, names)
+        data = _folder(path, split, limit, names, image_size)
     elif path.is_file() and zipfile.is_zipfile(path):
         data = _npz(path, split, limit, names)
     elif path.exists():
@@ -107,7 +107,8 @@ def _resize(images: Tensor, size: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # image folders
 
-def _folder(root: Path, split: str, limit: Optional[int], names: Optional[list[str]]) -> ImageData:
+def _folder(root: Path, split: str, limit: Optional[int], names: Optional[list[str]],
+            image_size: Optional[int]) -> ImageData:
     base = root / split if (root / split).is_dir() else root
     found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if names is None:
@@ -125,6 +126,8 @@ def _folder(root: Path, split: str, limit: Optional[int], names: Optional[list[s
              if i < len(group)]  # round-robin over the classes
     order = order[:limit] if limit is not None else order
     pictures = [_read_image(path) for _, path in order]
+    if image_size is not None:  # one at a time: images of different sizes stack only once resized
+        pictures = [_resize(p[None], image_size)[0] for p in pictures]
     sizes = {p.shape[1:] for p in pictures}
     if len(sizes) > 1:
         shown = sorted(f"{h}x{w}" for h, w in sizes)[:3]
