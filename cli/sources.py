@@ -114,14 +114,37 @@ class DataChoice:
             return str(meta["dataset"])
         raise UsageError("--data is needed: the model does not record which dataset it was trained on")
 
-    def load(self, meta: dict[str, Any], *, split: Optional[str] = None, limit: Optional[int] = None) -> "ImageData":
-        """The images for a model with metadata ``meta`` (``split`` overrides ``--split``, e.g. for training)."""
+    def load(self, meta: dict[str, Any], *, split: Optional[str] = None, limit: Optional[int] = None,
+             require_split: bool = False) -> "ImageData":
+        """The images for a model with metadata ``meta`` (``split`` overrides ``--split``, e.g. for training;
+        ``require_split``: refuse a folder or file without that split instead of reading all of it)."""
         from robustcnn.userdata import load_data
 
         return load_data(self.spec(meta), split=split or self.split, limit=limit, image_size=self.image_size,
-                         grayscale=self.grayscale, classes=self.classes, data_dir=self.data_dir)
+                         grayscale=self.grayscale, classes=self.classes, data_dir=self.data_dir,
+                         require_split=require_split)
 
     def describe(self, meta: dict[str, Any]) -> dict[str, Any]:
         """The data options as reports record them."""
         return {"data": self.spec(meta), "split": self.split, "image_size": self.image_size,
                 "grayscale": self.grayscale, "classes": self.classes}
+
+
+def load_sources(models: ModelChoice, datas: DataChoice, device: "torch.device | str", *,
+                 limit: Optional[int] = None, main_first=None) -> "tuple[nn.Module, dict[str, Any], ImageData]":
+    """Model, metadata and (the first ``limit``) images, checked to fit each other (one line when they do not).
+
+    ``main_first``: the distributed context's ``main_first``, so rank 0 alone fills a data cache first."""
+    from robustcnn.userdata import check_fit
+
+    model, meta = models.load(device)
+    read = lambda: datas.load(meta, limit=limit)  # noqa: E731
+    data = main_first(read) if main_first is not None else read()
+    check_fit(model, meta, data, device=device)
+    return model, meta, data
+
+
+def model_label(meta: dict[str, Any]) -> str:
+    """The file or factory a model came from, for output."""
+    source = meta["source"]
+    return str(source.get("path") or source.get("factory"))

@@ -40,12 +40,15 @@ class DataLoadError(RobustCNNError, ValueError):
 
 def load_data(spec: str | Path, *, split: str = "test", limit: Optional[int] = None,
               image_size: Optional[int] = None, grayscale: bool = False,
-              classes: str | Sequence[str] | None = None, data_dir: str | Path | None = None) -> ImageData:
+              classes: str | Sequence[str] | None = None, data_dir: str | Path | None = None,
+              require_split: bool = False) -> ImageData:
     """Load the images ``spec`` names (a built-in dataset, an image folder or an ``.npz`` file; see the module).
 
     ``split``: ``train`` or ``test`` for built-in datasets, a sub-folder or key suffix otherwise. ``limit``: keep
     the first that many images. ``classes``: a comma list or sequence of class names (folders: which sub-folders,
     in label order; ``.npz``: the names of labels 0..K-1). ``data_dir``: where built-in datasets are looked for.
+    ``require_split``: a folder or file without that split is an error instead of being read whole (patches are
+    trained on training images, never on the images they are measured on).
     """
     if limit is not None and limit <= 0:
         raise UsageError(f"limit must be > 0, got {limit}")
@@ -60,6 +63,9 @@ def load_data(spec: str | Path, *, split: str = "test", limit: Optional[int] = N
         if names is not None:
             raise UsageError("classes apply to image folders and .npz files; built-in datasets name their own")
         data = load_dataset(text.strip().lower(), train=split == "train", data_dir=data_dir).subset(limit)
+    elif require_split and path.exists() and not _has_split(path, split):
+        raise DataLoadError(f"{path} has no {split} split (a {split}/ sub-folder, or x_{split} and y_{split} in an "
+                            ".npz): it is needed apart from the images attacks are measured on")
     elif path.is_dir():
         data = _folder(path, split, limit, names, image_size)
     elif path.is_file() and zipfile.is_zipfile(path):
@@ -70,6 +76,15 @@ def load_data(spec: str | Path, *, split: str = "test", limit: Optional[int] = N
         raise DataLoadError(f"data not found: {text} is no file or folder, and not a built-in dataset "
                             f"({', '.join(DATASETS)})")
     return _adapt(data, image_size, grayscale)
+
+
+def _has_split(path: Path, split: str) -> bool:
+    if path.is_dir():
+        return (path / split).is_dir()
+    try:
+        return {f"x_{split}", f"y_{split}"} <= set(np.load(path, allow_pickle=False).files)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def _class_list(classes: str | Sequence[str] | None) -> Optional[list[str]]:
@@ -229,6 +244,9 @@ def check_fit(model: nn.Module, meta: dict[str, Any], data: ImageData, *,
     problems = []
     if len(data.classes) != k:
         problems.append(f"the model has {k} outputs, the data {len(data.classes)} classes")
+    known = meta.get("classes")
+    if known is not None and meta.get("dataset") == data.name and list(known) != list(data.classes):
+        problems.append(f"the model's {data.name} classes differ from the ones found here")
     top = int(data.labels.max()) if len(data) else -1
     if top >= k:
         problems.append(f"label {top} is out of range for {k} outputs")

@@ -21,6 +21,8 @@ from cli import output
 from cli.app import app
 from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
+from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
+                         ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import RobustCNNError, UsageError
 from robustcnn.perf import keep_freed_memory
 
@@ -200,6 +202,17 @@ def train_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to save: writes OUT.png and OUT.pt "
                                                 "(default runs/<dataset>-patch-<area>pct[-target<k>]).")] = None,
     checkpoint: Checkpoint = None,
+    model_spec: ModelSpec = None,
+    weights: Weights = None,
+    mean: Mean = None,
+    std: Std = None,
+    output_index: OutputIndex = None,
+    logits_from_probs: LogitsFromProbs = False,
+    data: DataSpec = None,
+    split: Split = "test",
+    image_size: ImageSize = None,
+    grayscale: Grayscale = False,
+    classes: Classes = None,
     data_dir: DataDir = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
@@ -219,10 +232,20 @@ def train_cmd(
         positive(name, value)
     if refine < 0:
         raise UsageError(f"--refine must be >= 0, got {refine}")
-    model, meta, path, dev, classes = _load_model(checkpoint, device)
-    if target is not None and not 0 <= target < len(classes):
-        raise UsageError(f"--target must be a class index in [0, {len(classes) - 1}], got {target}")
-    train_x, train_y, test_x, test_y = _load_data(meta, data_dir, train_images, n, dev)
+    from robustcnn.data import to_float
+    from robustcnn.device import resolve_device
+
+    dev = resolve_device(device)
+    keep_freed_memory()
+    models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+    datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
+    model, meta, test = load_sources(models, datas, dev, limit=n)
+    names = tuple(test.classes)
+    if target is not None and not 0 <= target < len(names):
+        raise UsageError(f"--target must be a class index in [0, {len(names) - 1}], got {target}")
+    train = datas.load(meta, split="train", limit=train_images, require_split=True)
+    train_x, train_y = to_float(train.images, dev), train.labels.to(dev)
+    test_x, test_y = to_float(test.images, dev), test.labels.to(dev)
     footprint = parse_shape(shape)
     for a in areas:
         try:
@@ -238,41 +261,21 @@ def train_cmd(
             patch = train_patch(model, train_x, train_y, area=a, shape=footprint, target=target, generator=gen,
                                 training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink,
                                                        refine=refine))
-            png, pt = save_patch(patch, _default_stem(out, meta["dataset"], a, target, len(areas) > 1))
+            png, pt = save_patch(patch, _default_stem(out, test.name, a, target, len(areas) > 1))
             rows.append({"area_requested": a, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
                          "patch": _measure(model, test_x, test_y, patch.to(dev), **measure),
                          "noise": _measure(model, test_x, test_y, patch.to(dev), noise=True, **measure)})
             bar.advance(task)
     if json_out:
-        output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
+        output.emit_json({"checkpoint": model_label(meta), "dataset": test.name, "targeted": target is not None,
                           "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
                           "shape": footprint if isinstance(footprint, str) else list(footprint), "steps": steps,
                           "refine": refine, "sink": sink and target is None, "seed": seed, "draws": draws,
                           "results": rows})
         return
-    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
+    output.stdout.print(_table(rows, target, int(test_x.shape[0]), names))
     for r in rows:
         output.stdout.print(f"saved {r['png']} and {r['tensor']}", soft_wrap=True)
-
-
-def _load_model(checkpoint: Optional[Path], device: str):
-    from robustcnn.checkpoint import latest_checkpoint, load_model
-    from robustcnn.device import resolve_device
-
-    dev = resolve_device(device)
-    keep_freed_memory()
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
-    model, meta = load_model(path, device=dev)
-    return model, meta, path, dev, tuple(meta["classes"])
-
-
-def _load_data(meta: dict, data_dir: Optional[Path], train_images: int, n: int, dev: torch.device):
-    from robustcnn.data import load_dataset, to_float
-
-    train = load_dataset(meta["dataset"], train=True, data_dir=data_dir)
-    test = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
-    return (to_float(train.images[:train_images], dev), train.labels[:train_images].to(dev),
-            to_float(test.images[:n], dev), test.labels[:n].to(dev))
 
 
 def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...]) -> Table:

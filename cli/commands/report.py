@@ -15,6 +15,8 @@ from cli import output
 from cli.app import app
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps_list, positive
+from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
+                         ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import RobustCNNError, UsageError
 
 #: Budgets most papers use per dataset (pixel units of [0, 1]).
@@ -76,6 +78,17 @@ def report_cmd(
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the worst-case robust accuracy at any "
                                                         "requested eps is below this fraction (for CI).")] = None,
     checkpoint: Checkpoint = None,
+    model_spec: ModelSpec = None,
+    weights: Weights = None,
+    mean: Mean = None,
+    std: Std = None,
+    output_index: OutputIndex = None,
+    logits_from_probs: LogitsFromProbs = False,
+    data: DataSpec = None,
+    split: Split = "test",
+    image_size: ImageSize = None,
+    grayscale: Grayscale = False,
+    classes: Classes = None,
     data_dir: DataDir = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
@@ -87,11 +100,9 @@ def report_cmd(
     Writes report.json, report.md, accuracy_vs_eps.png and gallery.png into the report folder. An interrupted
     report resumes from the attacks already finished when the same command is run again.
     """
-    from robustcnn.checkpoint import latest_checkpoint, load_model
-    from robustcnn.data import load_dataset
     from robustcnn.device import default_batch_size
     from robustcnn.plots import save_grid
-    from robustcnn.report import ReportRequest, file_sha256, run_report, write_report
+    from robustcnn.report import ReportRequest, run_report, write_report
 
     if norm not in ("linf", "l2"):
         raise UsageError(f"--norm must be linf or l2, got {norm!r}")
@@ -108,19 +119,19 @@ def report_cmd(
         raise UsageError(f"--out {out} is a file, not a folder")
 
     with session(device) as (ctx, dev):
-        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
-        model, meta = load_model(path, device=dev)
-        eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(meta["dataset"], "8/255"))
+        models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+        datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
+        model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
+        eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(data.name, "8/255"))
         try:  # every usage error before any work
             for e in eps_list:
                 attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        data = ctx.main_first(lambda: load_dataset(meta["dataset"], train=False, data_dir=data_dir))
         count = min(n, len(data))
         x, y = data.images[:count].float().div(255), data.labels[:count]
         request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
-                                seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
+                                seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name)
         folder = out if out is not None else _request_folder(request)
 
         with output.progress(json_out or not ctx.is_main) as bar:
@@ -141,7 +152,8 @@ def report_cmd(
                                         "command again to resume") from None
         if not ctx.is_main:  # rank 0 writes the files and prints; the others are done
             return
-        doc["model"] = {"checkpoint": str(path), "architecture": meta.get("architecture"), "dataset": meta["dataset"]}
+        doc["model"] = {"checkpoint": model_label(meta), "architecture": meta.get("architecture"),
+                        "dataset": data.name, "source": meta["source"], "data": datas.describe(meta)}
         draw = None
         if gallery is not None:
             idx, x_adv = gallery
