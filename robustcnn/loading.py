@@ -297,6 +297,9 @@ def probe(model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu") ->
     :class:`ModelLoadError` in one line if it fails on them, or its output is not logits of shape (N, K):
     a tuple or dict (choose one with ``output``), another shape, or probabilities (``logits_from_probs``).
     """
+    norm = model.normalize if isinstance(model, PixelModel) else None
+    if norm is not None and norm.mean.numel() != x.shape[1]:
+        raise ModelLoadError(f"mean/std give {norm.mean.numel()} channels but the images have {x.shape[1]}")
     try:
         with torch.no_grad():
             out = model(x.to(device))

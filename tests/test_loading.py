@@ -202,8 +202,10 @@ def test_bad_model_inputs_each_give_one_clear_error(tmp_path, monkeypatch):
             load_model(**kwargs)
     # mean/std of the wrong length for the data: one line when the model first sees images
     model, _ = load_model(f"{name}:build", mean=[0.1, 0.2, 0.3], std=[0.3, 0.3, 0.3])
-    with pytest.raises(ModelLoadError, match=r"fails on images of shape \(1, 28, 28\)"):
+    with pytest.raises(ModelLoadError, match="mean/std give 3 channels but the images have 1"):
         probe(model, X)
+    with pytest.raises(ModelLoadError, match=r"fails on images of shape \(3, 28, 28\) \(RuntimeError"):
+        probe(model, X.expand(-1, 3, -1, -1))  # a model that fails on the images it is given: one line
 
 
 class Marker:
