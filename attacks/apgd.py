@@ -23,8 +23,9 @@ from torch import Tensor
 from attacks.base import BoundedAttack, Context, check_choice, check_int, check_range
 from attacks.iterative import with_restarts
 from attacks.losses import Objective, dlr, get_loss
-from attacks.norms import Norm
+from attacks.norms import Norm, per_sample
 from attacks.registry import register
+from attacks.workset import Results, WorkSet
 
 
 def checkpoints(steps: int) -> set[int]:
@@ -35,76 +36,96 @@ def checkpoints(steps: int) -> set[int]:
     return {math.ceil(round(q * steps, 6)) for q in p[1:] if q <= 1}  # round: 0.57 * 100 must give 57
 
 
-def _per(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
+def _start(ctx: Context, idx: Tensor, norm: Norm, eps: float, objective: Objective) -> tuple[WorkSet, Tensor]:
+    """The work set of one APGD run over the samples at ``idx``, at a random point of the ball, and its logits.
+
+    Per-sample state: ``base`` (the clean input), ``cur`` and ``prev`` (the iterate and the one before), ``loss`` and
+    ``grad`` at ``cur``; ``best_x``, ``best_loss``, ``best_grad``, ``best_logits`` (the highest-loss iterate so far);
+    ``step`` (the step size), ``rises`` (steps since the last checkpoint that raised the loss), ``ckpt_best`` (the
+    best loss at the last checkpoint) and ``halved`` (whether the step was halved there).
+    """
+    x0 = ctx.x[idx]
+    work = WorkSet(Results(x0, ids=idx), torch.arange(idx.numel(), device=x0.device), base=x0)
+    work.cur = (x0 + norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)).clamp(0.0, 1.0)
+    logits, work.loss, work.grad = ctx.value_and_grad(work.cur, idx, objective)
+    work.prev, work.best_x, work.best_loss = work.cur, work.cur, work.loss.clone()
+    work.best_grad, work.best_logits = work.grad, logits
+    work.step = torch.full_like(work.loss, 2 * eps)
+    work.rises = torch.zeros_like(work.loss)
+    work.ckpt_best, work.halved = work.loss.clone(), torch.zeros_like(work.loss, dtype=torch.bool)
+    return work, logits
+
+
+def _momentum_step(work: WorkSet, norm: Norm, eps: float, momentum: float, first: bool) -> None:
+    """Move ``cur``: a steepest-ascent step of size ``step``, then (after the first) the momentum mix with the last
+    move, each projected onto the ball and the box."""
+    z = norm.clip(work.base, work.cur + per_sample(work.step, work.cur) * norm.steepest(work.grad), eps)
+    if not first:
+        z = norm.clip(work.base, work.cur + momentum * (z - work.cur) + (1 - momentum) * (work.cur - work.prev), eps)
+    work.prev, work.cur = work.cur, z
+
+
+def _track(work: WorkSet, loss: Tensor, logits: Tensor) -> None:
+    """Count a rise of the loss at the new iterate and keep it as the best where its loss is the highest yet."""
+    work.rises += (loss > work.loss).float()
+    work.loss = loss
+    better = loss > work.best_loss
+    work.best_x = torch.where(per_sample(better, work.cur), work.cur, work.best_x)
+    work.best_grad = torch.where(per_sample(better, work.grad), work.grad, work.best_grad)
+    work.best_logits = torch.where(per_sample(better, logits), logits, work.best_logits)
+    work.best_loss = torch.where(better, loss, work.best_loss)
+
+
+def _checkpoint(work: WorkSet, rho: float, since: int) -> None:
+    """Halve the step where fewer than ``rho`` of the ``since`` steps since the last checkpoint raised the loss, or
+    where the step was not halved last time and the best loss has not moved; those samples go back to their best
+    point."""
+    stalled = work.rises < rho * since
+    stuck = ~work.halved & (work.ckpt_best >= work.best_loss)
+    halve = stalled | stuck
+    work.step = torch.where(halve, work.step / 2, work.step)
+    work.cur = torch.where(per_sample(halve, work.cur), work.best_x, work.cur)
+    work.grad = torch.where(per_sample(halve, work.grad), work.best_grad, work.grad)
+    work.halved, work.ckpt_best, work.rises = halve, work.best_loss.clone(), torch.zeros_like(work.rises)
 
 
 def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, objective: Objective,
               rho: float, momentum: float):
     """One APGD run over the samples at ``idx``: returns (x_adv, logits, fooled) for them.
 
-    A sample leaves the working set once an iterate fools the model (that iterate is its result); samples never
+    A sample leaves the work set once an iterate fools the model (that iterate is its result); samples never
     fooled return their highest-loss iterate.
     """
-    x0 = ctx.x[idx]
-    out_x, fooled = x0.clone(), torch.zeros(idx.numel(), dtype=torch.bool, device=x0.device)
-    out_logits = None
     ckpts = checkpoints(steps)
-    project = lambda p, base: (base + norm.project(p - base, eps)).clamp(0.0, 1.0)  # noqa: E731
-
-    s = {"pos": torch.arange(idx.numel(), device=x0.device), "base": x0}
-    s["cur"] = (x0 + norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0)).clamp(0.0, 1.0)
-    logits, s["f"], s["grad"] = ctx.value_and_grad(s["cur"], idx, objective)
-    out_logits = logits.new_empty(idx.numel(), logits.shape[1])
-    s.update(prev=s["cur"], best_x=s["cur"], best_f=s["f"].clone(), best_grad=s["grad"], best_logits=logits,
-             step=torch.full_like(s["f"], 2 * eps), ups=torch.zeros_like(s["f"]),
-             ckpt_best=s["f"].clone(), halved=torch.zeros_like(s["f"], dtype=torch.bool))
+    work, logits = _start(ctx, idx, norm, eps, objective)
+    results = work.results
     last_ckpt = 0
 
     for k in range(steps + 1):
-        ids = idx[s["pos"]]
-        adv = ctx.is_adversarial(logits, ids)
+        adv = ctx.is_adversarial(logits, work.ids)
         if adv.any() or k == steps:
             done = adv if k < steps else torch.ones_like(adv)
-            where = s["pos"][done]
+            fooled = adv[done]
             # fooled samples keep the fooling iterate; at the end the others keep their best-loss iterate
-            out_x[where] = torch.where(_per(adv[done], s["cur"]), s["cur"][done], s["best_x"][done])
-            out_logits[where] = torch.where(adv[done, None], logits[done], s["best_logits"][done])
-            fooled[where] = adv[done]
+            work.record(done, torch.where(per_sample(fooled, work.cur), work.cur[done], work.best_x[done]),
+                        torch.where(fooled[:, None], logits[done], work.best_logits[done]), fooled)
             if k == steps:
                 break
-            keep = ~adv
-            s = {key: v[keep] for key, v in s.items()}
-            if s["pos"].numel() == 0:
+            work.keep(~adv)
+            if work.empty:
                 break
-        # momentum step (plain step the first time), projected onto the ball and the box
-        z = project(s["cur"] + _per(s["step"], s["cur"]) * norm.steepest(s["grad"]), s["base"])
-        if k > 0:
-            z = project(s["cur"] + momentum * (z - s["cur"]) + (1 - momentum) * (s["cur"] - s["prev"]), s["base"])
-        s["prev"], s["cur"] = s["cur"], z
-        ids = idx[s["pos"]]
+        _momentum_step(work, norm, eps, momentum, first=k == 0)
         if k + 1 < steps:
-            logits, f, s["grad"] = ctx.value_and_grad(s["cur"], ids, objective)
+            logits, loss, work.grad = ctx.value_and_grad(work.cur, work.ids, objective)
         else:  # the last iterate needs no gradient
-            logits = ctx.logits(s["cur"], ids)
-            y, t = ctx.label_of(ids)
-            f = objective(logits, y, t)
-        s["ups"] += (f > s["f"]).float()
-        s["f"] = f
-        better = f > s["best_f"]
-        for key, new in (("best_x", s["cur"]), ("best_grad", s["grad"]), ("best_logits", logits)):
-            s[key] = torch.where(_per(better, new), new, s[key])
-        s["best_f"] = torch.where(better, f, s["best_f"])
+            logits = ctx.logits(work.cur, work.ids)
+            y, t = ctx.label_of(work.ids)
+            loss = objective(logits, y, t)
+        _track(work, loss, logits)
         if k + 1 in ckpts and k + 1 < steps:
-            stalled = s["ups"] < rho * (k + 1 - last_ckpt)
-            stuck = ~s["halved"] & (s["ckpt_best"] >= s["best_f"])
-            halve = stalled | stuck
-            s["step"] = torch.where(halve, s["step"] / 2, s["step"])
-            for key, best in (("cur", "best_x"), ("grad", "best_grad")):
-                s[key] = torch.where(_per(halve, s[key]), s[best], s[key])
-            s["halved"], s["ckpt_best"], s["ups"] = halve, s["best_f"].clone(), torch.zeros_like(s["ups"])
+            _checkpoint(work, rho, k + 1 - last_ckpt)
             last_ckpt = k + 1
-    return out_x, out_logits, fooled
+    return results.x_adv, results.logits, results.fooled
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,13 +4,14 @@
   radius ``eps``, at most ``max_queries`` queries per sample. Subclasses write ``_start`` (the first query of some
   samples) and ``_step`` (one iteration); :meth:`ScoreAttack._run` is the one loop that drops a sample as soon as it
   is fooled or cannot pay for another iteration, and refills the work set with samples not yet started (each
-  sample counts its own iterations, ``state["it"]``), so that model calls stay full until the last samples.
+  sample counts its own iterations, ``work.it``), so that model calls stay full until the last samples.
 * :class:`DecisionAttack` — sees labels only and *minimizes* the perturbation from an adversarial starting point.
   With ``eps=None`` it spends its budget shrinking the perturbation and reports the norm reached; with ``eps`` a
   sample stops as soon as an adversarial point within ``eps`` is found (and counts as a success only then).
-* Work sets are dicts of tensors whose first dimension runs over the samples still worked on (``"ids"`` holds
-  their batch positions); :func:`subset` compacts all of them at once, so every model call serves exactly the
-  samples that still need it.
+* The samples still worked on are a :class:`~attacks.workset.WorkSet` (``work.ids``: their batch positions; the
+  search state as named fields: ``work.x``, ``work.logits``, ...) over the run's :class:`~attacks.workset.Results`;
+  retiring a sample compacts every field at once, so every model call serves exactly the samples that still need
+  it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from torch import Tensor
 
 from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range
 from attacks.losses import LOSSES, Objective
-from attacks.norms import Norm
+from attacks.norms import Norm, per_sample
 from attacks.oracle import QueryOracle
 from attacks.rng import SampleRNG
-
-State = dict[str, Tensor]
+from attacks.workset import Results, WorkSet
 
 
 def rows_per_call_field():
@@ -46,18 +46,6 @@ REFILL_BATCHES = 16
 PROBES_PER_CALL = 32
 
 
-def subset(state: State, mask: Tensor) -> State:
-    """The rows of every tensor in ``state`` where ``mask`` holds."""
-    return {k: v[mask] for k, v in state.items()}
-
-
-def join(state: Optional[State], new: State) -> State:
-    """Two work sets with the same keys as one (``state`` first); ``state`` may be None."""
-    if state is None or state["ids"].numel() == 0:
-        return new
-    return {k: torch.cat([v, new[k]]) for k, v in state.items()}
-
-
 def work_set_field():
     """The ``work_set`` field of the score-based attacks: the most samples iterated on at once (None:
     :func:`default_work_set`). A runtime setting like ``rows_per_call``: each sample's draws and iterations are its
@@ -71,33 +59,8 @@ WORK_SET_BYTES = 1 << 30
 
 def default_work_set(x: Tensor, rows_per_call: int) -> int:
     """One full model call of samples (one query each per iteration), fewer for large images (memory)."""
-    per_sample = max(1, x[:1].numel() * x.element_size() * 8)
-    return max(1, min(rows_per_call, WORK_SET_BYTES // per_sample))
-
-
-def expand(t: Tensor, like: Tensor) -> Tensor:
-    """Reshape a per-sample ``(N,)`` tensor to broadcast against ``like`` of shape ``(N, ...)``."""
-    return t.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-class Results:
-    """The per-sample outcome of a black-box run, filled in as samples leave the work set."""
-
-    def __init__(self, x: Tensor):
-        self.x_adv = x.clone()
-        self.logits: Optional[Tensor] = None
-
-    def retire(self, state: State, mask: Tensor, key: str = "x") -> State:
-        """Record the samples of ``state`` where ``mask`` holds (their ``state[key]`` and logits) and drop them."""
-        if not bool(mask.any()):
-            return state
-        ids = state["ids"][mask]
-        self.x_adv[ids] = state[key][mask]
-        if "logits" in state:
-            if self.logits is None:
-                self.logits = state["logits"].new_empty(self.x_adv.shape[0], state["logits"].shape[1])
-            self.logits[ids] = state["logits"][mask]
-        return subset(state, ~mask)
+    sample_bytes = max(1, x[:1].numel() * x.element_size() * 8)
+    return max(1, min(rows_per_call, WORK_SET_BYTES // sample_bytes))
 
 
 # -- score-based -------------------------------------------------------------------------------------------------
@@ -140,38 +103,42 @@ class ScoreAttack(BoundedAttack):
         """Queries one iteration needs per sample; a sample with fewer left stops."""
         return 1
 
-    def _start(self, search: "ScoreSearch", ids: Tensor) -> State:
-        """Query the starting points of the samples at ``ids``; return their work set (``ids``, ``x``, ``logits``,
+    def _start(self, search: "ScoreSearch", ids: Tensor) -> WorkSet:
+        """Query the starting points of the samples at ``ids``; return their work set (fields ``x``, ``logits``,
         ``value``, ``fooled`` and any state of the attack's own)."""
         raise NotImplementedError
 
-    def _step(self, search: "ScoreSearch", state: State) -> State:
-        """One iteration over the work set (``state["it"]``: each sample's iterations so far); must refresh
-        ``fooled``."""
+    def _step(self, search: "ScoreSearch", work: WorkSet) -> None:
+        """One iteration over the work set (``work.it``: each sample's iterations so far), in place; must refresh
+        ``work.fooled``."""
         raise NotImplementedError
 
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         oracle = QueryOracle(ctx, "score", self.max_queries, self.rows_per_call)
         search = ScoreSearch(oracle, self._objectives()[self.loss], self.norm_obj, self.eps)
         size = self.work_set or default_work_set(ctx.x, oracle.rows_per_call)
-        state: Optional[State] = None
+        work: Optional[WorkSet] = None
         started = 0
         while True:
-            live = 0 if state is None else state["ids"].numel()
+            live = 0 if work is None else len(work)
             if started < ctx.n and live <= size // 2:  # refill in chunks of at least half the work set
                 ids = torch.arange(started, min(ctx.n, started + size - live), device=ctx.x.device)
                 new = self._start(search, ids)
-                new["it"] = torch.zeros_like(ids)
-                state, started = join(state, new), started + ids.numel()
-            assert state is not None
-            done = state["fooled"] | (search.oracle.remaining(state["ids"]) < self._iteration_cost())
-            state = search.results.retire(state, done)
-            if state["ids"].numel() == 0:
+                new.it = torch.zeros_like(ids)
+                if work is None:
+                    work = new
+                else:
+                    work.join(new)
+                started += ids.numel()
+            assert work is not None
+            done = work.fooled | (search.oracle.remaining(work.ids) < self._iteration_cost())
+            work.retire(done, work.x, work.logits)
+            if work.empty:
                 if started == ctx.n:
                     return search.results.x_adv, search.results.logits
                 continue
-            state = self._step(search, state)
-            state["it"] = state["it"] + 1
+            self._step(search, work)
+            work.it = work.it + 1
 
 
 class ScoreSearch:
@@ -184,9 +151,10 @@ class ScoreSearch:
         self.eps = eps
         self.results = Results(oracle.x)
 
-    def project(self, x0: Tensor, x: Tensor) -> Tensor:
-        """The point of the ball around ``x0`` and of the [0, 1] box closest to ``x`` (projection, then clamp)."""
-        return self.norm.project(x - x0, self.eps).add_(x0).clamp_(0.0, 1.0)
+    def clip(self, x0: Tensor, x: Tensor) -> Tensor:
+        """:meth:`Norm.clip <attacks.norms.Norm.clip>` with the run's budget: the point of the ball around ``x0``
+        closest to ``x``, clamped to [0, 1]."""
+        return self.norm.clip(x0, x, self.eps)
 
     def evaluate(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query ``x`` (one row per sample at ``ids``): returns (logits, objective value, fooled)."""
@@ -194,32 +162,33 @@ class ScoreSearch:
         y, t = self.oracle.label_of(ids)
         return logits, self.objective(logits, y, t), self.oracle.meets_goal(logits.argmax(dim=1), ids)
 
-    def start(self, x: Tensor, ids: Tensor, **extra: Tensor) -> State:
-        """A work set starting at ``x`` (one query per sample)."""
+    def start(self, x: Tensor, ids: Tensor, **extra: Tensor) -> WorkSet:
+        """A work set of the samples at ``ids`` starting at ``x`` (one query per sample): fields ``x``, ``logits``,
+        ``value`` (the objective), ``fooled`` and ``extra``."""
         logits, value, fooled = self.evaluate(x, ids)
-        return {"ids": ids, "x": x, "logits": logits, "value": value, "fooled": fooled, **extra}
+        return WorkSet(self.results, ids, x=x, logits=logits, value=value, fooled=fooled, **extra)
 
-    def accept(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def accept(self, work: WorkSet, cand: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Query ``cand`` for the samples where ``mask`` holds (all by default) and keep it where it improves the
-        objective or fools the model (greedy random search). Updates ``state`` in place; returns where it moved."""
+        objective or fools the model (greedy random search). Updates ``work`` in place; returns where it moved."""
         if mask is None:  # every sample: no gathering, and selects instead of masked copies (no index lists)
-            logits, value, fooled = self.evaluate(cand, state["ids"])
-            moved = (value > state["value"]) | fooled
-            for key, new in (("x", cand), ("logits", logits), ("value", value)):
-                state[key] = torch.where(expand(moved, new), new, state[key])
-            state["fooled"] |= fooled
+            logits, value, fooled = self.evaluate(cand, work.ids)
+            moved = (value > work.value) | fooled
+            work.x = torch.where(per_sample(moved, cand), cand, work.x)
+            work.logits = torch.where(per_sample(moved, logits), logits, work.logits)
+            work.value = torch.where(moved, value, work.value)
+            work.fooled |= fooled
             return moved
-        moved = torch.zeros_like(state["fooled"])
+        moved = torch.zeros_like(work.fooled)
         pos = mask.nonzero()[:, 0]
         if pos.numel() == 0:
             return moved
         cand = cand[pos]
-        logits, value, fooled = self.evaluate(cand, state["ids"][pos])
-        take = (value > state["value"][pos]) | fooled
+        logits, value, fooled = self.evaluate(cand, work.ids[pos])
+        take = (value > work.value[pos]) | fooled
         won = pos[take]
-        for key, new in (("x", cand), ("logits", logits), ("value", value)):
-            state[key][won] = new[take]
-        state["fooled"][pos] |= fooled
+        work.x[won], work.logits[won], work.value[won] = cand[take], logits[take], value[take]
+        work.fooled[pos] |= fooled
         moved[won] = True
         return moved
 
@@ -261,38 +230,36 @@ class EstimatedGradientAttack(ScoreAttack):
         """Probe directions of shape ``(len(idx), *shape)`` from the streams of the samples at ``idx``."""
         raise NotImplementedError
 
-    def _update(self, search: ScoreSearch, state: State, grad: Tensor) -> tuple[Tensor, State]:
-        """The next iterate (before projection) and the state with any optimizer memory updated."""
+    def _update(self, search: ScoreSearch, work: WorkSet, grad: Tensor) -> Tensor:
+        """The next iterate (before projection); updates any optimizer memory kept in ``work``."""
         raise NotImplementedError
 
-    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+    def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
         return search.start(search.oracle.x[ids], ids)  # indexing copies: the work set owns its points
 
-    def _step(self, search: ScoreSearch, state: State) -> State:
-        grad = self._estimate(search, state)
-        nxt, state = self._update(search, state, grad)
-        pos = (~state["fooled"]).nonzero()[:, 0]  # samples a probe of the estimate has not fooled already
+    def _step(self, search: ScoreSearch, work: WorkSet) -> None:
+        grad = self._estimate(search, work)
+        nxt = self._update(search, work, grad)
+        pos = (~work.fooled).nonzero()[:, 0]  # samples a probe of the estimate has not fooled already
         if pos.numel():
-            ids = state["ids"][pos]
-            new = search.project(search.oracle.x[ids], nxt[pos])
+            ids = work.ids[pos]
+            new = search.clip(search.oracle.x[ids], nxt[pos])
             logits, value, fooled = search.evaluate(new, ids)
-            for key, val in (("x", new), ("logits", logits), ("value", value), ("fooled", fooled)):
-                state[key][pos] = val
-        return state
+            work.x[pos], work.logits[pos], work.value[pos], work.fooled[pos] = new, logits, value, fooled
 
-    def _estimate(self, search: ScoreSearch, state: State) -> Tensor:
+    def _estimate(self, search: ScoreSearch, work: WorkSet) -> Tensor:
         """``mean_u [f(x + sigma u) - f(x - sigma u)] u / (2 sigma)`` over ``samples / 2`` pairs.
 
         Probes are projected onto the ball and the box, so every query is a valid candidate: a probe that fools the
-        model becomes its sample's result at once (``state`` is updated in place) and the sample gets no further
+        model becomes its sample's result at once (``work`` is updated in place) and the sample gets no further
         queries.
         """
-        x, ids = state["x"], state["ids"]
+        x, ids = work.x, work.ids
         pairs = self.samples // 2
         grad = torch.zeros_like(x)
         per_call = PROBES_PER_CALL // 2
         for first in range(0, pairs, per_call):
-            live = (~state["fooled"]).nonzero()[:, 0]
+            live = (~work.fooled).nonzero()[:, 0]
             if live.numel() == 0:
                 break
             k = min(per_call, pairs - first)
@@ -308,24 +275,24 @@ class EstimatedGradientAttack(ScoreAttack):
                 xp = x[pos, None]
                 probes = torch.cat([xp + su, xp - su], dim=1).flatten(0, 1)
                 rows = ids[pos].repeat_interleave(2 * k)
-                probes = search.project(search.oracle.x[rows], probes)
+                probes = search.clip(search.oracle.x[rows], probes)
                 logits, f, fooled = search.evaluate(probes, rows)
                 f = f.reshape(m, 2 * k)
                 diff = (f[:, :k] - f[:, k:]).reshape(m, k, *([1] * (x.dim() - 1)))
                 grad[pos] += (diff * u).sum(dim=1)
-                self._adopt(state, pos, fooled.reshape(m, 2 * k), probes, logits, f.flatten())
+                self._adopt(work, pos, fooled.reshape(m, 2 * k), probes, logits, f.flatten())
         return grad / (2 * self.sigma * pairs)
 
     @staticmethod
-    def _adopt(state: State, pos: Tensor, fooled: Tensor, probes: Tensor, logits: Tensor, values: Tensor) -> None:
+    def _adopt(work: WorkSet, pos: Tensor, fooled: Tensor, probes: Tensor, logits: Tensor, values: Tensor) -> None:
         """Make the first fooling probe of each sample at ``pos`` (rows of ``fooled``) that sample's result."""
         hit = fooled.any(dim=1)
         if not bool(hit.any()):
             return
         row = (torch.arange(pos.numel(), device=pos.device) * fooled.shape[1] + fooled.to(torch.int8).argmax(dim=1))[hit]
         won = pos[hit]
-        state["x"][won], state["logits"][won], state["value"][won] = probes[row], logits[row], values[row]
-        state["fooled"][won] = True
+        work.x[won], work.logits[won], work.value[won] = probes[row], logits[row], values[row]
+        work.fooled[won] = True
 
 
 # -- decision-based ----------------------------------------------------------------------------------------------
@@ -357,16 +324,16 @@ class DecisionAttack(MinNormAttack):
         if self.rows_per_call is not None:
             check_int("rows_per_call", self.rows_per_call)
 
-    def _minimize(self, search: "DecisionSearch", state: State) -> State:
-        """Shrink the perturbation of every sample in the work set; return what is left of it."""
+    def _minimize(self, search: "DecisionSearch", work: WorkSet) -> None:
+        """Shrink the perturbation of every sample in the work set, retiring samples as they finish."""
         raise NotImplementedError
 
     def _run(self, ctx: Context) -> tuple[Tensor, None]:
         search = DecisionSearch(QueryOracle(ctx, "decision", self.max_queries, self.rows_per_call), self.norm_obj,
                                 self.eps)
-        state = search.start()
-        state = self._minimize(search, state)
-        search.results.retire(state, torch.ones_like(state["ids"], dtype=torch.bool), key="best")
+        work = search.start()
+        self._minimize(search, work)
+        work.retire_all(work.best)
         return search.results.x_adv, None
 
 
@@ -382,20 +349,21 @@ class DecisionSearch:
     def distance(self, x: Tensor, ids: Tensor) -> Tensor:
         return self.norm.measure(x - self.oracle.x[ids])
 
-    def start(self) -> State:
+    def start(self) -> WorkSet:
         """Blended uniform noise: per sample, uniform noise until one is adversarial, then the blend
         ``(1 - a) x + a noise`` with the smallest ``a`` found by bisection. Samples without an adversarial start keep
-        ``x`` (they fail). Returns the work set with ``x`` and ``best`` (the start) and ``dist`` (its norm)."""
+        ``x`` (they fail). Returns the work set with fields ``x`` and ``best`` (the start) and ``dist`` (its norm)."""
         x0 = self.oracle.x
         ids = torch.arange(x0.shape[0], device=x0.device)
         noise, found = self._uniform_adversarial(ids)
-        state = self.results.retire({"ids": ids, "x": x0.clone()}, ~found)
-        noise = noise[found]
-        ones = torch.ones(state["ids"].numel(), device=x0.device, dtype=x0.dtype)
-        a = self.bisect(state["ids"], lambda pos, t: self.blend(state["ids"][pos], noise[pos], t),
-                        high=ones, tol=ones * 1e-3)
-        state["x"] = self.blend(state["ids"], noise, a)
-        return self.offer(state, state["x"])
+        work = WorkSet(self.results, ids, x=x0.clone(), noise=noise)
+        work.retire(~found, work.x)
+        ones = torch.ones(len(work), device=x0.device, dtype=x0.dtype)
+        a = self.bisect(work.ids, lambda pos, t: self.blend(work.ids[pos], work.noise[pos], t), high=ones,
+                        tol=ones * 1e-3)
+        work.x, work.noise = self.blend(work.ids, work.noise, a), None
+        work.best, work.dist = work.x.clone(), self.distance(work.x, work.ids)
+        return work
 
     def _uniform_adversarial(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         x0 = self.oracle.x[ids]
@@ -414,7 +382,7 @@ class DecisionSearch:
     def blend(self, ids: Tensor, adv: Tensor, a: Tensor) -> Tensor:
         """``(1 - a) x + a adv`` per sample: the segment from the clean input to ``adv``."""
         x0 = self.oracle.x[ids]
-        return x0 + expand(a, x0) * (adv - x0)
+        return x0 + per_sample(a, x0) * (adv - x0)
 
     def bisect(self, ids: Tensor, point: Callable[[Tensor, Tensor], Tensor], high: Tensor, tol: Tensor) -> Tensor:
         """Smallest ``t`` in ``[0, high]`` (per sample) for which ``point(pos, t)`` is adversarial, to within ``tol``.
@@ -433,23 +401,19 @@ class DecisionSearch:
             high[pos] = torch.where(adv, mid, high[pos])
             low[pos] = torch.where(adv, low[pos], mid)
 
-    def offer(self, state: State, cand: Tensor, mask: Optional[Tensor] = None) -> State:
+    def offer(self, work: WorkSet, cand: Tensor, mask: Optional[Tensor] = None) -> None:
         """Make the known-adversarial ``cand`` each sample's ``best`` where it is closer (and ``mask`` holds)."""
-        dist = self.distance(cand, state["ids"])
-        if "best" not in state:
-            return {**state, "best": cand.clone(), "dist": dist}
-        better = dist < state["dist"]
+        dist = self.distance(cand, work.ids)
+        better = dist < work.dist
         if mask is not None:
             better &= mask
-        state = dict(state)
-        state["best"] = torch.where(expand(better, cand), cand, state["best"])
-        state["dist"] = torch.where(better, dist, state["dist"])
-        return state
+        work.best = torch.where(per_sample(better, cand), cand, work.best)
+        work.dist = torch.where(better, dist, work.dist)
 
-    def settle(self, state: State, spend_at_least: int = 1) -> State:
+    def settle(self, work: WorkSet, spend_at_least: int = 1) -> None:
         """Retire the samples that are done: within ``eps`` (when given) or without ``spend_at_least`` queries left."""
-        done = self.oracle.remaining(state["ids"]) < spend_at_least
+        done = self.oracle.remaining(work.ids) < spend_at_least
         if self.eps is not None:
-            done |= state["dist"] <= self.eps
-        return self.results.retire(state, done, key="best")
+            done |= work.dist <= self.eps
+        work.retire(done, work.best)
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import check_int, check_range
-from attacks.blackbox import DecisionAttack, DecisionSearch, State, expand
+from attacks.blackbox import DecisionAttack, DecisionSearch
+from attacks.norms import per_sample
 from attacks.registry import register
+from attacks.workset import WorkSet
 
 _CONVERGED = 1e-7
 
@@ -48,56 +50,58 @@ class Boundary(DecisionAttack):
         check_range("step_adaptation", self.step_adaptation, low=1.0)
         check_int("adapt_every", self.adapt_every)
 
-    def _minimize(self, search: DecisionSearch, state: State) -> State:
-        like = state["dist"]
-        state.update(spherical=torch.full_like(like, self.spherical_step), source=torch.full_like(like, self.source_step),
-                     trials=torch.zeros_like(like), sph_ok=torch.zeros_like(like), src_ok=torch.zeros_like(like))
+    def _minimize(self, search: DecisionSearch, work: WorkSet) -> None:
+        like = work.dist
+        # per sample: the two step sizes, and the trials and successes of each step since the last adaptation
+        work.spherical = torch.full_like(like, self.spherical_step)
+        work.source = torch.full_like(like, self.source_step)
+        work.trials, work.sph_ok, work.src_ok = torch.zeros_like(like), torch.zeros_like(like), torch.zeros_like(like)
         step = 0
         while True:
-            state = search.settle(state)
-            state = search.results.retire(state, state["source"] < _CONVERGED, key="best")
-            if state["ids"].numel() == 0:
-                return state
-            self._walk(search, state)
+            search.settle(work)
+            work.retire(work.source < _CONVERGED, work.best)
+            if work.empty:
+                return
+            self._walk(search, work)
             step += 1
             if step % self.adapt_every == 0:
-                self._adapt(state)
+                self._adapt(work)
 
-    def _walk(self, search: DecisionSearch, state: State) -> None:
+    def _walk(self, search: DecisionSearch, work: WorkSet) -> None:
         """One orthogonal step, and a step towards the clean input where the orthogonal point is adversarial."""
-        ids, cur = state["ids"], state["best"]
+        ids, cur = work.ids, work.best
         x0 = search.oracle.x[ids]
         to_x = x0 - cur
         dist = to_x.flatten(1).norm(dim=1)
-        unit = to_x / expand(dist.clamp_min(1e-12), to_x)
+        unit = to_x / per_sample(dist.clamp_min(1e-12), to_x)
         eta = search.oracle.rng.normal(ids, cur.shape[1:]).to(cur)
-        eta = eta - expand((eta * unit).flatten(1).sum(dim=1), eta) * unit
-        eta = eta * expand(state["spherical"] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12), eta)
-        sphere = (x0 + (cur + eta - x0) / expand((1 + state["spherical"] ** 2).sqrt(), eta)).clamp(0.0, 1.0)
+        eta = eta - per_sample((eta * unit).flatten(1).sum(dim=1), eta) * unit
+        eta = eta * per_sample(work.spherical * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12), eta)
+        sphere = (x0 + (cur + eta - x0) / per_sample((1 + work.spherical ** 2).sqrt(), eta)).clamp(0.0, 1.0)
         sph_adv = search.oracle.is_adversarial(sphere, ids)
 
         back = x0 - sphere
         back_norm = back.flatten(1).norm(dim=1).clamp_min(1e-12)
-        length = (state["source"] * dist + back_norm - dist).clamp_min(0.0)  # corrects for leaving the sphere
-        cand = (sphere + expand(length / back_norm, back) * back).clamp(0.0, 1.0)
+        length = (work.source * dist + back_norm - dist).clamp_min(0.0)  # corrects for leaving the sphere
+        cand = (sphere + per_sample(length / back_norm, back) * back).clamp(0.0, 1.0)
         pos = (sph_adv & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
         adv = torch.zeros_like(sph_adv)
         if pos.numel():
             adv[pos] = search.oracle.is_adversarial(cand[pos], ids[pos])
-        state.update(search.offer(state, cand, mask=adv))
-        state["trials"] += 1
-        state["sph_ok"] += sph_adv.to(cur.dtype)
-        state["src_ok"] += adv.to(cur.dtype)
+        search.offer(work, cand, mask=adv)
+        work.trials += 1
+        work.sph_ok += sph_adv.to(cur.dtype)
+        work.src_ok += adv.to(cur.dtype)
 
-    def _adapt(self, state: State) -> None:
+    def _adapt(self, work: WorkSet) -> None:
         """Tune the step sizes from the success rates since the last adaptation, then reset the counts."""
         f = self.step_adaptation
-        sph_rate = state["sph_ok"] / state["trials"].clamp_min(1)
-        src_rate = state["src_ok"] / state["trials"].clamp_min(1)
+        sph_rate = work.sph_ok / work.trials.clamp_min(1)
+        src_rate = work.src_ok / work.trials.clamp_min(1)
         both = torch.where(sph_rate > 0.5, f, torch.where(sph_rate < 0.2, 1 / f, 1.0))
         source = torch.where(src_rate > 0.25, f, torch.where(src_rate < 0.1, 1 / f, 1.0))
-        state["spherical"] = state["spherical"] * both
-        state["source"] = (state["source"] * both * source).clamp(max=0.5)
-        for key in ("trials", "sph_ok", "src_ok"):
-            state[key] = torch.zeros_like(state[key])
+        work.spherical = work.spherical * both
+        work.source = (work.source * both * source).clamp(max=0.5)
+        work.trials, work.sph_ok, work.src_ok = (torch.zeros_like(work.trials), torch.zeros_like(work.sph_ok),
+                                                 torch.zeros_like(work.src_ok))
 

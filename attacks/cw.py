@@ -19,6 +19,7 @@ import torch
 
 from attacks.base import MinNormAttack, check_int, check_range
 from attacks.losses import margin
+from attacks.optim import Adam
 from attacks.registry import register
 
 
@@ -72,7 +73,8 @@ class CarliniWagner(MinNormAttack):
         """Adam over ``w`` for the samples at ``idx``; updates ``best_l2``/``best_x`` in place, returns found-mask."""
         x = ctx.x[idx]
         w = w.clone()
-        m, v = torch.zeros_like(w), torch.zeros_like(w)
+        adam = Adam(self.lr)
+        moments = adam.moments(w)
         found = torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)
         y, t = ctx.label_of(idx)
         prev = float("inf")
@@ -95,10 +97,8 @@ class CarliniWagner(MinNormAttack):
                     best_l2[idx[better]] = l2[better]
                     best_x[idx[better]] = x_new[better].detach()
                 found |= adv
-            # Adam step (bias-corrected)
-            m = 0.9 * m + 0.1 * grad
-            v = 0.999 * v + 0.001 * grad * grad
-            w = w - self.lr * (m / (1 - 0.9**it)) / ((v / (1 - 0.999**it)).sqrt() + 1e-8)
+            move, moments = adam.step(moments, grad, it)
+            w = w - move
             if self.abort_early and it % max(1, self.steps // 10) == 0:
                 total = loss.sum().item()
                 if total > prev * 0.9999:

@@ -16,7 +16,7 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -232,7 +232,7 @@ def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: 
     """Run ``atk`` on the samples at ``idx`` in batches. Each sample draws from its own random stream, keyed by
     (seed, its index in the data, the attack's config), so results do not depend on batching or cascade order.
 
-    The building block of :func:`evaluate`'s cascade, and of resumable reports that save after each stage.
+    The building block of :func:`cascade`, and of resumable reports that save after each stage.
     The model must already be in the mode it is to be attacked in. With ``shard``, this process attacks its part
     of ``idx`` and every process returns the merged result (all processes must call it with the same ``idx``).
     """
@@ -291,6 +291,48 @@ def correctly_classified(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: 
             pred = model(x[s : s + batch_size].to(device)).argmax(dim=1).cpu()
             out[s : s + batch_size] = pred == y[s : s + batch_size].cpu()
     return out
+
+
+@dataclass
+class Cascade:
+    """Where a cascade left each sample (arrays indexed like the data)."""
+
+    robust: Tensor  # bool (n,): in the starting set and fooled by no attack
+    fooled_by: Tensor  # long (n,): index of the attack that fooled the sample, -1 if none
+
+
+#: Called as ``on_stage(attack_index, stage)`` after each attack of a cascade ran.
+StageFn = Callable[[int, StageResult], None]
+
+
+def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequence[Attack], *, start: Tensor,
+            names: Sequence[str], batch_size: int, device: torch.device, seed: int, target: Optional[Tensor] = None,
+            keep_examples: bool = False, progress: Optional[ProgressFn] = None, shard: Optional[Shard] = None,
+            finished: Optional[Mapping[int, Tensor]] = None, on_stage: Optional[StageFn] = None) -> Cascade:
+    """Run ``attack_list`` in order, each with :func:`run_stage` on the samples of ``start`` (a bool mask, usually
+    the correctly classified ones) that no attack before it fooled: the per-sample worst case over the attacks.
+
+    ``names[i]`` names attack ``i`` in its statistics and progress. ``on_stage(i, stage)`` receives each attack's
+    :class:`StageResult` as soon as it ran (the cascade itself keeps only the masks). ``finished`` maps an attack's
+    index to the sample indices it fooled in an earlier run on the same samples: that attack is not run again and
+    the cascade goes on as if it had been, so a run resumed from saved stages ends exactly as an uninterrupted one.
+    The model must already be in the mode it is to be attacked in.
+    """
+    robust = start.clone()
+    fooled_by = torch.full((robust.numel(),), -1, dtype=torch.long)
+    for ai, (atk, name) in enumerate(zip(attack_list, names)):
+        if finished is not None and ai in finished:
+            won = finished[ai]
+        else:
+            stage = run_stage(model, x_all, y_all, robust.nonzero().squeeze(1), atk, name, batch_size=batch_size,
+                              device=device, seed=seed, target=target, keep_examples=keep_examples,
+                              progress=progress, shard=shard)
+            won = stage.idx[stage.fooled]
+            if on_stage is not None:
+                on_stage(ai, stage)
+        robust[won] = False
+        fooled_by[won] = ai
+    return Cascade(robust=robust, fooled_by=fooled_by)
 
 
 def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
@@ -373,24 +415,22 @@ def evaluate(
     try:
         notes = sanity_warnings(model, x_all[:64].to(dev), y_all[:64].to(dev)) if n else []
         clean = correctly_classified(model, x_all, y_all, batch_size=batch_size, device=dev, shard=shard)
-        robust = clean.clone()
-        fooled_by = torch.full((n,), -1, dtype=torch.long)
         norms = torch.full((n,), float("nan"))
         queries = torch.zeros(n, dtype=torch.long)
         x_adv = x_all.clone() if keep_examples else None
         stats: dict[str, AttackStats] = {}
-        for ai, (atk, name) in enumerate(zip(attack_list, names)):
-            stage = run_stage(model, x_all, y_all, robust.nonzero().squeeze(1), atk, name, batch_size=batch_size,
-                              device=dev, seed=seed, target=target, keep_examples=keep_examples,
-                              progress=progress, shard=shard)
-            stats[name] = stage.stats
+
+        def absorb(ai: int, stage: StageResult) -> None:
+            stats[names[ai]] = stage.stats
             won = stage.idx[stage.fooled]
-            robust[won] = False
-            fooled_by[won] = ai
             norms[won] = stage.norms[stage.fooled]
             queries[stage.idx] += stage.queries
             if x_adv is not None:
                 x_adv[won] = stage.x_adv[stage.fooled].to(x_adv.dtype)
+
+        result = cascade(model, x_all, y_all, attack_list, start=clean, names=names, batch_size=batch_size,
+                         device=dev, seed=seed, target=target, keep_examples=keep_examples, progress=progress,
+                         shard=shard, on_stage=absorb)
     finally:
         for m, f in zip(model.modules(), flags):
             m.training = f
@@ -403,5 +443,6 @@ def evaluate(
     }
     for w in notes:
         warnings.warn(w, stacklevel=2)
-    return Report(n=n, clean_correct=clean, robust=robust, fooled_by=fooled_by, norms=norms, queries=queries,
-                  per_attack=stats, seconds=time.perf_counter() - start, config=config, warnings=notes, x_adv=x_adv)
+    return Report(n=n, clean_correct=clean, robust=result.robust, fooled_by=result.fooled_by, norms=norms,
+                  queries=queries, per_attack=stats, seconds=time.perf_counter() - start, config=config,
+                  warnings=notes, x_adv=x_adv)

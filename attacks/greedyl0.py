@@ -30,7 +30,8 @@ from torch import Tensor
 from attacks.base import Context, check_choice, check_int
 from attacks.losses import LOSSES, get_loss
 from attacks.registry import register
-from attacks.sparse import PixelBudget, WorkList, set_pixels, target_checked
+from attacks.sparse import PixelBudget, set_pixels, target_checked
+from attacks.workset import WorkSet
 
 
 def corner_proposals(cur: Tensor, x0: Tensor, grad: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,23 +80,22 @@ class GreedyL0(PixelBudget):
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         self.check_images(tuple(ctx.x.shape[1:]))
         objective = target_checked(get_loss(self.loss))
-        work = WorkList(ctx)
-        cur = ctx.x
+        work = WorkSet.batch(ctx.x, cur=ctx.x)
         for step in range(self.pixels):
-            logits, _, grad = ctx.value_and_grad(cur, work.ids, objective)
-            keep = work.retire_fooled(ctx, cur, logits)  # only the clean images can be fooled here
+            logits, _, work.grad = ctx.value_and_grad(work.cur, work.ids, objective)
+            # only the clean images can be fooled here
+            work.retire(ctx.is_adversarial(logits, work.ids), work.cur, logits)
             if work.empty:
                 break
-            cur, grad = cur[keep], grad[keep]
-            cur, logits = self._best_change(ctx, work.ids, cur, grad, objective)
+            work.cur, logits = self._best_change(ctx, work.ids, work.cur, work.grad, objective)
+            work.grad = None
             if step == self.pixels - 1:  # budget spent
-                work.retire_all(cur, logits)
+                work.retire_all(work.cur, logits)
                 break
-            keep = work.retire_fooled(ctx, cur, logits)
+            work.retire(ctx.is_adversarial(logits, work.ids), work.cur, logits)
             if work.empty:
                 break
-            cur = cur[keep]
-        return work.result()
+        return work.results.x_adv, work.results.logits
 
     def _best_change(self, ctx: Context, ids: Tensor, cur: Tensor, grad: Tensor, objective) -> tuple[Tensor, Tensor]:
         """Each image of ``cur`` (the working samples ``ids``) with its best proposed pixel change, and its logits."""

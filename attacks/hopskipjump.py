@@ -27,8 +27,10 @@ import torch
 from torch import Tensor
 
 from attacks.base import check_int, check_range
-from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch, State, expand
+from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch
+from attacks.norms import per_sample
 from attacks.registry import register
+from attacks.workset import WorkSet
 
 _MAX_HALVINGS = 30  # geometric step search: give up (stay on the boundary point) after this many halvings
 
@@ -55,28 +57,28 @@ class HopSkipJump(DecisionAttack):
     def _theta(self, d: int) -> float:
         return self.gamma / (d * math.sqrt(d)) if self.norm == "l2" else self.gamma / d ** 2
 
-    def _minimize(self, search: DecisionSearch, state: State) -> State:
+    def _minimize(self, search: DecisionSearch, work: WorkSet) -> None:
         d = search.oracle.x[0].numel()
         theta = self._theta(d)
         reserve = math.ceil(math.log2(1 / theta)) + 1  # a full bisection and one step query
-        state["post"] = state["dist"]
+        work.post = work.dist  # the distance after the last bisection
         t = 1
         while True:
-            state = search.settle(state, spend_at_least=reserve + 1)
-            if state["ids"].numel() == 0:
-                return state
+            search.settle(work, spend_at_least=reserve + 1)
+            if work.empty:
+                return
             scale = math.sqrt(d) if self.norm == "l2" else d
-            delta = torch.full_like(state["post"], 0.1) if t == 1 else scale * theta * state["post"]
-            evals = (search.oracle.remaining(state["ids"]) - reserve).clamp(
+            delta = torch.full_like(work.post, 0.1) if t == 1 else scale * theta * work.post
+            evals = (search.oracle.remaining(work.ids) - reserve).clamp(
                 max=min(int(self.init_evals * math.sqrt(t)), self.max_evals))
-            update = self._normal(search, state, delta, evals)
-            state = self._jump(search, state, update, t, theta)
+            update = self._normal(search, work, delta, evals)
+            self._jump(search, work, update, t, theta)
             t += 1
 
     # -- 1. the boundary normal ----------------------------------------------------------------------------------
-    def _normal(self, search: DecisionSearch, state: State, delta: Tensor, evals: Tensor) -> Tensor:
-        """Monte-Carlo estimate of the boundary normal at ``state["x"]``, ``evals[i]`` labels for sample ``i``."""
-        cur, ids = state["x"], state["ids"]
+    def _normal(self, search: DecisionSearch, work: WorkSet, delta: Tensor, evals: Tensor) -> Tensor:
+        """Monte-Carlo estimate of the boundary normal at ``work.x``, ``evals[i]`` labels for sample ``i``."""
+        cur, ids = work.x, work.ids
         n = cur.shape[0]
         rng = search.oracle.rng
         sums = {k: torch.zeros_like(cur) for k in ("rv", "phi_rv")}
@@ -89,37 +91,37 @@ class HopSkipJump(DecisionAttack):
             shape = (k, *cur.shape[1:])
             rv = rng.normal(ids[need], shape) if self.norm == "l2" else rng.uniform(ids[need], shape) * 2 - 1
             rv = rv.to(cur)[valid]
-            rv = rv / expand(rv.flatten(1).norm(dim=1).clamp_min(1e-12), rv)
-            step = expand(delta[pos], rv)
+            rv = rv / per_sample(rv.flatten(1).norm(dim=1).clamp_min(1e-12), rv)
+            step = per_sample(delta[pos], rv)
             probe = (cur[pos] + step * rv).clamp(0.0, 1.0)
             rv = (probe - cur[pos]) / step
             phi = search.oracle.is_adversarial(probe, ids[pos]).to(cur.dtype) * 2 - 1
             phi_sum.index_add_(0, pos, phi)
             sums["rv"].index_add_(0, pos, rv)
-            sums["phi_rv"].index_add_(0, pos, expand(phi, rv) * rv)
+            sums["phi_rv"].index_add_(0, pos, per_sample(phi, rv) * rv)
         count = evals.clamp_min(1).to(cur.dtype)
-        mean_phi = expand(phi_sum / count, cur)
-        mean_rv = sums["rv"] / expand(count, cur)
-        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / expand(count, cur) - mean_phi * mean_rv)
+        mean_phi = per_sample(phi_sum / count, cur)
+        mean_rv = sums["rv"] / per_sample(count, cur)
+        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / per_sample(count, cur) - mean_phi * mean_rv)
         if self.norm == "linf":
             return grad.sign()
-        return grad / expand(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+        return grad / per_sample(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
 
     # -- 2. the step and 3. the bisection back to the boundary ----------------------------------------------------
-    def _jump(self, search: DecisionSearch, state: State, update: Tensor, t: int, theta: float) -> State:
-        ids, cur = state["ids"], state["x"]
+    def _jump(self, search: DecisionSearch, work: WorkSet, update: Tensor, t: int, theta: float) -> None:
+        ids, cur = work.ids, work.x
         size = search.distance(cur, ids) / math.sqrt(t)
         moved = torch.zeros_like(size, dtype=torch.bool)
         for _ in range(_MAX_HALVINGS):
             pos = ((~moved) & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
             if pos.numel() == 0:
                 break
-            cand = (cur[pos] + expand(size[pos], update) * update[pos]).clamp(0.0, 1.0)
+            cand = (cur[pos] + per_sample(size[pos], update) * update[pos]).clamp(0.0, 1.0)
             adv = search.oracle.is_adversarial(cand, ids[pos])
             cur[pos[adv]] = cand[adv]
             moved[pos[adv]] = True
             size[pos[~adv]] /= 2
-        state = search.offer(state, cur)
+        search.offer(work, cur)
         # back to the boundary: the smallest ball around x0 whose projection of `cur` is still adversarial
         # (under L2 that projection is the segment from x0 to `cur`)
         x0 = search.oracle.x[ids]
@@ -127,6 +129,6 @@ class HopSkipJump(DecisionAttack):
         tol = theta * radius if self.norm == "l2" else (theta * radius).clamp(max=theta)
         point = lambda pos, r: x0[pos] + search.norm.project(cur[pos] - x0[pos], r)  # noqa: E731
         found = search.bisect(ids, point, high=radius, tol=tol)
-        state["post"] = radius
-        state["x"] = point(torch.arange(ids.numel(), device=cur.device), found).clamp(0.0, 1.0)
-        return search.offer(state, state["x"])
+        work.post = radius
+        work.x = point(torch.arange(ids.numel(), device=cur.device), found).clamp(0.0, 1.0)
+        search.offer(work, work.x)

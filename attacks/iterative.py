@@ -3,14 +3,16 @@
 The attacks differ only in their settings: one step or many, a random start or not, momentum, restarts, an
 average over the model's randomness (EOT). Norm maths comes from :mod:`attacks.norms`.
 
-Work tracking: the loop keeps its state *compacted* to the samples it still works on. With ``early_stop=True``
-(the default, right for measuring robust accuracy) a sample leaves the working set as soon as one iterate fools
-the model, and that iterate is its result; every later pass runs on fewer samples. With ``early_stop=False``
-every sample takes every step and the last iterate is returned (classic PGD, right for adversarial training).
+Work tracking: the loop keeps its state in a :class:`~attacks.workset.WorkSet`, compacted to the samples it still
+works on. With ``early_stop=True`` (the default, right for measuring robust accuracy) a sample leaves the work set
+as soon as one iterate fools the model, and that iterate is its result; every later pass runs on fewer samples.
+With ``early_stop=False`` every sample takes every step and the last iterate is returned (classic PGD, right for
+adversarial training).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,6 +21,7 @@ from torch import Tensor
 from attacks.base import Context
 from attacks.losses import Objective
 from attacks.norms import Norm
+from attacks.workset import Results, WorkSet
 
 
 def _value_and_grad(ctx: Context, x: Tensor, ids: Tensor, objective: Objective, eot_samples: int):
@@ -36,21 +39,34 @@ def _l1_normalized(g: Tensor) -> Tensor:
     return g / g.abs().reshape(g.shape[0], -1).sum(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (g.dim() - 1)))
 
 
-def _single_run(
-    ctx: Context,
-    idx: Tensor,
-    *,
-    norm: Norm,
-    eps: float,
-    alpha: float,
-    steps: int,
-    objective: Objective,
-    random_start: bool,
-    momentum: Optional[float],
-    eot_samples: int,
-    early_stop: bool,
-    start: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class AscentSettings:
+    """What one run of :func:`gradient_ascent` does: maximize ``objective`` with ``steps`` steps of size ``alpha``
+    inside the ``eps``-ball of ``norm``, from a random start or the clean input, with optional ``momentum``
+    (MI-FGSM), ``eot_samples`` passes averaged per gradient, and ``early_stop`` (a sample leaves once fooled)."""
+
+    norm: Norm
+    eps: float
+    alpha: float
+    steps: int
+    objective: Objective
+    random_start: bool = False
+    momentum: Optional[float] = None
+    eot_samples: int = 1
+    early_stop: bool = True
+
+
+def _starting_point(ctx: Context, idx: Tensor, x0: Tensor, run: AscentSettings, start: Optional[Tensor]) -> Tensor:
+    """The first iterate: the given ``start`` projected, else a random point of the ball, else a copy of ``x0``."""
+    if start is not None:
+        return run.norm.project(start, run.eps).add(x0).clamp_(0.0, 1.0)
+    if run.random_start:
+        return run.norm.random(ctx.rng, idx, x0.shape[1:], run.eps).to(x0).add_(x0).clamp_(0.0, 1.0)
+    return x0.clone()  # the loop updates its iterate in place
+
+
+def _single_run(ctx: Context, idx: Tensor, run: AscentSettings,
+                start: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """One run from one start over the samples at ``idx``: returns (x_adv, logits, fooled) for those samples.
 
     ``start``: the samples' given starting perturbations (projected here), else a random or the clean start.
@@ -62,59 +78,35 @@ def _single_run(
     n = idx.numel()
     whole = n == ctx.n and bool(torch.equal(idx, torch.arange(n, device=idx.device)))
     x0 = ctx.x if whole else ctx.x[idx]  # never written to
-    out_x: Optional[Tensor] = None  # filled lazily: without early exit the last iterate is returned as it is
-    out_logits: Optional[Tensor] = None
-    fooled = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    results = Results(x0, ids=idx)  # filled only when a sample leaves early or at the end
+    work = WorkSet(results, torch.arange(n, device=x0.device), base=x0, box=run.norm.box(x0, run.eps),
+                   cur=_starting_point(ctx, idx, x0, run, start),
+                   velocity=torch.zeros_like(x0) if run.momentum is not None else None)
 
-    pos = torch.arange(n, device=x0.device)  # positions (in idx) of the samples still worked on
-    ids = idx
-    base = x0
-    box = norm.box(x0, eps)
-    if start is not None:
-        cur = norm.project(start, eps).add(x0).clamp_(0.0, 1.0)
-    elif random_start:
-        cur = norm.random(ctx.rng, idx, x0.shape[1:], eps).to(x0).add_(x0).clamp_(0.0, 1.0)
-    else:
-        cur = x0.clone()  # the loop updates its iterate in place
-    velocity = torch.zeros_like(x0) if momentum is not None else None
-
-    for t in range(steps + 1):
-        last = t == steps
-        if last and not ctx.verify and not early_stop:  # Attack.perturb: nobody reads the final iterate's success
-            return cur, None, fooled
+    for t in range(run.steps + 1):
+        last = t == run.steps
+        if last and not ctx.verify and not run.early_stop:  # Attack.perturb: nobody reads the final success
+            return work.cur, None, results.fooled
         if last:
-            logits, grad = ctx.logits(cur, ids), None
-        else:
-            logits, grad = _value_and_grad(ctx, cur, ids, objective, eot_samples)
-
-        if last and out_x is None and pos.numel() == n:  # nobody left early: the last iterate is the result
-            return cur, logits, ctx.is_adversarial(logits, ids)
-        if early_stop or last:
-            adv = ctx.is_adversarial(logits, ids)
-            take = adv if not last else torch.ones_like(adv)
-            if take.any():
-                if out_x is None:
-                    out_x = x0.clone()
-                    out_logits = logits.new_empty(n, logits.shape[1])
-                where = pos[take]
-                out_x[where], out_logits[where], fooled[where] = cur[take], logits[take], adv[take]
-            if last:
+            logits = ctx.logits(work.cur, work.ids)
+            adv = ctx.is_adversarial(logits, work.ids)
+            if not results.recorded:  # nobody left early: the last iterate is the result as it is
+                return work.cur, logits, adv
+            work.retire_all(work.cur, logits, adv)
+            break
+        logits, work.grad = _value_and_grad(ctx, work.cur, work.ids, run.objective, run.eot_samples)
+        if run.early_stop:  # the samples that no longer resist leave with their iterate
+            adv = ctx.is_adversarial(logits, work.ids)
+            work.retire(adv, work.cur, logits, adv)
+            if work.empty:
                 break
-            if adv.any():  # compact the state to the samples that still resist
-                keep = ~adv
-                pos, base, cur, grad = pos[keep], base[keep], cur[keep], grad[keep]
-                box = None if box is None else (box[0][keep], box[1][keep])
-                velocity = velocity[keep] if velocity is not None else None
-                ids = idx[pos]
-                if pos.numel() == 0:
-                    break
 
-        if velocity is not None:
-            velocity = momentum * velocity + _l1_normalized(grad)
-            grad = velocity.clone()  # ascend may overwrite its gradient argument
-        cur = norm.ascend(cur, grad, alpha, base, eps, box)
+        if work.velocity is not None:
+            work.velocity = run.momentum * work.velocity + _l1_normalized(work.grad)
+            work.grad = work.velocity.clone()  # ascend may overwrite its gradient argument
+        work.cur = run.norm.ascend(work.cur, work.grad, run.alpha, work.base, run.eps, work.box)
 
-    return out_x, out_logits, fooled
+    return results.x_adv, results.logits, results.fooled
 
 
 def with_restarts(ctx: Context, idx: Tensor, restarts: int, run) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,16 +143,15 @@ def gradient_ascent(
 
     The first run begins at ``ctx.start`` when the caller gave one; restarts draw their own starts.
     """
+    settings = AscentSettings(norm=norm, eps=eps, alpha=alpha, steps=steps, objective=objective,
+                              random_start=random_start, momentum=momentum, eot_samples=eot_samples,
+                              early_stop=early_stop)
     start = ctx.start
 
     def run(ctx: Context, idx: Tensor):
         nonlocal start
         first, start = start, None  # only the first run begins at the caller's start
-        return _single_run(
-            ctx, idx, norm=norm, eps=eps, alpha=alpha, steps=steps, objective=objective,
-            random_start=random_start, momentum=momentum, eot_samples=eot_samples, early_stop=early_stop,
-            start=None if first is None else first[idx],
-        )
+        return _single_run(ctx, idx, settings, start=None if first is None else first[idx])
 
     x_adv, logits, _ = with_restarts(ctx, torch.arange(ctx.n, device=ctx.x.device), restarts, run)
     return x_adv, logits

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State
+from attacks.blackbox import EstimatedGradientAttack, ScoreSearch
 from attacks.registry import register
 from attacks.rng import SampleRNG
+from attacks.workset import WorkSet
 
 
 @register
@@ -37,5 +38,5 @@ class NES(EstimatedGradientAttack):
     def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
         return rng.normal(idx, shape)
 
-    def _update(self, search: ScoreSearch, state: State, grad: Tensor) -> tuple[Tensor, State]:
-        return state["x"] + self.step_size * search.norm.steepest(grad), state
+    def _update(self, search: ScoreSearch, work: WorkSet, grad: Tensor) -> Tensor:
+        return work.x + self.step_size * search.norm.steepest(grad)

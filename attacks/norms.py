@@ -20,10 +20,11 @@ _TINY = 1e-12
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> Tensor | float:
-    """Reshape a per-sample ``(N,)`` tensor so it broadcasts against ``like`` of shape ``(N, ...)`` (cast to
-    ``like``'s dtype and device); a plain number is returned as it is."""
+    """Reshape a per-sample ``(N,)`` tensor so it broadcasts against ``like`` of shape ``(N, ...)`` (numbers cast
+    to ``like``'s dtype, masks kept boolean, both moved to its device); a plain number is returned as it is."""
     if isinstance(value, Tensor):
-        return value.to(like).reshape(-1, *([1] * (like.dim() - 1)))
+        value = value.to(like.device) if value.dtype == torch.bool else value.to(like)
+        return value.reshape(-1, *([1] * (like.dim() - 1)))
     return value
 
 

@@ -26,7 +26,8 @@ from torch import Tensor
 from attacks.base import Context, check_int, check_range
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import PixelBudget, WorkList, check_target, set_pixels
+from attacks.sparse import PixelBudget, check_target, set_pixels
+from attacks.workset import WorkSet
 
 
 def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:
@@ -91,29 +92,30 @@ class OnePixel(PixelBudget):
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         self.check_images(tuple(ctx.x.shape[1:]))
         _, _, h, w = ctx.x.shape
-        work = WorkList(ctx)
+        work = WorkSet.batch(ctx.x)
         clean = ctx.logits(ctx.x, work.ids)
         check_target(ctx.target, clean.shape[1])
-        work.retire_fooled(ctx, ctx.x, clean)  # already misclassified: nothing to change
-        pop = self._initial_population(ctx, work.ids).to(ctx.x)
-        fit, logits = self._evaluate(ctx, work, pop)
+        work.retire(ctx.is_adversarial(clean, work.ids), ctx.x, clean)  # already misclassified: nothing to change
+        # per image: its population of candidates, their fitness (lower is better) and their logits
+        work.pop = self._initial_population(ctx, work.ids).to(ctx.x)
+        work.fit, work.logits = self._evaluate(ctx, work, work.pop)
         for _ in range(self.generations):
-            pop, fit, logits = self._retire_fooled(ctx, work, pop, fit, logits)
+            self._retire_fooled(ctx, work)
             if work.empty:
                 break
-            trial = self._mutate(pop, ctx.rng, work.ids, h, w)
+            trial = self._mutate(work.pop, ctx.rng, work.ids, h, w)
             t_fit, t_logits = self._evaluate(ctx, work, trial)
             # a child that fools the model is kept even when its fitness is no better than its parent's
-            better = (t_fit <= fit) | self._fooled(ctx, work, t_logits)
-            pop = torch.where(better[..., None, None], trial, pop)
-            fit = torch.where(better, t_fit, fit)
-            logits = torch.where(better[..., None], t_logits, logits)
-        pop, fit, logits = self._retire_fooled(ctx, work, pop, fit, logits)
+            better = (t_fit <= work.fit) | self._fooled(ctx, work, t_logits)
+            work.pop = torch.where(better[..., None, None], trial, work.pop)
+            work.fit = torch.where(better, t_fit, work.fit)
+            work.logits = torch.where(better[..., None], t_logits, work.logits)
+        self._retire_fooled(ctx, work)
         if not work.empty:
-            best = fit.argmin(dim=1)
+            best = work.fit.argmin(dim=1)
             rows = torch.arange(best.numel(), device=best.device)
-            work.retire_all(perturb_pixels(ctx.x[work.ids], pop[rows, best]), logits[rows, best])
-        return work.result()
+            work.retire_all(perturb_pixels(ctx.x[work.ids], work.pop[rows, best]), work.logits[rows, best])
+        return work.results.x_adv, work.results.logits
 
     def _initial_population(self, ctx: Context, ids: Tensor) -> Tensor:
         """``(M, population, k, 2 + C)`` for the images at ``ids``: coordinates uniform over the image, values
@@ -138,7 +140,7 @@ class OnePixel(PixelBudget):
         coords = torch.minimum(genes[..., :2].clamp_min(0.0), hi)
         return torch.cat([coords, genes[..., 2:].clamp(0.0, 1.0)], dim=-1)
 
-    def _evaluate(self, ctx: Context, work: WorkList, pop: Tensor) -> tuple[Tensor, Tensor]:
+    def _evaluate(self, ctx: Context, work: WorkSet, pop: Tensor) -> tuple[Tensor, Tensor]:
         """Fitness (lower is better) and logits of every candidate of every working image: ``(M, P)``, ``(M, P, K)``."""
         m, p = pop.shape[:2]
         owner = torch.arange(m, device=pop.device).repeat_interleave(p)
@@ -156,19 +158,17 @@ class OnePixel(PixelBudget):
         return (p_cls if t is None else -p_cls), logits
 
     @staticmethod
-    def _fooled(ctx: Context, work: WorkList, logits: Tensor) -> Tensor:
+    def _fooled(ctx: Context, work: WorkSet, logits: Tensor) -> Tensor:
         """``(M, P)``: whether each candidate (logits ``(M, P, K)``) of each working image meets the goal."""
         m, p = logits.shape[:2]
         return ctx.is_adversarial(logits.flatten(0, 1), work.ids.repeat_interleave(p)).view(m, p)
 
-    def _retire_fooled(self, ctx: Context, work: WorkList, pop: Tensor, fit: Tensor, logits: Tensor):
+    def _retire_fooled(self, ctx: Context, work: WorkSet) -> None:
         """Retire the images one of whose candidates fools the model (the fittest fooling one is their result)."""
-        adv = self._fooled(ctx, work, logits)
+        adv = self._fooled(ctx, work, work.logits)
         done = adv.any(dim=1)
         if done.any():
-            pick = torch.where(adv, fit, torch.full_like(fit, float("inf"))).argmin(dim=1)[done]
+            pick = torch.where(adv, work.fit, torch.full_like(work.fit, float("inf"))).argmin(dim=1)[done]
             rows = done.nonzero().squeeze(1)
-            x_done = perturb_pixels(ctx.x[work.ids[rows]], pop[rows, pick])
-            keep = work.retire(done, x_done, logits[rows, pick])
-            pop, fit, logits = pop[keep], fit[keep], logits[keep]
-        return pop, fit, logits
+            work.record(done, perturb_pixels(ctx.x[work.ids[rows]], work.pop[rows, pick]), work.logits[rows, pick])
+            work.keep(~done)

@@ -36,8 +36,8 @@ from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows, w
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.greedyl0 import corner_proposals
-from attacks.sparse import (AUTO_MAX_BATCH, WorkList, check_target, keep_changes, set_pixels,
-                            target_checked)
+from attacks.sparse import AUTO_MAX_BATCH, check_target, keep_changes, set_pixels, target_checked
+from attacks.workset import WorkSet
 
 #: Area budget used when a patch attack is built without one: 5 % of the image.
 DEFAULT_AREA = 0.05
@@ -575,37 +575,36 @@ class LocalizedPatch(PatchAttack):
     def _run(self, ctx: Context) -> tuple[Tensor, Tensor]:
         self.check_images(tuple(ctx.x.shape[1:]))
         objective = target_checked(get_loss(self.loss))
-        work = WorkList(ctx)
+        work = WorkSet.batch(ctx.x)
         logits, _, grad = ctx.value_and_grad(ctx.x, work.ids, objective)
         rows, cols = self._corners(ctx, grad)
-        work.retire_fooled(ctx, ctx.x, logits)  # already misclassified: nothing to change
+        work.retire(ctx.is_adversarial(logits, work.ids), ctx.x, logits)  # already misclassified: nothing to change
         for r in range(self.restarts):
             if work.empty:
                 break
             self._attack_at(ctx, work, objective, rows[r][work.ids], cols[r][work.ids], last=r == self.restarts - 1)
-        return work.result()
+        return work.results.x_adv, work.results.logits
 
-    def _attack_at(self, ctx: Context, work: WorkList, objective: Objective, rows: Tensor, cols: Tensor,
+    def _attack_at(self, ctx: Context, work: WorkSet, objective: Objective, rows: Tensor, cols: Tensor,
                    last: bool) -> None:
         """Optimize a patch with its corner at ``(rows, cols)`` for every working image; retire the fooled ones
         (and, on the ``last`` location, every image)."""
         _, c, h, w = ctx.x.shape
-        mask = window_mask(rows, cols, self.footprint(ctx.x.shape[1:]), h, w)
-        cur = torch.where(mask, ctx.rng.uniform(work.ids, (c, h, w)).to(ctx.x), ctx.x[work.ids])
+        work.mask = window_mask(rows, cols, self.footprint(ctx.x.shape[1:]), h, w)  # the patch's pixels
+        work.cur = torch.where(work.mask, ctx.rng.uniform(work.ids, (c, h, w)).to(ctx.x), ctx.x[work.ids])
         for step in range(self.steps + 1):
             if step == self.steps:  # steps spent: one last look
-                logits = ctx.logits(cur, work.ids)
+                logits = ctx.logits(work.cur, work.ids)
                 if last:
-                    work.retire_all(cur, logits)
+                    work.retire_all(work.cur, logits)
                 else:
-                    work.retire_fooled(ctx, cur, logits)
+                    work.retire(ctx.is_adversarial(logits, work.ids), work.cur, logits)
                 return
-            logits, _, grad = ctx.value_and_grad(cur, work.ids, objective)
-            keep = work.retire_fooled(ctx, cur, logits)
+            logits, _, work.grad = ctx.value_and_grad(work.cur, work.ids, objective)
+            work.retire(ctx.is_adversarial(logits, work.ids), work.cur, logits)
             if work.empty:
                 return
-            cur, grad, mask = cur[keep], grad[keep], mask[keep]
-            cur = torch.where(mask, (cur + self.alpha * grad.sign()).clamp(0.0, 1.0), cur)
+            work.cur = torch.where(work.mask, (work.cur + self.alpha * work.grad.sign()).clamp(0.0, 1.0), work.cur)
 
     def _corners(self, ctx: Context, grad: Tensor) -> tuple[Tensor, Tensor]:
         """Top-left corners ``(rows, cols)``, each ``(restarts, N)``, of every image's patch location per restart."""

@@ -28,9 +28,11 @@ import torch
 from torch import Tensor
 
 from attacks.base import check_choice, check_range
-from attacks.blackbox import ScoreAttack, ScoreSearch, State, expand
+from attacks.blackbox import ScoreAttack, ScoreSearch
 from attacks.losses import LOSSES, Objective
+from attacks.norms import per_sample
 from attacks.registry import register
+from attacks.workset import WorkSet
 
 BASES = ("pixel", "dct")
 
@@ -80,7 +82,7 @@ class SimBA(ScoreAttack):
             return self.step
         return self.eps if self.norm == "linf" else min(0.2, self.eps)
 
-    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+    def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
         x0 = search.oracle.x[ids]
         c, h, w = x0.shape[1:]
         key = search.oracle.rng.uniform(ids, (c * h * w,))
@@ -102,13 +104,12 @@ class SimBA(ScoreAttack):
         image = rows[:, :, None] * cols[:, None, :]
         out = torch.zeros_like(like)
         out[torch.arange(n, device=like.device), ch] = image
-        return out * expand(self.step_size / self.norm_obj.measure(out), out)
+        return out * per_sample(self.step_size / self.norm_obj.measure(out), out)
 
-    def _step(self, search: ScoreSearch, state: State) -> State:
-        x0 = search.oracle.x[state["ids"]]
-        order = state["order"]
-        q = self._direction(order.gather(1, (state["it"] % order.shape[1])[:, None])[:, 0], x0)
-        moved = search.accept(state, search.project(x0, state["x"] - q))
-        retry = ~moved & ~state["fooled"] & (search.oracle.remaining(state["ids"]) >= 1)
-        search.accept(state, search.project(x0, state["x"] + q), retry)
-        return state
+    def _step(self, search: ScoreSearch, work: WorkSet) -> None:
+        x0 = search.oracle.x[work.ids]
+        order = work.order
+        q = self._direction(order.gather(1, (work.it % order.shape[1])[:, None])[:, 0], x0)
+        moved = search.accept(work, search.clip(x0, work.x - q))
+        retry = ~moved & ~work.fooled & (search.oracle.remaining(work.ids) >= 1)
+        search.accept(work, search.clip(x0, work.x + q), retry)

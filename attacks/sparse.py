@@ -1,8 +1,8 @@
-"""Shared pieces of the patch and pixel attacks: early exit for their own search loops, and exact budgets.
+"""Shared pieces of the patch and pixel attacks: pixel setting, target checks and exact budgets.
 
-A :class:`WorkList` holds the result of every sample of the batch and the batch positions still being attacked.
-Each round the attack hands in the samples it is done with (fooled, or out of rounds); they leave the working set,
-so later rounds run on fewer samples and nothing is spent on a sample already fooled.
+Their search loops keep the samples still attacked in a :class:`~attacks.workset.WorkSet`: each round the samples
+that are done (fooled, or out of rounds) leave it, so later rounds run on fewer samples and nothing is spent on a
+sample already fooled.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Attack, Context, check_int
+from attacks.base import Attack, check_int
 from attacks.losses import Objective
 from attacks.norms import get_norm
 
@@ -29,53 +29,6 @@ def set_pixels(x: Tensor, pos: Tensor, values: Tensor) -> Tensor:
     out = x.reshape(m, c, h * w).clone()
     out.scatter_(2, pos[:, None, :].expand(-1, c, -1), values.transpose(1, 2).to(x.dtype))
     return out.reshape(m, c, h, w)
-
-
-class WorkList:
-    """Per-sample results of one attack call plus ``ids``: the batch positions still being worked on."""
-
-    def __init__(self, ctx: Context):
-        self.x = ctx.x.clone()
-        self.logits: Optional[Tensor] = None
-        self.ids = torch.arange(ctx.n, device=ctx.x.device)
-
-    @property
-    def empty(self) -> bool:
-        return self.ids.numel() == 0
-
-    def retire(self, done: Tensor, x_done: Tensor, logits_done: Tensor) -> Tensor:
-        """Store the results of the working samples flagged by ``done`` and drop them from the working set.
-
-        Args:
-            done: BoolTensor over the current working set.
-            x_done, logits_done: the final input and the model's logits on it, for the flagged samples in order.
-
-        Returns:
-            ``keep``: BoolTensor over the old working set, for compacting the caller's per-sample state.
-        """
-        if self.logits is None:
-            self.logits = logits_done.new_zeros(self.x.shape[0], logits_done.shape[1])
-        where = self.ids[done]
-        self.x[where] = x_done.to(self.x)
-        self.logits[where] = logits_done
-        keep = ~done
-        self.ids = self.ids[keep]
-        return keep
-
-    def retire_fooled(self, ctx: Context, x: Tensor, logits: Tensor) -> Tensor:
-        """Retire the working samples that ``x`` (one row per working sample) already fools; returns ``keep``."""
-        fooled = ctx.is_adversarial(logits, self.ids)
-        return self.retire(fooled, x[fooled], logits[fooled])
-
-    def retire_all(self, x: Tensor, logits: Tensor) -> None:
-        """End the attack: the remaining samples keep ``x`` (one row per working sample) as their result."""
-        self.retire(torch.ones_like(self.ids, dtype=torch.bool), x, logits)
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        """``(x_adv, logits)`` for the whole batch; call after :meth:`retire_all`."""
-        if self.logits is None or not self.empty:
-            raise RuntimeError("WorkList.result() called before every sample was retired")
-        return self.x, self.logits
 
 
 def keep_changes(x: Tensor, x_adv: Tensor, kept: Tensor) -> Tensor:

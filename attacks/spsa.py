@@ -18,16 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from attacks.blackbox import EstimatedGradientAttack, ScoreSearch, State, expand
+from attacks.blackbox import EstimatedGradientAttack, ScoreSearch
+from attacks.optim import Adam
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.square import rademacher
-
-_BETAS = (0.9, 0.999)  # Adam's defaults
-_ADAM_EPS = 1e-8
+from attacks.workset import WorkSet
 
 
 @register
@@ -45,16 +43,12 @@ class SPSA(EstimatedGradientAttack):
     def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
         return rademacher(rng, idx, shape)
 
-    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
-        state = super()._start(search, ids)
-        state["m"], state["v"] = torch.zeros_like(state["x"]), torch.zeros_like(state["x"])
-        return state
+    def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
+        work = super()._start(search, ids)
+        work.moments = Adam.moments(work.x)
+        return work
 
-    def _update(self, search: ScoreSearch, state: State, grad: Tensor) -> tuple[Tensor, State]:
-        b1, b2 = _BETAS
-        state["m"] = b1 * state["m"] + (1 - b1) * grad
-        state["v"] = b2 * state["v"] + (1 - b2) * grad * grad
-        t = state["it"].double() + 1  # each sample's own Adam step (bias corrections in double, as for a float)
-        m_hat = state["m"] / expand(1 - b1 ** t, grad).to(grad)
-        v_hat = state["v"] / expand(1 - b2 ** t, grad).to(grad)
-        return state["x"] + self.step_size * m_hat / (v_hat.sqrt() + _ADAM_EPS), state
+    def _update(self, search: ScoreSearch, work: WorkSet, grad: Tensor) -> Tensor:
+        # each sample's own Adam step count: its iterations so far, plus this one
+        move, work.moments = Adam(self.step_size).step(work.moments, grad, work.it + 1)
+        return work.x + move

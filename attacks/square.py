@@ -28,9 +28,11 @@ import torch
 from torch import Tensor
 
 from attacks.base import check_range
-from attacks.blackbox import ScoreAttack, ScoreSearch, State, expand
+from attacks.blackbox import ScoreAttack, ScoreSearch
+from attacks.norms import per_sample
 from attacks.registry import register
 from attacks.rng import SampleRNG
+from attacks.workset import WorkSet
 
 #: (end of the phase in queries out of 10,000, divisor of p_init) — the paper's schedule.
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
@@ -162,7 +164,7 @@ class Square(ScoreAttack):
         return table[it.clamp(max=table.numel() - 1)]
 
     # -- start --------------------------------------------------------------------------------------------------
-    def _start(self, search: ScoreSearch, ids: Tensor) -> State:
+    def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
         x0 = search.oracle.x[ids]
         c, h, w = x0.shape[1:]
         if self.norm == "linf":  # vertical stripes of +-eps
@@ -170,13 +172,13 @@ class Square(ScoreAttack):
             # the search copies its pixels from them, so a pixel's side is known by exact comparison.
             up, down = (x0 + self.eps).clamp(max=1.0), (x0 - self.eps).clamp(min=0.0)
             stripes = rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0) > 0
-            state = search.start(torch.where(stripes, up, down), ids, up=up, down=down)
+            work = search.start(torch.where(stripes, up, down), ids, up=up, down=down)
         else:
             delta = self._bump_grid(search.oracle.rng, ids, c, h, w).to(x0)
-            delta = delta * expand(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
-            state = search.start((x0 + delta).clamp(0.0, 1.0), ids)
-        state["draws"] = x0.new_empty(len(ids), _BLOCK, self._draws(c))
-        return state
+            delta = delta * per_sample(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
+            work = search.start((x0 + delta).clamp(0.0, 1.0), ids)
+        work.draws = x0.new_empty(len(ids), _BLOCK, self._draws(c))
+        return work
 
     def _draws(self, c: int) -> int:
         """Uniform numbers one iteration uses per image: the window's corner, then (Linf) ``_RESAMPLES`` sign
@@ -184,16 +186,16 @@ class Square(ScoreAttack):
         return 2 + _RESAMPLES * c if self.norm == "linf" else 5 + c
 
     @staticmethod
-    def _uniforms(search: ScoreSearch, state: State) -> Tensor:
+    def _uniforms(search: ScoreSearch, work: WorkSet) -> Tensor:
         """This iteration's uniform numbers per image, ``(n, k)``. Each image draws them ``_BLOCK`` iterations at a
         time from its own stream (one call of the per-sample streams, whose fixed cost would otherwise dominate an
         iteration on the few images left late in a run), so they depend on nothing but the image and its
         iteration."""
-        draws, slot = state["draws"], state["it"] % _BLOCK
+        draws, slot = work.draws, work.it % _BLOCK
         fresh = slot == 0
         if bool(fresh.any()):
             pos = fresh.nonzero()[:, 0]
-            draws[pos] = search.oracle.rng.uniform(state["ids"][pos], draws.shape[1:]).to(draws)
+            draws[pos] = search.oracle.rng.uniform(work.ids[pos], draws.shape[1:]).to(draws)
         return draws.gather(1, slot[:, None, None].expand(-1, 1, draws.shape[2]))[:, 0]
 
     @staticmethod
@@ -209,19 +211,18 @@ class Square(ScoreAttack):
         return out
 
     # -- one iteration ------------------------------------------------------------------------------------------
-    def _step(self, search: ScoreSearch, state: State) -> State:
-        ids = state["ids"]
+    def _step(self, search: ScoreSearch, work: WorkSet) -> None:
+        ids = work.ids
         x0 = search.oracle.x
         c, h, w = x0.shape[1:]
-        u = self._uniforms(search, state)
-        win = _Windows(u[:, 0], u[:, 1], self._sides(state["it"], h, w), h, w)
+        u = self._uniforms(search, work)
+        win = _Windows(u[:, 0], u[:, 1], self._sides(work.it, h, w), h, w)
         if self.norm == "linf":
-            cand = self._linf_candidate(u[:, 2:].reshape(-1, _RESAMPLES, c) < 0.5, state["x"], state["up"],
-                                        state["down"], win)
+            cand = self._linf_candidate(u[:, 2:].reshape(-1, _RESAMPLES, c) < 0.5, work.x, work.up, work.down,
+                                        win)
         else:
-            cand = self._l2_candidate(u[:, 2:], state["x"], x0[ids], win)
-        search.accept(state, cand)
-        return state
+            cand = self._l2_candidate(u[:, 2:], work.x, x0[ids], win)
+        search.accept(work, cand)
 
     @staticmethod
     def _linf_candidate(signs: Tensor, cur: Tensor, up: Tensor, down: Tensor, win: _Windows) -> Tensor:
@@ -260,5 +261,5 @@ class Square(ScoreAttack):
         budget = ((self.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
         fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()
         delta = torch.where(in_win, fresh, torch.where(in_other, torch.zeros_like(delta), delta))
-        delta = delta * expand(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
+        delta = delta * per_sample(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
         return (x0 + delta).clamp(0.0, 1.0)

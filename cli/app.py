@@ -1,83 +1,21 @@
-"""The ``robustcnn`` Typer application and its error handling.
+"""The ``robustcnn`` Typer application: the root app, and the commands it registers.
 
-Every failure ends as one line on stderr and an exit code: 2 for usage errors (bad option or value),
-1 for runtime errors (missing file, corrupt checkpoint, dataset not found), 130 for Ctrl-C. No tracebacks,
-unless ``ROBUSTCNN_DEBUG=1`` asks for them.
+The command modules define plain functions (and the ``patch`` sub-app); this module imports them and registers
+them, so the imports run one way. How failures end (one line, an exit code) is :mod:`cli.errors`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
 import robustcnn
-from cli import output
-from attacks import NonFiniteOutputError
-from robustcnn.distributed import Forwarded
-from robustcnn.errors import RobustCNNError, UsageError
-
-try:  # Typer >= 0.20 vendors Click; older releases use the click package
-    from typer._click import exceptions as _cx
-except ImportError:  # pragma: no cover - depends on the installed Typer
-    from click import exceptions as _cx
-
-
-def _rank() -> int:
-    """This process's rank when ``torchrun`` started several (0 otherwise)."""
-    try:
-        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except (KeyError, ValueError):
-        return 0
-
-
-def _fail(message: str, code: int, *, shared: bool = False) -> None:
-    """One line on stderr, then exit. Under torchrun, ranks other than 0 stay silent about errors every rank has
-    alike (``shared``: usage errors, interruptions, errors rank 0 forwarded): rank 0 says it once. Their own
-    failures they report, prefixed with their rank."""
-    rank = _rank()
-    if rank and shared:
-        sys.exit(code)
-    if rank and not message.startswith("rank "):
-        message = f"rank {rank}: {message}"
-    output.stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
-    sys.exit(code)
-
-
-class _Group(TyperGroup):
-    """Runs the commands with Click's standalone mode off, so errors become one line and an exit code."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
-        try:
-            rv = super().main(args=args, prog_name=prog_name or "robustcnn", complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except _cx.NoArgsIsHelpError:  # a bare command: its help was already printed
-            sys.exit(0)
-        except _cx.UsageError as exc:
-            where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
-            _fail(f"{where}{exc.format_message()}", 2, shared=True)
-        except _cx.ClickException as exc:
-            _fail(exc.format_message(), exc.exit_code, shared=True)
-        except (typer.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130, shared=True)
-        except RobustCNNError as exc:
-            _fail(str(exc), exc.exit_code, shared=isinstance(exc, (UsageError, Forwarded)) or exc.exit_code == 130)
-        except NonFiniteOutputError as exc:
-            _fail(str(exc), 1)
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)
-        except Exception as exc:  # a bug: still one line, but say how to see more
-            if os.environ.get("ROBUSTCNN_DEBUG"):
-                raise
-            _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with ROBUSTCNN_DEBUG=1 for the traceback", 1)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
+from cli.commands import attack, patch, report, train
+from cli.errors import OneLineErrors
 
 app = typer.Typer(
-    cls=_Group,
+    cls=OneLineErrors,
     name="robustcnn",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -102,17 +40,14 @@ def _root(
     """Train CNNs and find out, honestly and fast, how much of their accuracy survives an attacker."""
 
 
-def _register() -> None:
-    """Import each command module; each adds its command(s) to ``app``."""
-    from cli.commands import attack as _attack  # noqa: F401
-    from cli.commands import report as _report  # noqa: F401
-    from cli.commands import train as _train  # noqa: F401
-    from cli.commands import patch as _patch  # noqa: F401
+app.command("attack")(attack.attack_cmd)
+app.command("attacks")(attack.attacks_cmd)
+app.command("report")(report.report_cmd)
+app.command("train")(train.train_command)
+app.command("eval")(train.eval_command)
+app.add_typer(patch.patch_app, name="patch")
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
-
-
-_register()

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 import attacks
-from attacks.evaluate import correctly_classified, run_stage, sanity_warnings
+from attacks.evaluate import (ProgressFn, Shard, StageResult, cascade, correctly_classified, run_stage,
+                              sanity_warnings)
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.distributed import SINGLE, DistContext
@@ -33,8 +34,6 @@ from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
 BLACK_BOX = ("score", "decision")
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,25 @@ class ReportRequest:
     seed: int
     checkpoint_sha256: str
     dataset: str
+
+
+#: The budget most papers use per dataset and norm (pixel units of [0, 1]), as the user would write it.
+USUAL_EPS = {
+    "linf": {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"},
+    "l2": {"mnist": "2.0", "fashion-mnist": "1.5", "cifar10": "0.5", "svhn": "0.5", "shapes": "0.5"},
+}
+
+
+def usual_eps(dataset: str, norm: str) -> str:
+    """The usual budget for ``dataset`` under ``norm`` (``linf`` or ``l2``): 8/255 resp. 0.5 for other datasets."""
+    return USUAL_EPS[norm].get(dataset.strip().lower(), USUAL_EPS[norm]["cifar10"])
+
+
+def default_folder(request: ReportRequest) -> Path:
+    """``reports/<dataset>-<model hash>-<suite>-<request hash>``: one folder per request, so running the same
+    request again resumes it."""
+    key = hashlib.sha256(json.dumps(request.__dict__, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("reports") / f"{request.dataset}-{request.checkpoint_sha256[:8]}-{request.suite or 'custom'}-{key}"
 
 
 def file_sha256(path: Path) -> str:
@@ -93,13 +111,45 @@ def _stage_key(eps_i: int, attack_i: int) -> str:
     return f"{eps_i}:{attack_i}"
 
 
+#: Called as ``on_stage(key)`` after a stage ran and was saved in the resume state under ``key``.
+OnStage = Callable[[str], None]
+
+
+class _Stages:
+    """The finished stages of the resume state: each added one is saved at once, then announced."""
+
+    def __init__(self, state: dict, saver: _Saver, on_stage: Optional[OnStage]):
+        self.done, self.saver, self.on_stage = state["stages"], saver, on_stage
+
+    def add(self, key: str, entry: dict) -> None:
+        self.done[key] = entry
+        self.saver.save()
+        if self.on_stage is not None:
+            self.on_stage(key)
+
+    def once(self, key: str, run: Callable[[], dict]) -> dict:
+        """The entry saved under ``key``; ``run()`` makes it when no earlier run did."""
+        if key not in self.done:
+            self.add(key, run())
+        return self.done[key]
+
+
+def _fooled(entry: dict) -> Tensor:
+    """The indices of the samples a saved stage fooled."""
+    return entry["idx"][entry["fooled"]]
+
+
 def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, out: Path, *,
                device: torch.device, batch_size: int, progress: Optional[ProgressFn] = None,
-               stop_after: Optional[int] = None, dist: DistContext = SINGLE,
+               on_stage: Optional[OnStage] = None, dist: DistContext = SINGLE,
                ) -> tuple[dict, Optional[tuple[Tensor, Tensor]]]:
     """Run (or resume) the report. Returns the ``report.json`` document and the gallery examples
     ``(indices, adversarial images)`` fooled at the smallest positive eps (or None).
-    ``stop_after`` (tests): stop after that many newly run stages, as an interruption would.
+
+    Every budget is one :func:`attacks.evaluate.cascade` of the suite's bounded attacks, each stage saved in the
+    resume state as soon as it ran; ``on_stage(key)`` is called after each save (an interruption raised there
+    leaves a folder that the same call resumes). Stages found in the state are not run again, and a resumed
+    report is the uninterrupted one, sample by sample.
 
     Distributed (every rank calls it with the same arguments): rank 0 prepares the folder and sends the resume
     state to the others; every stage's samples are split over the ranks and the per-sample results gathered, so
@@ -107,61 +157,19 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     one process's, sample by sample, whatever the number of processes or the batch size."""
     state = dist.on_main(lambda: prepare_folder(out, request))
     saver = _Saver(out, state, enabled=dist.is_main)
-    shard = dist.shard
+    run = _Run(model, x, y, request, device=device, batch_size=batch_size, progress=progress, shard=dist.shard,
+               stages=_Stages(state, saver, on_stage))
     start = time.perf_counter()
     flags = [m.training for m in model.modules()]
     model.eval()
     try:
-        clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=shard)
+        clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=dist.shard)
         if "checks" not in state:
-            main_eps = max([e for e in request.eps if e > 0], default=0.0)
-            state["checks"] = sanity_warnings(model, x[:64].to(device), y[:64].to(device)) + (
-                attack_checks(model, x, y, eps=main_eps, norm=request.norm, device=device, seed=request.seed,
-                              batch_size=batch_size, shard=shard) if main_eps > 0 else [])
+            state["checks"] = run.checks()
             saver.save()
         notes = list(state["checks"])
-        ran = 0
-        results = []
-        for ei, eps in enumerate(request.eps):
-            suite = attacks.build_suite(request.suite, attack_names=request.attacks, eps=eps, norm=request.norm)
-            bounded = [a for a in suite if a.kind not in OTHER_THREAT_MODELS]
-            robust = clean.clone()
-            fooled_by = torch.full((len(y),), -1, dtype=torch.long)
-            for ai, atk in enumerate(bounded):
-                key = _stage_key(ei, ai)
-                if key not in state["stages"]:
-                    if stop_after is not None and ran >= stop_after:
-                        raise KeyboardInterrupt
-                    stage = run_stage(model, x, y, robust.nonzero().squeeze(1), atk, atk.name,
-                                      batch_size=batch_size, device=device, seed=request.seed,
-                                      keep_examples=ei == _gallery_index(request.eps),
-                                      progress=progress, shard=shard)
-                    state["stages"][key] = {
-                        "idx": stage.idx, "fooled": stage.fooled, "norms": stage.norms, "queries": stage.queries,
-                        "x_adv": stage.x_adv[stage.fooled] if stage.x_adv is not None else None,
-                        "stats": {**stage.stats.to_dict(), "kind": atk.kind},
-                    }
-                    saver.save()
-                    ran += 1
-                st = state["stages"][key]
-                won = st["idx"][st["fooled"]]
-                robust[won] = False
-                fooled_by[won] = ai
-            for ai, atk in enumerate(bounded[1:], start=1):
-                # the attack alone: with per-sample streams its results on the samples it saw are the cascade's,
-                # so it only has to meet the samples earlier attacks had already fooled
-                key = _stage_key(ei, ai) + ":alone"
-                if key not in state["stages"]:
-                    if stop_after is not None and ran >= stop_after:
-                        raise KeyboardInterrupt
-                    earlier = ((fooled_by >= 0) & (fooled_by < ai)).nonzero().squeeze(1)
-                    stage = run_stage(model, x, y, earlier, atk, atk.name, batch_size=batch_size, device=device,
-                                      seed=request.seed, progress=progress, shard=shard)
-                    state["stages"][key] = {"idx": stage.idx, "fooled": stage.fooled}
-                    saver.save()
-                    ran += 1
-            results.append(_eps_result(eps, ei, bounded, state, clean, robust, fooled_by))
-        others = _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress, shard)
+        results = [run.budget(ei, eps, clean) for ei, eps in enumerate(request.eps)]
+        others = run.other_threat_models(clean)
     finally:
         for m, f in zip(model.modules(), flags):
             m.training = f
@@ -175,24 +183,98 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     return doc, gallery_examples(state["stages"], request)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One run of a report: the model, the data, the request and how to run its stages."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    request: ReportRequest
+    device: torch.device
+    batch_size: int
+    progress: Optional[ProgressFn]
+    shard: Optional[Shard]
+    stages: _Stages
+
+    def checks(self) -> list[str]:
+        """The sanity checks: model-level warnings, and gradient-masking probes at the largest budget."""
+        main_eps = max([e for e in self.request.eps if e > 0], default=0.0)
+        notes = sanity_warnings(self.model, self.x[:64].to(self.device), self.y[:64].to(self.device))
+        if main_eps > 0:
+            notes += attack_checks(self.model, self.x, self.y, eps=main_eps, norm=self.request.norm,
+                                   device=self.device, seed=self.request.seed, batch_size=self.batch_size,
+                                   shard=self.shard)
+        return notes
+
+    def _suite(self, eps: float) -> list[attacks.Attack]:
+        return attacks.build_suite(self.request.suite, attack_names=self.request.attacks, eps=eps,
+                                   norm=self.request.norm)
+
+    def _stage(self, atk: attacks.Attack, idx: Tensor) -> StageResult:
+        return run_stage(self.model, self.x, self.y, idx, atk, atk.name, batch_size=self.batch_size,
+                         device=self.device, seed=self.request.seed, progress=self.progress, shard=self.shard)
+
+    def budget(self, ei: int, eps: float, clean: Tensor) -> dict:
+        """The cascade of the bounded attacks at ``eps`` (the ``ei``-th budget), and each attack alone."""
+        bounded = [a for a in self._suite(eps) if a.kind not in OTHER_THREAT_MODELS]
+        keys = [_stage_key(ei, ai) for ai in range(len(bounded))]
+
+        def save(ai: int, stage: StageResult) -> None:
+            self.stages.add(keys[ai], {
+                "idx": stage.idx, "fooled": stage.fooled, "norms": stage.norms, "queries": stage.queries,
+                "x_adv": stage.x_adv[stage.fooled] if stage.x_adv is not None else None,
+                "stats": {**stage.stats.to_dict(), "kind": bounded[ai].kind},
+            })
+
+        finished = {ai: _fooled(self.stages.done[k]) for ai, k in enumerate(keys) if k in self.stages.done}
+        result = cascade(self.model, self.x, self.y, bounded, start=clean, names=[a.name for a in bounded],
+                         batch_size=self.batch_size, device=self.device, seed=self.request.seed,
+                         keep_examples=ei == _gallery_index(self.request.eps), progress=self.progress,
+                         shard=self.shard, finished=finished, on_stage=save)
+        for ai, atk in enumerate(bounded[1:], start=1):
+            # the attack alone: with per-sample streams its results on the samples it saw are the cascade's,
+            # so it only has to meet the samples earlier attacks had already fooled
+            earlier = ((result.fooled_by >= 0) & (result.fooled_by < ai)).nonzero().squeeze(1)
+            self.stages.once(keys[ai] + ":alone", lambda: _fooled_mask(self._stage(atk, earlier)))
+        return _eps_result(eps, ei, bounded, self.stages.done, clean, result.robust, result.fooled_by)
+
+    def other_threat_models(self, clean: Tensor) -> list[dict]:
+        """Patch and pixel attacks of the suite: each on every correctly classified sample, reported on its own."""
+        rows = []
+        for ai, atk in enumerate(a for a in self._suite(max(self.request.eps)) if a.kind in OTHER_THREAT_MODELS):
+            def measure() -> dict:
+                stage = self._stage(atk, clean.nonzero().squeeze(1))
+                return {"stats": {**stage.stats.to_dict(), "kind": atk.kind},
+                        "accuracy": (clean.sum() - stage.fooled.sum()).item() / len(self.y)}
+
+            entry = self.stages.once(f"other:{ai}", measure)
+            rows.append({**entry["stats"], "accuracy_under_attack": entry["accuracy"]})
+        return rows
+
+
+def _fooled_mask(stage: StageResult) -> dict:
+    return {"idx": stage.idx, "fooled": stage.fooled}
+
+
 def _gallery_index(eps: list[float]) -> int:
     positive = [i for i, e in enumerate(eps) if e > 0]
     return min(positive, key=lambda i: eps[i]) if positive else -1
 
 
-def _eps_result(eps, ei, bounded, state, clean, robust, fooled_by) -> dict:
+def _eps_result(eps, ei, bounded, stages, clean, robust, fooled_by) -> dict:
     rows, cumulative, alone = [], [], []
     after = clean.clone()
     for ai, atk in enumerate(bounded):
-        st = state["stages"][_stage_key(ei, ai)]
-        after[st["idx"][st["fooled"]]] = False
+        st = stages[_stage_key(ei, ai)]
+        after[_fooled(st)] = False
         cumulative.append(after.float().mean().item())
         rows.append(st["stats"])
         survivors = clean.clone()
-        survivors[st["idx"][st["fooled"]]] = False
-        extra = state["stages"].get(_stage_key(ei, ai) + ":alone")
+        survivors[_fooled(st)] = False
+        extra = stages.get(_stage_key(ei, ai) + ":alone")
         if extra is not None:
-            survivors[extra["idx"][extra["fooled"]]] = False
+            survivors[_fooled(extra)] = False
         alone.append(survivors.float().mean().item())
     return {
         "eps": eps, "robust_accuracy": robust.float().mean().item(), "attacks": rows,
@@ -200,23 +282,6 @@ def _eps_result(eps, ei, bounded, state, clean, robust, fooled_by) -> dict:
         "per_sample": {"robust": robust.tolist(),
                        "fooled_by": [bounded[i].name if i >= 0 else None for i in fooled_by.tolist()]},
     }
-
-
-def _other_threat_models(model, x, y, request, state, saver, clean, device, batch_size, progress,
-                         shard=None) -> list[dict]:
-    """Patch and pixel attacks of the suite: each on every correctly classified sample, reported on its own."""
-    suite = attacks.build_suite(request.suite, attack_names=request.attacks, eps=max(request.eps), norm=request.norm)
-    rows = []
-    for ai, atk in enumerate(a for a in suite if a.kind in OTHER_THREAT_MODELS):
-        key = f"other:{ai}"
-        if key not in state["stages"]:
-            stage = run_stage(model, x, y, clean.nonzero().squeeze(1), atk, atk.name, batch_size=batch_size,
-                              device=device, seed=request.seed, progress=progress, shard=shard)
-            state["stages"][key] = {"stats": {**stage.stats.to_dict(), "kind": atk.kind},
-                                    "accuracy": (clean.sum() - stage.fooled.sum()).item() / len(y)}
-            saver.save()
-        rows.append({**state["stages"][key]["stats"], "accuracy_under_attack": state["stages"][key]["accuracy"]})
-    return rows
 
 
 def _consistency_warnings(results: list[dict], n: int) -> list[str]:

@@ -28,6 +28,28 @@ def test_worst_case_is_at_most_every_single_attack(trained):
     assert min(pgd.queries) <= pgd.queries_median_success <= max(pgd.queries)
 
 
+def test_cascade_resumed_from_finished_stages_ends_as_one_run(trained):
+    """``cascade`` with the first attack's result given as finished skips that attack and ends exactly where the
+    uninterrupted cascade ends; ``on_stage`` sees every attack it ran, and evaluate is that cascade."""
+    from attacks.evaluate import cascade, correctly_classified
+
+    model, x, y = trained
+    suite = [attacks.FGSM(eps=0.15), attacks.PGD(eps=0.15, steps=5)]
+    run = dict(names=["fgsm", "pgd"], batch_size=16, device=torch.device("cpu"), seed=2)
+    clean = correctly_classified(model, x, y, batch_size=16, device=torch.device("cpu"))
+    ran = {}
+    whole = cascade(model, x, y, suite, start=clean, on_stage=lambda i, st: ran.setdefault(i, st), **run)
+    assert sorted(ran) == [0, 1] and torch.equal(ran[1].idx, (clean & (whole.fooled_by != 0)).nonzero()[:, 0])
+    later = []
+    resumed = cascade(model, x, y, suite, start=clean, finished={0: ran[0].idx[ran[0].fooled]},
+                      on_stage=lambda i, st: later.append(i), **run)
+    assert later == [1]
+    assert torch.equal(resumed.robust, whole.robust) and torch.equal(resumed.fooled_by, whole.fooled_by)
+    rep = attacks.evaluate(model, (x, y), suite, batch_size=16, seed=2)
+    assert torch.equal(rep.robust, whole.robust) and torch.equal(rep.fooled_by, whole.fooled_by)
+    assert 0 < int((whole.fooled_by == 1).sum()) and whole.robust.sum() < clean.sum()
+
+
 def test_same_seed_same_report(trained):
     model, x, y = trained
     suite = [attacks.PGD(eps=0.15, steps=5)]

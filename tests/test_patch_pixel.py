@@ -18,8 +18,8 @@ import attacks
 from attacks.greedyl0 import corner_proposals
 from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows
 from attacks.patch import eot_paste, noise_patch, paste, patch_footprints, train_patch
-from cli.commands.patch import load_patch, save_patch
 from robustcnn.errors import RobustCNNError, UsageError
+from robustcnn.patches import load_patch, save_patch
 from train_fixtures import assert_one_line_error, run_cli
 
 SIZE = 16
@@ -697,13 +697,13 @@ def test_patch_measures_accuracy_on_every_patched_image(task):
     image at the same place as in the robust accuracy (which counts only images correct with and without it)."""
     from attacks.evaluate import attack_stream
     from attacks.rng import sample_keys
-    from cli.commands.patch import _measure
+    from robustcnn.patches import measure_patch
 
     model = task[0]
     x, y = _blobs(120, seed=13)
     y[::6] = (y[::6] + 1) % 4  # wrong labels: images the model gets wrong, which a patch may happen to put right
     patch = torch.ones(1, 5, 5)
-    m = _measure(model, x, y, patch, target=None, seed=3, batch_size=32, device=torch.device("cpu"))
+    m = measure_patch(model, x, y, patch, target=None, seed=3, batch_size=32, device=torch.device("cpu"))
     atk = attacks.UniversalPatch(patch=patch)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
@@ -718,14 +718,14 @@ def test_patch_measures_accuracy_on_every_patched_image(task):
 def test_patch_measure_over_several_draws(task):
     """With ``draws`` the figures are means over that many placements per image, draw ``d`` being the one-draw
     measure of seed ``seed + d``; ``drop_sd`` is the spread of the accuracy drop over the draws."""
-    from cli.commands.patch import _measure
+    from robustcnn.patches import measure_patch
 
     model = task[0]
     x, y = _blobs(96, seed=17)
     patch = torch.ones(1, 6, 6)
     run = dict(target=None, batch_size=32, device=torch.device("cpu"))
-    many = _measure(model, x, y, patch, seed=5, draws=3, **run)
-    singles = [_measure(model, x, y, patch, seed=5 + d, **run) for d in range(3)]
+    many = measure_patch(model, x, y, patch, seed=5, draws=3, **run)
+    singles = [measure_patch(model, x, y, patch, seed=5 + d, **run) for d in range(3)]
     assert len(many["draws"]) == 3
     for draw, single in zip(many["draws"], singles):
         assert single["draws"] == [draw] and single["drop_sd"] == 0.0

@@ -62,11 +62,24 @@ def _tiny_setup(newest):
     return model, x, y, req
 
 
+def _interrupt_after(stages: int):
+    """An ``on_stage`` callback that interrupts the report once ``stages`` stages ran and were saved."""
+    saved = []
+
+    def on_stage(key: str) -> None:
+        saved.append(key)
+        if len(saved) == stages:
+            raise KeyboardInterrupt
+
+    return on_stage
+
+
 def test_interrupted_report_resumes_to_the_same_result(newest, tmp_path):
     model, x, y, req = _tiny_setup(newest)
     full, _ = run_report(model, x, y, req, tmp_path / "a", device=torch.device("cpu"), batch_size=16)
     with pytest.raises(KeyboardInterrupt):
-        run_report(model, x, y, req, tmp_path / "b", device=torch.device("cpu"), batch_size=16, stop_after=2)
+        run_report(model, x, y, req, tmp_path / "b", device=torch.device("cpu"), batch_size=16,
+                   on_stage=_interrupt_after(2))
     assert (tmp_path / "b" / "state.pt").exists()
     calls = []
     resumed, _ = run_report(model, x, y, req, tmp_path / "b", device=torch.device("cpu"), batch_size=16,
@@ -74,12 +87,14 @@ def test_interrupted_report_resumes_to_the_same_result(newest, tmp_path):
     assert len(set(calls)) <= 2 and calls.count("fgsm") + calls.count("pgd") > 0  # only the unfinished stages ran
     for a, b in zip(full["results"], resumed["results"]):
         assert a["per_sample"] == b["per_sample"] and a["robust_accuracy"] == b["robust_accuracy"]
+        assert a["accuracy_after"] == b["accuracy_after"] and a["accuracy_alone"] == b["accuracy_alone"]
 
 
 def test_resuming_with_another_request_is_refused_and_keeps_the_state(newest, tmp_path):
     model, x, y, req = _tiny_setup(newest)
     with pytest.raises(KeyboardInterrupt):
-        run_report(model, x, y, req, tmp_path / "r", device=torch.device("cpu"), batch_size=16, stop_after=1)
+        run_report(model, x, y, req, tmp_path / "r", device=torch.device("cpu"), batch_size=16,
+                   on_stage=_interrupt_after(1))
     before = (tmp_path / "r" / "state.pt").read_bytes()
     other = ReportRequest(**{**req.__dict__, "checkpoint_sha256": "0" * 64})
     with pytest.raises(ValueError, match="another model"):

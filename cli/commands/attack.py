@@ -13,7 +13,6 @@ from rich.table import Table
 
 import attacks
 from cli import output
-from cli.app import app
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, parse_eps_list, positive
 from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
@@ -75,7 +74,7 @@ def _targets(y: torch.Tensor, classes: int, targeted: bool, target_class: Option
 def _with_patch(atk, patch_file, model, meta, datas: DataChoice, shape, dev, target_class, seed):
     """The universal patch attack with a loaded patch, or one trained on training images (never the test images)."""
     from attacks.patch import DEFAULT_AREA, train_patch
-    from cli.commands.patch import load_patch
+    from robustcnn.patches import load_patch
 
     if patch_file is not None:
         tensor = load_patch(patch_file, tuple(shape))
@@ -124,7 +123,6 @@ def _table(method: str, rows: list[dict], targeted: bool, kind: str = "white-box
     return t
 
 
-@app.command("attack")
 def attack_cmd(
     method: Annotated[str, typer.Option("--method", "-m", help="Attack to run: "
                                         + ", ".join(attacks.available()) + ". See `robustcnn attacks`.")] = "pgd",
@@ -244,7 +242,6 @@ def attack_cmd(
             output.stdout.print(f"examples written to {save_examples}")
 
 
-@app.command("attacks")
 def attacks_cmd(
     kind: Annotated[Optional[str], typer.Option(help="Only this kind: " + ", ".join(attacks.KINDS) + ".")] = None,
     json_out: Json = False,

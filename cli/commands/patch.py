@@ -1,32 +1,27 @@
 """`robustcnn patch train`: train universal adversarial patches, save them, and measure them on held-out images.
 
-Also home of :func:`load_patch` / :func:`save_patch`, the patch file formats the CLI reads and writes: a PNG (for
-eyes and image tools; 8 bits per channel) and a tensor file ``.pt`` (the exact float patch).
+The patch files and the measurement are library code: :mod:`robustcnn.patches`.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
 import torch
 import typer
 from rich.table import Table
 
-import attacks
-from attacks.patch import SHAPES, PatchTraining, check_patch, patch_footprints, train_patch
+from attacks.patch import SHAPES, PatchTraining, patch_footprints, train_patch
 from cli import output
-from cli.app import app
 from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
 from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
                          ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
-from robustcnn.errors import RobustCNNError, UsageError
+from robustcnn.errors import UsageError
+from robustcnn.patches import TENSOR_SUFFIXES, measure_patch, save_patch
 from robustcnn.perf import keep_freed_memory
 
-TENSOR_SUFFIXES = (".pt", ".pth")
 PATCH = "Patch options"
 
 patch_app = typer.Typer(
@@ -34,68 +29,6 @@ patch_app = typer.Typer(
     rich_markup_mode="rich",
     help="Universal adversarial patches (Brown et al. 2017): train, save, measure on held-out images.",
 )
-app.add_typer(patch_app, name="patch")
-
-
-# -- patch files ---------------------------------------------------------------------------------------------------
-def load_patch(path: str | Path, image_shape: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
-    """Read a patch saved as a tensor file (``.pt``/``.pth``) or an image (PNG, JPEG); returns ``(C, h, w)`` floats.
-
-    With ``image_shape = (C, H, W)`` the patch must also fit the model's images (same channels, smaller than the
-    image). A file that cannot be read raises :class:`RobustCNNError` (exit 1); one that is not a patch (not an image,
-    wrong shape or values) raises :class:`UsageError` (exit 2).
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RobustCNNError(f"cannot read patch file {path}: {exc.strerror or exc}") from None
-    patch = _tensor_from_bytes(raw, path) if path.suffix.lower() in TENSOR_SUFFIXES else _image_from_bytes(raw, path)
-    try:
-        return check_patch(patch, image_shape)
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
-
-
-def _tensor_from_bytes(raw: bytes, path: Path) -> torch.Tensor:
-    try:
-        patch = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-    except Exception:  # torch.load fails in many ways on foreign bytes; all mean "not a tensor file"
-        raise UsageError(f"{path} is not a tensor file (save a patch with `robustcnn patch train`)") from None
-    if not isinstance(patch, torch.Tensor):
-        raise UsageError(f"{path} holds a {type(patch).__name__}, not a patch tensor of shape (C, h, w)")
-    return patch.float()
-
-
-def _image_from_bytes(raw: bytes, path: Path) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            img.load()
-            mode, pixels = img.mode, np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise UsageError(f"{path} is not an image or tensor file (use a PNG, or the .pt a patch run wrote)") from None
-    if mode not in ("L", "RGB"):
-        raise UsageError(f"{path}: a patch image must be 8-bit grayscale or RGB without alpha, got mode {mode}")
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return torch.from_numpy(chw.copy()).float() / 255
-
-
-def save_patch(patch: torch.Tensor, stem: Path) -> tuple[Path, Path]:
-    """Write ``patch`` as ``<stem>.png`` and ``<stem>.pt``, each atomically; returns both paths."""
-    from PIL import Image
-
-    from robustcnn.fsutil import atomic_write
-
-    patch = check_patch(patch.detach().cpu().float())
-    pixels = (patch * 255).round().to(torch.uint8).numpy()
-    img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    torch.save(patch.clone(), buf)
-    png_path = atomic_write(stem.parent / f"{stem.name}.png", lambda handle: img.save(handle, format="PNG"))
-    pt_path = atomic_write(stem.parent / f"{stem.name}.pt", lambda handle: handle.write(buf.getvalue()))
-    return png_path, pt_path
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -123,47 +56,6 @@ def parse_shape(text: str):
     if sep and rows.isdigit() and cols.isdigit():
         return int(rows), int(cols)
     raise UsageError(f"invalid --shape {text!r}: write auto, square or ROWSxCOLS such as 13x3")
-
-
-def _measure(model, images, labels, patch, *, target, seed, batch_size, device, noise=False,
-             draws: int = 1) -> dict[str, Any]:
-    """How ``patch`` at random places does on the test images; with ``noise`` the same for the control, a
-    uniform-noise patch of the same size drawn afresh for every image.
-
-    ``patched_accuracy`` is the model's accuracy on every test image with the patch pasted on it (what "accuracy
-    under the patch" means for a patch applied to every image); ``robust_accuracy`` counts an image only if it was
-    classified correctly both without and with the patch (the attack convention, which never credits a patch for
-    an image it happened to put right); ``success_rate`` is the share of the correctly classified images fooled
-    (targeted: sent to the target). Every image gets the same place in both measures.
-
-    With ``draws`` > 1 every image is patched at ``draws`` places (draw ``d`` uses the per-sample keys of seed
-    ``seed + d``, so draw 0 is the single-draw measure); the three figures are means over the draws, each draw's
-    are listed under ``"draws"``, and ``drop_sd`` is the standard deviation over the draws of the accuracy drop
-    (clean minus patched accuracy): how much of a figure is the luck of where the patches landed.
-    """
-    from attacks.evaluate import correctly_classified, run_stage
-
-    atk = attacks.UniversalPatch(patch=patch, noise=noise)
-    n, bs = images.shape[0], batch_size or 256
-    model.eval()
-    clean = correctly_classified(model, images, labels, batch_size=bs, device=device)
-    per_draw = []
-    for d in range(draws):
-        run = dict(batch_size=bs, device=device, seed=seed + d)  # evaluate's per-sample keys: same places
-        wrong = run_stage(model, images, labels, torch.arange(n), atk, "patch", **run).fooled  # every image, patched
-        if target is None:
-            hit = wrong[clean]
-        else:
-            tgt = torch.full_like(labels, target)
-            hit = run_stage(model, images, labels, clean.nonzero()[:, 0], atk, "patch", target=tgt, **run).fooled
-        per_draw.append({"patched_accuracy": (n - int(wrong.sum())) / n,
-                         "robust_accuracy": (int(clean.sum()) - int(hit.sum())) / n,
-                         "success_rate": hit.float().mean().item()})
-    mean = {k: sum(r[k] for r in per_draw) / draws for k in per_draw[0]}
-    patched = torch.tensor([r["patched_accuracy"] for r in per_draw], dtype=torch.float64)
-    return {"clean_accuracy": int(clean.sum()) / n, **mean,
-            "drop_sd": patched.std().item() if draws > 1 else 0.0, "draws": per_draw,
-            "area": patch.shape[1] * patch.shape[2] / images[0, 0].numel()}
 
 
 def _default_stem(out: Optional[Path], dataset: str, area: float, target: Optional[int], several: bool) -> Path:
@@ -227,31 +119,16 @@ def train_cmd(
     """
     refuse_distributed("patch train")
     areas = parse_areas(area)
-    for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--draws", draws),
-                        ("--batch-size", batch_size)):
-        positive(name, value)
-    if refine < 0:
-        raise UsageError(f"--refine must be >= 0, got {refine}")
-    from robustcnn.data import to_float
-    from robustcnn.device import resolve_device
-
-    dev = resolve_device(device)
-    keep_freed_memory()
+    _check_counts(steps=steps, train_images=train_images, n=n, draws=draws, batch_size=batch_size, refine=refine)
     models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
     datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
-    model, meta, test = load_sources(models, datas, dev, limit=n)
+    model, meta, dev, test = _load_model(models, datas, device, n)
     names = tuple(test.classes)
     if target is not None and not 0 <= target < len(names):
         raise UsageError(f"--target must be a class index in [0, {len(names) - 1}], got {target}")
-    train = datas.load(meta, split="train", limit=train_images, require_split=True)
-    train_x, train_y = to_float(train.images, dev), train.labels.to(dev)
-    test_x, test_y = to_float(test.images, dev), test.labels.to(dev)
-    footprint = parse_shape(shape)
-    for a in areas:
-        try:
-            patch_footprints(footprint, a, test_x.shape[-2], test_x.shape[-1])
-        except ValueError as exc:
-            raise UsageError(f"--area {a}: {exc}") from None
+    train_x, train_y, test_x, test_y = _load_data(datas, meta, test, train_images, dev)
+    footprint = _check_shape(shape, areas, test_x.shape[-2:])
+    training = PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink, refine=refine)
     measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev, draws=draws)
     rows = []
     with output.progress(json_out) as bar:
@@ -259,12 +136,9 @@ def train_cmd(
         for a in areas:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             patch = train_patch(model, train_x, train_y, area=a, shape=footprint, target=target, generator=gen,
-                                training=PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink,
-                                                       refine=refine))
-            png, pt = save_patch(patch, _default_stem(out, test.name, a, target, len(areas) > 1))
-            rows.append({"area_requested": a, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
-                         "patch": _measure(model, test_x, test_y, patch.to(dev), **measure),
-                         "noise": _measure(model, test_x, test_y, patch.to(dev), noise=True, **measure)})
+                                training=training)
+            files = save_patch(patch, _default_stem(out, test.name, a, target, len(areas) > 1))
+            rows.append(_row(a, patch, files, model, test_x, test_y, measure))
             bar.advance(task)
     if json_out:
         output.emit_json({"checkpoint": model_label(meta), "dataset": test.name, "targeted": target is not None,
@@ -276,6 +150,54 @@ def train_cmd(
     output.stdout.print(_table(rows, target, int(test_x.shape[0]), names))
     for r in rows:
         output.stdout.print(f"saved {r['png']} and {r['tensor']}", soft_wrap=True)
+
+
+def _check_counts(*, steps: int, train_images: int, n: int, draws: int, batch_size: Optional[int],
+                  refine: int) -> None:
+    for name, value in (("--steps", steps), ("--train-images", train_images), ("--n", n), ("--draws", draws),
+                        ("--batch-size", batch_size)):
+        positive(name, value)
+    if refine < 0:
+        raise UsageError(f"--refine must be >= 0, got {refine}")
+
+
+def _row(area: float, patch: torch.Tensor, files: tuple[Path, Path], model, test_x, test_y,
+         measure: dict[str, Any]) -> dict[str, Any]:
+    """One trained patch's result: its files, and the patch and its noise control measured on the test images."""
+    png, pt = files
+    on_device = patch.to(measure["device"])
+    return {"area_requested": area, "patch_shape": list(patch.shape), "png": str(png), "tensor": str(pt),
+            "patch": measure_patch(model, test_x, test_y, on_device, **measure),
+            "noise": measure_patch(model, test_x, test_y, on_device, noise=True, **measure)}
+
+
+def _check_shape(shape: str, areas: list[float], image_size: tuple[int, int]):
+    """The --shape option parsed, once every area was found to allow such a patch on images of ``image_size``."""
+    footprint = parse_shape(shape)
+    for a in areas:
+        try:
+            patch_footprints(footprint, a, *image_size)
+        except ValueError as exc:
+            raise UsageError(f"--area {a}: {exc}") from None
+    return footprint
+
+
+def _load_model(models: ModelChoice, datas: DataChoice, device: str, n: int):
+    """The model on its device and the first ``n`` images it is measured on."""
+    from robustcnn.device import resolve_device
+
+    dev = resolve_device(device)
+    keep_freed_memory()
+    model, meta, test = load_sources(models, datas, dev, limit=n)
+    return model, meta, dev, test
+
+
+def _load_data(datas: DataChoice, meta: dict, test, train_images: int, dev: torch.device):
+    """Training images (a split apart from the test images) and the test images, as floats on ``dev``."""
+    from robustcnn.data import to_float
+
+    train = datas.load(meta, split="train", limit=train_images, require_split=True)
+    return (to_float(train.images, dev), train.labels.to(dev), to_float(test.images, dev), test.labels.to(dev))
 
 
 def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...]) -> Table:

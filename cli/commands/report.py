@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.table import Table
 
 import attacks
 from cli import output
-from cli.app import app
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps_list, positive
 from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
                          ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import RobustCNNError, UsageError
-
-#: Budgets most papers use per dataset (pixel units of [0, 1]).
-DEFAULT_EPS = {
-    "linf": {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"},
-    "l2": {"mnist": "2.0", "fashion-mnist": "1.5", "cifar10": "0.5", "svhn": "0.5", "shapes": "0.5"},
-}
 
 
 class ReportBelowThreshold(RobustCNNError):
@@ -34,11 +25,6 @@ class ReportInterrupted(RobustCNNError):
     """Ctrl-C, or SIGTERM in a distributed run (exit code 130, like a shell)."""
 
     exit_code = 130
-
-
-def _request_folder(request) -> Path:
-    key = hashlib.sha256(json.dumps(request.__dict__, sort_keys=True).encode()).hexdigest()[:8]
-    return Path("reports") / f"{request.dataset}-{request.checkpoint_sha256[:8]}-{request.suite or 'custom'}-{key}"
 
 
 def _table(doc: dict) -> Table:
@@ -62,7 +48,6 @@ def _table(doc: dict) -> Table:
     return t
 
 
-@app.command("report")
 def report_cmd(
     suite: Annotated[str, typer.Option(help="Attack suite: quick (FGSM, PGD), standard (APGD-CE, APGD-T, DeepFool, "
                                             "Square), full (standard + decision, patch and pixel attacks).")]
@@ -100,10 +85,44 @@ def report_cmd(
     Writes report.json, report.md, accuracy_vs_eps.png and gallery.png into the report folder. An interrupted
     report resumes from the attacks already finished when the same command is run again.
     """
-    from robustcnn.device import default_batch_size
-    from robustcnn.plots import save_grid
-    from robustcnn.report import ReportRequest, run_report, write_report
+    from robustcnn.report import ReportRequest, default_folder, usual_eps
 
+    names = _check_options(suite=suite, attack_list=attack_list, norm=norm, n=n, batch_size=batch_size,
+                           fail_under=fail_under, out=out)
+    with session(device) as (ctx, dev):
+        models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+        datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
+        model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
+        eps_list = parse_eps_list(eps if eps is not None else usual_eps(data.name, norm))
+        try:  # every usage error before any work
+            for e in eps_list:
+                attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        count = min(n, len(data))
+        x, y = data.images[:count].float().div(255), data.labels[:count]
+        request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
+                                seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name)
+        folder = out if out is not None else default_folder(request)
+        doc, gallery = _run(model, x, y, request, folder, ctx=ctx, dev=dev, batch_size=batch_size,
+                            quiet=json_out or not ctx.is_main)
+        if not ctx.is_main:  # rank 0 writes the files and prints; the others are done
+            return
+        doc["model"] = {"checkpoint": model_label(meta), "architecture": meta.get("architecture"),
+                        "dataset": data.name, "source": meta["source"], "data": datas.describe(meta)}
+        draw = None
+        if gallery is not None:
+            draw = _gallery_drawer(gallery, x, y, model, list(data.classes), dev)
+        _write_and_show(folder, doc, classes=list(data.classes), gallery=draw, json_out=json_out)
+        if fail_under is not None:
+            worst = min(r["robust_accuracy"] for r in doc["results"])
+            if worst < fail_under:
+                raise ReportBelowThreshold(f"worst-case robust accuracy {worst:.2%} is below --fail-under {fail_under:.2%}")
+
+
+def _check_options(*, suite: str, attack_list: Optional[str], norm: str, n: int, batch_size: Optional[int],
+                   fail_under: Optional[float], out: Optional[Path]) -> Optional[list[str]]:
+    """Usage errors in the options, before any work; returns the --attacks names (None: the suite)."""
     if norm not in ("linf", "l2"):
         raise UsageError(f"--norm must be linf or l2, got {norm!r}")
     positive("--n", n)
@@ -117,58 +136,50 @@ def report_cmd(
         raise UsageError(f"unknown suite {suite!r}: choose one of {', '.join(attacks.SUITES)}")
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    return names
 
-    with session(device) as (ctx, dev):
-        models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
-        datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
-        model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
-        eps_list = parse_eps_list(eps if eps is not None else DEFAULT_EPS[norm].get(data.name, "8/255"))
-        try:  # every usage error before any work
-            for e in eps_list:
-                attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        count = min(n, len(data))
-        x, y = data.images[:count].float().div(255), data.labels[:count]
-        request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
-                                seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name)
-        folder = out if out is not None else _request_folder(request)
 
-        with output.progress(json_out or not ctx.is_main) as bar:
-            tasks: dict[str, int] = {}
+def _run(model, x, y, request, folder: Path, *, ctx, dev, batch_size: Optional[int], quiet: bool):
+    """Run (or resume) the report with a progress bar per stage; Ctrl-C becomes :class:`ReportInterrupted`."""
+    from robustcnn.device import default_batch_size
+    from robustcnn.report import run_report
 
-            def progress(name: str, done: int, total: int) -> None:
-                key = f"{name}:{total}"
-                if key not in tasks:
-                    tasks[key] = bar.add_task(name, total=total)
-                bar.update(tasks[key], completed=done)
+    with output.progress(quiet) as bar:
+        tasks: dict[str, int] = {}
 
-            try:
-                doc, gallery = run_report(model, x, y, request, folder, device=dev, dist=ctx,
-                                          batch_size=batch_size or default_batch_size(dev, training=False),
-                                          progress=progress)
-            except KeyboardInterrupt:
-                raise ReportInterrupted(f"interrupted: the finished attacks are saved in {folder}/; run the same "
-                                        "command again to resume") from None
-        if not ctx.is_main:  # rank 0 writes the files and prints; the others are done
-            return
-        doc["model"] = {"checkpoint": model_label(meta), "architecture": meta.get("architecture"),
-                        "dataset": data.name, "source": meta["source"], "data": datas.describe(meta)}
-        draw = None
-        if gallery is not None:
-            idx, x_adv = gallery
-            draw = lambda p: save_grid(p, x[idx], x_adv, y[idx], model, list(data.classes), dev)  # noqa: E731
-        write_report(folder, doc, classes=list(data.classes), gallery=draw)
+        def progress(name: str, done: int, total: int) -> None:
+            key = f"{name}:{total}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(name, total=total)
+            bar.update(tasks[key], completed=done)
 
-        if json_out:
-            output.emit_json({**doc, "folder": str(folder)})
-        else:
-            output.stdout.print(_table(doc))
-            for w in doc["warnings"]:
-                output.stderr.print(f"[yellow]warning:[/] {w}")
-            output.stdout.print(f"report written to {folder}/ (report.json, report.md, accuracy_vs_eps.png"
-                                + (", gallery.png)" if draw else ")"))
-        if fail_under is not None:
-            worst = min(r["robust_accuracy"] for r in doc["results"])
-            if worst < fail_under:
-                raise ReportBelowThreshold(f"worst-case robust accuracy {worst:.2%} is below --fail-under {fail_under:.2%}")
+        try:
+            return run_report(model, x, y, request, folder, device=dev, dist=ctx,
+                              batch_size=batch_size or default_batch_size(dev, training=False), progress=progress)
+        except KeyboardInterrupt:
+            raise ReportInterrupted(f"interrupted: the finished attacks are saved in {folder}/; run the same "
+                                    "command again to resume") from None
+
+
+def _gallery_drawer(gallery, x, y, model, classes: list[str], dev) -> Callable[[Path], None]:
+    """Draws the gallery of ``gallery = (indices, adversarial images)`` into a PNG path."""
+    from robustcnn.plots import save_grid
+
+    idx, x_adv = gallery
+    return lambda p: save_grid(p, x[idx], x_adv, y[idx], model, classes, dev)
+
+
+def _write_and_show(folder: Path, doc: dict, *, classes: list[str], gallery: Optional[Callable[[Path], None]],
+                    json_out: bool) -> None:
+    """Write the report's files, then print the JSON document, or the table, the warnings and where it went."""
+    from robustcnn.report import write_report
+
+    write_report(folder, doc, classes=classes, gallery=gallery)
+    if json_out:
+        output.emit_json({**doc, "folder": str(folder)})
+        return
+    output.stdout.print(_table(doc))
+    for w in doc["warnings"]:
+        output.stderr.print(f"[yellow]warning:[/] {w}")
+    output.stdout.print(f"report written to {folder}/ (report.json, report.md, accuracy_vs_eps.png"
+                        + (", gallery.png)" if gallery else ")"))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 from rich.progress import TextColumn
 from rich.table import Table
 
 from cli import output
-from cli.app import app
 from cli.distributed import refuse_distributed, session, sigterm_interrupts
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
 from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
@@ -19,16 +19,16 @@ from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
 from robustcnn.checkpoint import record_latest
 from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
+from robustcnn.distributed import DistContext
 from robustcnn.errors import RobustCNNError, UsageError
 from robustcnn.models import MODELS
 from robustcnn.perf import keep_freed_memory
+from robustcnn.report import usual_eps
 from robustcnn.train import OPTIMIZERS, Progress, TrainConfig, evaluate, train
 
 TRAINING = "Training"
 ADVERSARIAL = "Adversarial training"
 SAVING = "Checkpoint"
-#: --eps when --adv is given without one: the budget reports use for the dataset (Linf).
-USUAL_EPS = {"mnist": "0.3", "fashion-mnist": "0.1", "cifar10": "8/255", "svhn": "8/255", "shapes": "8/255"}
 
 
 class Interrupted(RobustCNNError):
@@ -46,7 +46,6 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
-@app.command("train")
 def train_command(
     model: Annotated[str, typer.Option("--model", "-m", help=f"Architecture: {', '.join(MODELS)}.",
                                        rich_help_panel=TRAINING)] = TrainConfig.model,
@@ -112,21 +111,23 @@ def train_command(
     """
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lr", lr), ("--limit", limit)):
         positive(name, value)
-    adversarial = _adversarial_config(dataset, adv, eps, adv_norm, adv_steps, adv_alpha, beta, eps_warmup, adv_val,
-                                      adv_init)
-    with session(device) as (ctx, dev):
-        _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size,
-               data_dir, json_mode, adversarial)
-
-
-def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out, resume, seed, batch_size, data_dir,
-           json_mode, adversarial: AdvConfig | None) -> None:
+    adversarial = _adversarial_config(dataset, method=adv, eps=eps, norm=adv_norm, steps=adv_steps, alpha=adv_alpha,
+                                      beta=beta, warmup=eps_warmup, val=adv_val, init=adv_init)
     if epochs is None:
         epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
-    config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer, augment=augment,
-                         seed=seed, limit=limit, batch_size=batch_size or default_batch_size(dev, training=True))
-    suffix = f"-{adversarial.method}" if adversarial is not None else ""
-    path = out / f"{config.dataset}-{config.model}{suffix}.pt"
+    with session(device) as (ctx, dev):
+        config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer,
+                             augment=augment, seed=seed, limit=limit,
+                             batch_size=batch_size or default_batch_size(dev, training=True))
+        suffix = f"-{adversarial.method}" if adversarial is not None else ""
+        _train(ctx, dev, config, adversarial, checkpoint=out / f"{config.dataset}-{config.model}{suffix}.pt",
+               resume=resume, data_dir=data_dir, json_mode=json_mode)
+
+
+def _train(ctx: DistContext, dev: torch.device, config: TrainConfig, adversarial: Optional[AdvConfig], *,
+           checkpoint: Path, resume: bool, data_dir: Optional[Path], json_mode: bool) -> None:
+    """Train ``config`` (adversarially with ``adversarial``) into ``checkpoint`` with a progress bar; record the
+    finished run as the newest and print its summary (rank 0)."""
     train_data = ctx.main_first(lambda: load_dataset(config.dataset, train=True, data_dir=data_dir))
     test_data = ctx.main_first(lambda: load_dataset(config.dataset, train=False, data_dir=data_dir))
     done = {"epochs": 0}
@@ -146,17 +147,17 @@ def _train(ctx, dev, model, dataset, epochs, lr, optimizer, augment, limit, out,
                 if adversarial is not None:
                     _report_epoch(stats, config.epochs, json_mode)
 
-            result = train(config, train_data, test_data, device=dev, checkpoint=path, resume=resume,
+            result = train(config, train_data, test_data, device=dev, checkpoint=checkpoint, resume=resume,
                            adversarial=adversarial, on_step=on_step, on_epoch=on_epoch, dist=ctx)
     except KeyboardInterrupt:
-        kept = f"{path} holds epoch {done['epochs']}" if done["epochs"] else "no epoch was completed"
+        kept = f"{checkpoint} holds epoch {done['epochs']}" if done["epochs"] else "no epoch was completed"
         raise Interrupted(f"interrupted: {kept}; rerun with --resume to continue") from None
     if ctx.is_main:
-        record_latest(path, result.meta)
-        _report_training(result.meta, path, json_mode)
+        record_latest(checkpoint, result.meta)
+        _report_training(result.meta, checkpoint, json_mode)
 
 
-def _adversarial_config(dataset: str, method: str | None, eps: str | None, norm: str, steps: int | None,
+def _adversarial_config(dataset: str, *, method: str | None, eps: str | None, norm: str, steps: int | None,
                         alpha: str | None, beta: float | None, warmup: float, val: int,
                         init: str = AdvConfig.init) -> AdvConfig | None:
     """The --adv options as an :class:`AdvConfig` (None without --adv); usage errors for anything inconsistent."""
@@ -173,7 +174,7 @@ def _adversarial_config(dataset: str, method: str | None, eps: str | None, norm:
     if eps is None:
         if str(norm).strip().lower() != "linf":
             raise UsageError(f"--adv-norm {norm} needs an explicit --eps (in [0, 1] pixel units)")
-        eps = USUAL_EPS.get(str(dataset).strip().lower(), "8/255")
+        eps = usual_eps(str(dataset), "linf")  # the budget reports use for the dataset
     budget = parse_eps(eps)
     if budget <= 0:
         raise UsageError(f"--eps must be > 0 for adversarial training, got {eps}")
@@ -241,7 +242,6 @@ def _report_training(meta: dict[str, Any], path: Path, json_mode: bool) -> None:
     output.stdout.print(table)
 
 
-@app.command("eval")
 def eval_command(
     checkpoint: Checkpoint = None,
     model_spec: ModelSpec = None,
