@@ -8,39 +8,42 @@
 
 The model must map images in [0, 1] to logits (normalization inside the model). Attacks never modify the model or
 ``x``; see :mod:`attacks.base` for the full contract.
+
+Every module of this package is imported here, in name order, so an attack is added by one file: its ``@register``
+runs on import, and every attack class with a ``name`` (the registered ones, and :class:`KLPGD`, the TRADES inner
+maximization, which is named but not registered) is exported as ``attacks.<ClassName>``.
 """
 
+import importlib
+import pkgutil
+
 from attacks.base import (
-    DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, MinNormAttack, NonFiniteOutputError,
+    DEFAULT_EPS, KINDS, Attack, AttackResult, BoundedAttack, Context, LabelRangeError, MinNormAttack, ModelState,
+    NonFiniteOutputError,
 )
 from attacks.registry import AttackSpec, available, build, get, register
 from attacks.evaluate import AttackStats, Report, evaluate
 from attacks.suites import SUITES, build_suite, suite_names
 
-# importing the attack modules registers them
-from attacks.fgsm import FGSM  # noqa: E402  (isort: skip)
-from attacks.pgd import PGD  # noqa: E402
-from attacks.bim import BIM  # noqa: E402
-from attacks.mifgsm import MIFGSM  # noqa: E402
-from attacks.eotpgd import EOTPGD  # noqa: E402
-from attacks.apgd import APGD, APGDT  # noqa: E402
-from attacks.cw import CarliniWagner  # noqa: E402
-from attacks.deepfool import DeepFool  # noqa: E402
-from attacks.square import Square  # noqa: E402
-from attacks.simba import SimBA  # noqa: E402
-from attacks.nes import NES  # noqa: E402
-from attacks.spsa import SPSA  # noqa: E402
-from attacks.hopskipjump import HopSkipJump  # noqa: E402
-from attacks.boundary import Boundary  # noqa: E402
-from attacks.patch import LocalizedPatch, UniversalPatch  # noqa: E402
-from attacks.onepixel import OnePixel  # noqa: E402
-from attacks.greedyl0 import GreedyL0  # noqa: E402
-from attacks.trades import KLPGD  # noqa: E402  (not registered: the TRADES inner maximization)
-
-__all__ = [
+_CORE = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
-    "NonFiniteOutputError", "available", "build", "get", "register", "AttackStats", "Report", "evaluate", "SUITES", "build_suite", "suite_names",
-    "FGSM", "PGD", "BIM", "MIFGSM", "EOTPGD", "APGD", "APGDT", "CarliniWagner", "DeepFool",
-    "Square", "SimBA", "NES", "SPSA", "HopSkipJump", "Boundary",
-    "UniversalPatch", "LocalizedPatch", "OnePixel", "GreedyL0", "KLPGD",
+    "NonFiniteOutputError", "LabelRangeError", "ModelState", "available", "build", "get", "register", "AttackStats",
+    "Report", "evaluate", "SUITES", "build_suite", "suite_names",
 ]
+
+
+def _attack_classes() -> dict[str, type]:
+    """Import every module of the package; return its public attack classes with a ``name``, by class name."""
+    found: dict[str, type] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Attack) and obj.name and obj.__module__ == module.__name__
+                    and not obj.__name__.startswith("_")):
+                found[obj.__name__] = obj
+    return found
+
+
+_ATTACKS = _attack_classes()
+globals().update(_ATTACKS)
+__all__ = _CORE + sorted(_ATTACKS)

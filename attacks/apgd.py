@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attacks.base import BoundedAttack, Context, check_choice, check_int, check_range
+from attacks.base import MAX_RESTARTS, BoundedAttack, Context, check_choice, check_int, check_range
 from attacks.iterative import with_restarts
 from attacks.losses import Objective, dlr, get_loss
 from attacks.norms import Norm, per_sample
+from attacks.params import param
 from attacks.registry import register
 from attacks.workset import Results, WorkSet
 
@@ -132,15 +133,16 @@ def _apgd_run(ctx: Context, idx: Tensor, *, norm: Norm, eps: float, steps: int, 
 class _APGDBase(BoundedAttack):
     supported_norms = ("linf", "l2")
 
-    steps: int = 100
-    restarts: int = 1
-    rho: float = 0.75
-    momentum: float = 0.75
+    steps: int = param(100, "Iterations per run.", fast=10)
+    restarts: int = param(1, "Runs from random starts; each later one only for the samples still unfooled.")
+    rho: float = param(0.75, "The step size is halved at a checkpoint when fewer than this fraction of the steps "
+                             "since the last one raised the loss.")
+    momentum: float = param(0.75, "Weight of the new gradient step against the previous step's direction.")
 
     def _validate(self) -> None:
         super()._validate()
         check_int("steps", self.steps)
-        check_int("restarts", self.restarts)
+        check_int("restarts", self.restarts, high=MAX_RESTARTS)
         check_range("rho", self.rho, low=0.0, high=1.0)
         check_range("momentum", self.momentum, low=0.0, high=1.0)
 
@@ -154,12 +156,10 @@ class _APGDBase(BoundedAttack):
 @register
 @dataclass(frozen=True, kw_only=True)
 class APGD(_APGDBase):
-    """``loss``: ``ce`` (APGD-CE) or ``dlr`` (APGD-DLR)."""
-
     name = "apgd"
     description = "Auto-PGD: step-size-free PGD with momentum, CE or DLR loss (Croce & Hein 2020)"
 
-    loss: str = "ce"
+    loss: str = param("ce", "Loss to maximize: ce (APGD-CE) or dlr (APGD-DLR).")
 
     def _validate(self) -> None:
         super()._validate()
@@ -174,12 +174,13 @@ class APGD(_APGDBase):
 @register
 @dataclass(frozen=True, kw_only=True)
 class APGDT(_APGDBase):
-    """Targeted APGD with the targeted DLR loss; ``n_target_classes`` top wrong classes are tried in turn."""
+    """Targeted APGD with the targeted DLR loss."""
 
     name = "apgd-t"
     description = "Targeted Auto-PGD over the top wrong classes with the targeted DLR loss (Croce & Hein 2020)"
 
-    n_target_classes: int = 9
+    n_target_classes: int = param(9, "Untargeted: the most likely wrong classes aimed at in turn, each only for "
+                                     "the samples still unfooled.", fast=2)
 
     def _validate(self) -> None:
         super()._validate()

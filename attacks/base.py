@@ -7,7 +7,10 @@ on the way out, and builds the :class:`AttackResult`.
 
 Guarantees of every call (the contract tests check them for every registered attack):
 
-* the model's mode, parameters, parameter ``.grad`` and device are left as they were; ``x`` is not modified;
+* the model's mode, parameters, buffers (batch-norm statistics), parameter ``.grad`` and device are left as they
+  were (:class:`ModelState`); ``x`` is not modified;
+* labels and targets outside the model's classes raise :class:`LabelRangeError`; a model whose parameters have
+  another floating dtype than ``x`` (float64, say) is run on ``x`` cast to that dtype;
 * ``x_adv`` has ``x``'s shape, dtype and device, lies in [0, 1] and inside the budget;
 * ``success`` equals the model's re-prediction on ``x_adv`` (``!= y``, or ``== target`` when targeted);
 * the same ``generator`` seed gives the same result.
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.norms import Norm, get_norm
+from attacks.params import param
 from attacks.rng import SampleRNG
 
 KINDS = ("white-box", "score", "decision", "patch", "pixel")
@@ -35,6 +39,60 @@ DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
 
 class NonFiniteOutputError(ValueError):
     """The model produced NaN or infinite logits. Raised instead of silently zeroing them."""
+
+
+class LabelRangeError(ValueError):
+    """A label or target names a class the model does not have (its logits have fewer columns)."""
+
+
+def check_labels(labels: Tensor, classes: int, what: str = "label") -> None:
+    """Raise :class:`LabelRangeError` unless every value of ``labels`` is a class index in ``[0, classes)``."""
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise LabelRangeError(f"{what} {bad} is out of range: the model has {classes} classes (0 to {classes - 1})")
+
+
+def looks_like_probabilities(logits: Tensor) -> bool:
+    """Whether model outputs are probabilities (in [0, 1], rows summing to 1) rather than logits."""
+    rows = logits.sum(dim=1)
+    return bool(logits.min() >= 0 and logits.max() <= 1 and torch.allclose(rows, torch.ones_like(rows), atol=1e-3))
+
+
+class ModelOutputWarning(UserWarning):
+    """A model whose outputs look wrong for attacking (probabilities instead of logits)."""
+
+
+PROBABILITIES_WARNING = ("the model's outputs look like probabilities, not logits: remove the final softmax, "
+                         "or gradient attacks will underestimate it")
+
+
+class ModelState:
+    """What a call must leave as it found it: every module's mode and every buffer (batch-norm statistics move
+    when a model in training mode runs forward). :meth:`restore` puts both back.
+
+    Buffers are copied only when some module is in training mode, the one case in which torch's own layers write
+    them during a forward pass; parameters and their ``.grad`` are never written (input gradients only).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags = [m.training for m in model.modules()]
+        self.buffers = [(b, b.clone()) for b in model.buffers()] if any(self.flags) else []
+
+    def restore(self) -> None:
+        for m, f in zip(self.model.modules(), self.flags):
+            m.training = f
+        with torch.no_grad():
+            for live, saved in self.buffers:
+                live.copy_(saved)
+
+
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype of the model's first floating parameter (None when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 @dataclass(frozen=True)
@@ -79,6 +137,9 @@ class Context:
         self.verify = True
         self.final_logits: Optional[Tensor] = None  # what ``_run`` returned besides x_adv (None: not computed)
         self.start: Optional[Tensor] = None  # a caller's warm start (perturbations like x), for attacks accepting one
+        dtype = model_dtype(model)
+        self.dtype = None if dtype is None or dtype == x.dtype else dtype  # the model's own dtype, when not x's
+        self._first = [True]  # shared by retargeted views: labels and outputs are checked on the first pass only
 
     @property
     def generator(self):
@@ -109,6 +170,12 @@ class Context:
         """True labels and the classes aimed at (None when untargeted) of the samples at ``idx``."""
         return self.y[idx], (None if self.aim is None else self.aim[idx])
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The model on ``x`` (in the model's dtype when it has another one), checked; logits in ``x``'s dtype."""
+        if self.dtype is None:
+            return self._check(self.model(x))
+        return self._check(self.model(x.to(self.dtype))).to(x.dtype)
+
     def _check(self, logits: Tensor) -> Tensor:
         if logits.dim() != 2:
             raise ValueError(f"the model must return logits of shape (N, classes), got {tuple(logits.shape)}")
@@ -116,6 +183,13 @@ class Context:
             raise NonFiniteOutputError(
                 "the model returned non-finite logits (NaN or inf); refusing to attack it (fix the model or inputs)"
             )
+        if self._first[0]:  # before any loss indexes the logits by label
+            self._first[0] = False
+            check_labels(self.y, logits.shape[1])
+            if self.target is not None:
+                check_labels(self.target, logits.shape[1], "target")
+            if logits.shape[1] > 1 and looks_like_probabilities(logits.detach()):
+                warnings.warn(PROBABILITIES_WARNING, ModelOutputWarning, stacklevel=2)
         return logits
 
     def logits(self, x: Tensor, idx: Tensor) -> Tensor:
@@ -128,13 +202,13 @@ class Context:
         """Model outputs without gradient, checked, and *not* counted: for a caller that has counted them already
         (the black-box oracle counts before the model runs, to refuse a query over budget)."""
         with torch.no_grad():
-            return self._check(self.model(x))
+            return self.forward(x)
 
     def forward_graph(self, x: Tensor, idx: Tensor) -> Tensor:
         """Logits *with* the autograd graph, for attacks that differentiate through a reparametrization of the
         input (CW) or take several gradients per pass (DeepFool). Counts one query per sample; the caller charges
         each input gradient it takes with :meth:`charge_gradients`."""
-        logits = self._check(self.model(x))
+        logits = self.forward(x)
         self.queries.index_add_(0, idx, torch.ones_like(idx))
         return logits
 
@@ -149,7 +223,7 @@ class Context:
         """
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self._check(self.model(xg))
+            logits = self.forward(xg)
             y, t = self.label_of(idx)
             value = objective(logits, y, t)
             (grad,) = torch.autograd.grad(value.sum(), xg)
@@ -181,10 +255,6 @@ def _check_model_device(model: nn.Module, x: Tensor) -> None:
         raise ValueError(f"model is on {p.device} but x is on {x.device}: move one of them first")
 
 
-def _snapshot_training_flags(model: nn.Module) -> list[bool]:
-    return [m.training for m in model.modules()]
-
-
 @dataclass(frozen=True, kw_only=True)
 class Attack:
     """Base class of every attack. Subclasses are frozen keyword-only dataclasses that implement ``_run``.
@@ -195,6 +265,7 @@ class Attack:
         supported_norms: norms the attack can bound or minimize.
         targeted_ok: whether a ``target`` may be passed.
         accepts_start: whether a warm ``start`` may be passed (the gradient-ascent family).
+        positive_budget: whether ``eps`` must be > 0 (not just >= 0).
         description: one line for ``robustcnn attacks``.
     """
 
@@ -203,6 +274,7 @@ class Attack:
     supported_norms: ClassVar[tuple[str, ...]] = ("linf",)
     targeted_ok: ClassVar[bool] = True
     accepts_start: ClassVar[bool] = False
+    positive_budget: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -233,6 +305,13 @@ class Attack:
     @property
     def norm_obj(self) -> Norm:
         return get_norm(getattr(self, "norm", self.supported_norms[0]))
+
+    def _check_budget(self, shape: Optional[tuple[int, ...]] = None) -> None:
+        """Refuse an ``eps`` its norm does not allow (``ValueError``), on images of ``shape`` ``(C, H, W)`` when
+        given: checked when the attack is built, and again with the inputs' shape when it is called."""
+        eps = getattr(self, "eps", None)
+        if eps is not None:
+            self.norm_obj.check_budget(eps, shape, positive=self.positive_budget)
 
     def samples_per_call(self, batch_size: int) -> int:
         """How many samples a caller that works in batches of ``batch_size`` (:func:`attacks.evaluate`) should
@@ -279,25 +358,13 @@ class Attack:
                 example from an earlier call minus ``x``. Projected onto the budget, ``x + start`` clipped to [0, 1];
                 restarts after the first draw their own starts. Never modified.
         """
-        ctx, raw = self._attack(model, x, y, target, generator, start, verify=True)
-        x, logits = ctx.x, ctx.final_logits
-        x_adv = self._enforce(x, raw)
-        # The referee's pass sets `success`; it is not charged to the attacker's queries. It runs on every sample
-        # when the attack returned no logits, and on the samples `_enforce` had to change otherwise.
-        redo = None if logits is None else (x_adv != raw).reshape(ctx.n, -1).any(dim=1)
-        if logits is None or redo.any():
-            with torch.no_grad():
-                if logits is None:
-                    logits = ctx._check(model(x_adv))
-                else:
-                    logits = logits.clone()
-                    logits[redo] = ctx._check(model(x_adv[redo]))
-        success = ctx.is_adversarial(logits, torch.arange(ctx.n, device=x.device))
+        ctx, x_adv = self._attack(model, x, y, target, generator, start, verify=True)
+        success = ctx.is_adversarial(ctx.final_logits, torch.arange(ctx.n, device=x.device))
         return AttackResult(
             x_adv=x_adv,
             success=success,
             queries=ctx.queries,
-            norms=self._measure(x, x_adv),
+            norms=self._measure(ctx.x, x_adv),
             gradients=ctx.gradients,
         )
 
@@ -318,12 +385,15 @@ class Attack:
         except where a fooled sample's early exit would have kept an earlier iterate; it is inside the budget and
         [0, 1] all the same.
         """
-        ctx, raw = self._attack(model, x, y, target, generator, start, verify=False)
-        return self._enforce(ctx.x, raw)
+        return self._attack(model, x, y, target, generator, start, verify=False)[1]
 
     def _attack(self, model, x, y, target, generator, start, *, verify: bool) -> tuple["Context", Tensor]:
-        """Check the inputs and run the attack: (its context, with ``final_logits`` set, and the raw ``x_adv``)."""
+        """Check the inputs and run the attack: its context and ``x_adv`` made valid by :meth:`_enforce`.
+
+        With ``verify``, ``ctx.final_logits`` are the model's logits on exactly that ``x_adv``. Everything that runs
+        the model happens before the model's state is put back (:class:`ModelState`)."""
         x, y, target = self._check_inputs(model, x, y, target)
+        self._check_budget(tuple(x.shape[1:]))
         start = self._check_start(start, x)
         if model.training:
             warnings.warn(
@@ -332,15 +402,34 @@ class Attack:
                 stacklevel=3,
             )
         rng = _make_rng(generator, x)
-        flags = _snapshot_training_flags(model)
+        saved = ModelState(model)
         ctx = Context(model, x, y, target, rng)
         ctx.verify, ctx.start = verify, start
         try:
-            x_adv, ctx.final_logits = self._run(ctx)
+            raw, ctx.final_logits = self._run(ctx)
+            raw = raw.detach().to(x.dtype)
+            x_adv = self._enforce(x, raw)
+            if verify:
+                ctx.final_logits = self._referee(ctx, raw, x_adv)
         finally:
-            for m, f in zip(model.modules(), flags):
-                m.training = f
-        return ctx, x_adv.detach().to(x.dtype)
+            saved.restore()
+        return ctx, x_adv
+
+    @staticmethod
+    def _referee(ctx: Context, raw: Tensor, x_adv: Tensor) -> Tensor:
+        """Logits on ``x_adv``. The referee's pass sets ``success``; it is not charged to the attacker's queries.
+        It runs on every sample when the attack returned no logits, and on the samples ``_enforce`` had to change
+        otherwise."""
+        logits = ctx.final_logits
+        redo = None if logits is None else (x_adv != raw).reshape(ctx.n, -1).any(dim=1)
+        if logits is None or redo.any():
+            with torch.no_grad():
+                if logits is None:
+                    logits = ctx.forward(x_adv)
+                else:
+                    logits = logits.clone()
+                    logits[redo] = ctx.forward(x_adv[redo])
+        return logits
 
     def _check_start(self, start: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         if start is None:
@@ -385,22 +474,22 @@ class Attack:
 class BoundedAttack(Attack):
     """An attack that stays inside an Lp ball of radius ``eps`` around ``x``."""
 
-    eps: Optional[float] = None
-    norm: str = "linf"
+    eps: Optional[float] = param(None, "Budget: the radius of the ball, in [0, 1] pixel units measured in norm "
+                                 "(None: 8/255 under Linf, 0.5 under L2).", fast=0.3)
+    norm: str = param("linf", "Threat model: the norm of the ball (linf or l2, as the attack supports).")
 
     def _validate(self) -> None:
         super()._validate()
         check_norm(self, self.norm)
         if self.eps is None:  # the budget most papers use for this norm on [0, 1] images
             object.__setattr__(self, "eps", DEFAULT_EPS[self.norm])
-        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
+        self._check_budget()
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
         box = self.norm_obj.box(x, self.eps)
         if box is not None:  # Linf: ball and [0, 1] in one clamp, exact on points the attack already clamped to it
             return torch.clamp(x_adv, box[0], box[1])
-        delta = self.norm_obj.project(x_adv - x, self.eps)
-        return (x + delta).clamp(0.0, 1.0)
+        return self.norm_obj.clip(x, x_adv, self.eps)
 
 
 # -- validation helpers shared by every attack (clear ValueErrors, never asserts) -------------------------------
@@ -414,11 +503,24 @@ def check_range(name: str, value, *, low=None, high=None, low_inclusive=False, h
         raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
 
 
-def check_int(name: str, value, *, low: int = 1) -> None:
+#: Upper bounds of counts, far above any useful setting and low enough that a slip (``2**63``) is refused at once
+#: instead of running for ever: iterations of any kind (steps, binary-search steps, candidates, population, ...),
+#: model queries per sample, restarts, and sizes of the batches a model is called on.
+MAX_ITERATIONS = 100_000
+MAX_QUERIES = 10_000_000
+MAX_RESTARTS = 1_000
+MAX_BATCH = 1_000_000
+
+
+def check_int(name: str, value, *, low: int = 1, high: int = MAX_ITERATIONS) -> None:
+    """Refuse anything but an integer in ``[low, high]``; ``high`` defaults to :data:`MAX_ITERATIONS`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high:,} (a bound far above any useful setting, so that one call "
+                         f"ends), got {value}")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -441,14 +543,14 @@ class MinNormAttack(Attack):
     fooled only if its perturbation fits the budget; larger ones are discarded (``x_adv = x``).
     """
 
-    eps: Optional[float] = None
-    norm: str = "l2"
+    eps: Optional[float] = param(None, "Budget in [0, 1] pixel units measured in norm: a sample counts as fooled "
+                                 "only within it (None: unbounded, the norm needed is reported).")
+    norm: str = param("l2", "The norm whose size is minimized (as the attack supports).")
 
     def _validate(self) -> None:
         super()._validate()
         check_norm(self, self.norm)
-        if self.eps is not None:
-            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0, low_inclusive=True)
+        self._check_budget()
 
     def _enforce(self, x: Tensor, x_adv: Tensor) -> Tensor:
         x_adv = x_adv.clamp(0.0, 1.0)

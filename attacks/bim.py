@@ -12,34 +12,46 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from attacks.base import check_norm
 from attacks.iterative import gradient_ascent
 from attacks.losses import get_loss
+from attacks.norms import L2, Linf
+from attacks.params import param
 from attacks.pgd import IterativeAttack
 from attacks.registry import register
+
+#: Default steps (from ``eps > 0``) and step size (from ``eps`` and the steps) per norm: the paper's rules under
+#: Linf, ``1.25 * eps`` spread over 10 steps under L2.
+DEFAULTS = {
+    Linf: (lambda eps: min(255 * eps + 4, 1.25 * 255 * eps), lambda eps, steps: 1 / 255),
+    L2: (lambda eps: 10, lambda eps, steps: 1.25 * eps / steps),
+}
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class BIM(IterativeAttack):
-    """``steps=None``/``alpha=None`` follow the paper's rules for the given eps."""
-
     name = "bim"
     supported_norms = ("linf", "l2")
     description = "Basic Iterative Method / I-FGSM: repeated small FGSM steps from x (Kurakin et al. 2017)"
 
-    steps: Optional[int] = None  # type: ignore[assignment]
+    steps: Optional[int] = param(  # type: ignore[assignment]
+        None, "Gradient steps (None: the paper's min(255 eps + 4, 1.25 * 255 eps) under Linf, 10 under L2).", fast=10)
+    alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units, in the attack's norm (None: 1/255 under "
+                                   "Linf, 1.25 * eps / steps under L2).", fast=0.04)
 
     def _validate(self) -> None:
+        check_norm(self, self.norm)
         if self.steps is None:
-            rule = min(255 * self.eps + 4, 1.25 * 255 * self.eps) if self.norm == "linf" and self.eps else 10
-            object.__setattr__(self, "steps", max(1, math.ceil(rule)) if self.eps is not None else 10)
+            steps_rule = DEFAULTS[type(self.norm_obj)][0]
+            object.__setattr__(self, "steps", max(1, math.ceil(steps_rule(self.eps))) if self.eps else 10)
         super()._validate()
 
     @property
     def step_size(self) -> float:
         if self.alpha is not None:
             return self.alpha
-        return 1 / 255 if self.norm == "linf" else 1.25 * self.eps / self.steps
+        return DEFAULTS[type(self.norm_obj)][1](self.eps, self.steps)
 
     def _run(self, ctx):
         return gradient_ascent(ctx, norm=self.norm_obj, eps=self.eps, alpha=self.step_size, steps=self.steps,

@@ -16,16 +16,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from attacks.base import BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range
+from attacks.base import (
+    MAX_BATCH, MAX_QUERIES, BoundedAttack, Context, MinNormAttack, check_choice, check_int, check_range,
+)
 from attacks.losses import LOSSES, Objective
 from attacks.norms import Norm, per_sample
 from attacks.oracle import QueryOracle
+from attacks.params import param
 from attacks.rng import SampleRNG
 from attacks.workset import Results, WorkSet
 
@@ -34,7 +37,7 @@ def rows_per_call_field():
     """The ``rows_per_call`` field of every black-box attack: the most query rows one model call runs (None: the
     oracle's measured default for the device, :func:`attacks.oracle.default_rows_per_call`). A runtime setting: it
     changes speed, never results or counts, and is left out of :meth:`~attacks.base.Attack.config`."""
-    return field(default=None, metadata={"runtime": True})
+    return param(None, "Most query rows one model call runs (None: measured per device). Speed only.", runtime=True)
 
 #: Batches of samples a score-based attack takes per call from :func:`attacks.evaluate` (see
 #: :meth:`ScoreAttack.samples_per_call`): its work set stays one model call wide either way.
@@ -50,7 +53,8 @@ def work_set_field():
     """The ``work_set`` field of the score-based attacks: the most samples iterated on at once (None:
     :func:`default_work_set`). A runtime setting like ``rows_per_call``: each sample's draws and iterations are its
     own, so it changes speed and memory only, never results or counts."""
-    return field(default=None, metadata={"runtime": True})
+    return param(None, "Most samples iterated on at once (None: one model call of them, fewer for large images). "
+                       "Speed and memory only.", runtime=True)
 
 
 #: Bytes of image state a default work set may hold (several copies of each image: current point, candidate, ...).
@@ -74,20 +78,20 @@ class ScoreAttack(BoundedAttack):
 
     kind: ClassVar[str] = "score"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    positive_budget: ClassVar[bool] = True
 
-    max_queries: int = 1000
-    loss: str = "margin"
+    max_queries: int = param(1000, "Query budget per image (forward passes).", fast=300)
+    loss: str = param("margin", "Objective the search maximizes: margin, ce or dlr.")
     rows_per_call: Optional[int] = rows_per_call_field()
     work_set: Optional[int] = work_set_field()
 
     def _validate(self) -> None:
         super()._validate()
-        check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
-        check_int("max_queries", self.max_queries)
+        check_int("max_queries", self.max_queries, high=MAX_QUERIES)
         check_choice("loss", self.loss, self._objectives())
         for name in ("rows_per_call", "work_set"):
             if getattr(self, name) is not None:
-                check_int(name, getattr(self, name))
+                check_int(name, getattr(self, name), high=MAX_BATCH)
 
     def samples_per_call(self, batch_size: int) -> int:
         """Samples a caller should hand over per call: many batches at once, since the work set is refilled as
@@ -202,9 +206,10 @@ class EstimatedGradientAttack(ScoreAttack):
     one query of the new iterate, which tells whether it fools the model. The starting point (``x``) costs one.
     """
 
-    samples: int = 50
-    sigma: float = 1e-3
-    alpha: Optional[float] = None
+    samples: int = param(50, "Queries per gradient estimate (even: antithetic pairs).", fast=10)
+    sigma: float = param(1e-3, "Distance of the probes x +- sigma * u, in [0, 1] pixel units.")
+    alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units (SPSA: Adam's learning rate); None: "
+                                   "2.5 * eps / the iterations max_queries pays for.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -311,18 +316,17 @@ class DecisionAttack(MinNormAttack):
 
     kind: ClassVar[str] = "decision"
     supported_norms: ClassVar[tuple[str, ...]] = ("l2",)
+    positive_budget: ClassVar[bool] = True
     targeted_ok: ClassVar[bool] = False  # a targeted start needs an image of the target class; there is no argument for it
 
-    max_queries: int = 1000
+    max_queries: int = param(1000, "Query budget per image (label queries).", fast=300)
     rows_per_call: Optional[int] = rows_per_call_field()
 
     def _validate(self) -> None:
         super()._validate()
-        if self.eps is not None:
-            check_range("eps", self.eps, low=0.0, high=None if self.norm == "l2" else 1.0)
-        check_int("max_queries", self.max_queries)
+        check_int("max_queries", self.max_queries, high=MAX_QUERIES)
         if self.rows_per_call is not None:
-            check_int("rows_per_call", self.rows_per_call)
+            check_int("rows_per_call", self.rows_per_call, high=MAX_BATCH)
 
     def _minimize(self, search: "DecisionSearch", work: WorkSet) -> None:
         """Shrink the perturbation of every sample in the work set, retiring samples as they finish."""

@@ -23,25 +23,25 @@ import torch
 
 from attacks.base import check_int, check_range
 from attacks.blackbox import DecisionAttack, DecisionSearch
-from attacks.norms import per_sample
+from attacks.norms import L2, per_sample
+from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
 _CONVERGED = 1e-7
+_L2 = L2()  # the walk's geometry: spheres around the clean input
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class Boundary(DecisionAttack):
-    """``spherical_step``, ``source_step``: relative step sizes; ``step_adaptation``, ``adapt_every``: their tuning."""
-
     name = "boundary"
     description = "Boundary attack: random walk along the decision boundary, minimum L2 (Brendel et al. 2018)"
 
-    spherical_step: float = 0.01
-    source_step: float = 0.01
-    step_adaptation: float = 1.5
-    adapt_every: int = 10
+    spherical_step: float = param(0.01, "Orthogonal step, a fraction of the current distance to x.")
+    source_step: float = param(0.01, "Step towards x, a fraction of the current distance to x.")
+    step_adaptation: float = param(1.5, "Factor by which the steps grow or shrink when they adapt.")
+    adapt_every: int = param(10, "Steps between two adaptations of the step sizes.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -72,18 +72,18 @@ class Boundary(DecisionAttack):
         ids, cur = work.ids, work.best
         x0 = search.oracle.x[ids]
         to_x = x0 - cur
-        dist = to_x.flatten(1).norm(dim=1)
-        unit = to_x / per_sample(dist.clamp_min(1e-12), to_x)
+        dist = _L2.measure(to_x)
+        unit = _L2.normalize(to_x)
         eta = search.oracle.rng.normal(ids, cur.shape[1:]).to(cur)
         eta = eta - per_sample((eta * unit).flatten(1).sum(dim=1), eta) * unit
-        eta = eta * per_sample(work.spherical * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12), eta)
+        eta = _L2.rescale(eta, work.spherical * dist)
         sphere = (x0 + (cur + eta - x0) / per_sample((1 + work.spherical ** 2).sqrt(), eta)).clamp(0.0, 1.0)
         sph_adv = search.oracle.is_adversarial(sphere, ids)
 
         back = x0 - sphere
-        back_norm = back.flatten(1).norm(dim=1).clamp_min(1e-12)
+        back_norm = _L2.measure(back).clamp_min(1e-12)
         length = (work.source * dist + back_norm - dist).clamp_min(0.0)  # corrects for leaving the sphere
-        cand = (sphere + per_sample(length / back_norm, back) * back).clamp(0.0, 1.0)
+        cand = (sphere + _L2.rescale(back, length)).clamp(0.0, 1.0)
         pos = (sph_adv & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
         adv = torch.zeros_like(sph_adv)
         if pos.numel():

@@ -20,6 +20,7 @@ import torch
 from attacks.base import MinNormAttack, check_int, check_range
 from attacks.losses import margin
 from attacks.optim import Adam
+from attacks.params import param
 from attacks.registry import register
 
 
@@ -30,12 +31,13 @@ class CarliniWagner(MinNormAttack):
     supported_norms = ("l2",)
     description = "Carlini-Wagner L2: Adam in tanh space with a binary search over c (Carlini & Wagner 2017)"
 
-    c: float = 1e-3
-    kappa: float = 0.0
-    steps: int = 1000
-    binary_steps: int = 9
-    lr: float = 0.01
-    abort_early: bool = True
+    c: float = param(1e-3, "Initial trade-off constant between the L2 distance and the margin term (each "
+                           "sample's binary search adjusts it).", fast=1.0)
+    kappa: float = param(0.0, "Confidence: the margin, in logits, by which x_adv must clear the boundary.")
+    steps: int = param(1000, "Adam iterations per binary-search step.", fast=50)
+    binary_steps: int = param(9, "Binary-search steps over c.", fast=2)
+    lr: float = param(0.01, "Adam's learning rate (in tanh space).", fast=0.05)
+    abort_early: bool = param(True, "End a binary-search step early when the objective stalls.")
 
     def _validate(self) -> None:
         super()._validate()

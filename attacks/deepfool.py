@@ -4,7 +4,9 @@ Moosavi-Dezfooli, Fawzi & Frossard, "DeepFool: a simple and accurate method to f
 CVPR 2016. At each step the classifier is linearized around the current point; the perturbation moves to the
 closest of the (linearized) boundaries between the original class and the ``candidates`` most likely other
 classes. The total perturbation is scaled by ``1 + overshoot`` to cross the boundary. Paper defaults: 50 steps,
-overshoot 0.02, 10 candidate classes. L2 (paper's main variant) and Linf.
+overshoot 0.02, 10 candidate classes. L2 (paper's main variant) and Linf; any norm with a dual works: the distance
+to the boundary ``f + <w, r> = 0`` is ``|f| / ||w||_q`` in the dual norm ``q``, and the step there is the paper's
+``|f| / ||w||_q^q * |w|^(q-1) * sign(w)``.
 
 Untargeted only. A minimum-norm attack: with ``eps`` set, perturbations larger than it do not count.
 """
@@ -16,11 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from attacks.base import MinNormAttack, check_int, check_range
+from attacks.params import param
 from attacks.registry import register
-
-
-def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).norm(p=p, dim=1)
 
 
 @register
@@ -31,9 +30,10 @@ class DeepFool(MinNormAttack):
     targeted_ok = False
     description = "DeepFool: iterative step to the nearest linearized boundary, minimal L2/Linf (Moosavi-Dezfooli 2016)"
 
-    steps: int = 50
-    overshoot: float = 0.02
-    candidates: int = 10
+    steps: int = param(50, "Linearization steps at most.", fast=10)
+    overshoot: float = param(0.02, "The total perturbation is scaled by 1 + overshoot to cross the boundary.")
+    candidates: int = param(10, "Classes whose boundaries are considered: the original and the candidates - 1 "
+                                "most likely others (>= 2).")
 
     def _validate(self) -> None:
         super()._validate()
@@ -43,7 +43,8 @@ class DeepFool(MinNormAttack):
 
     def _run(self, ctx):
         x, y = ctx.x, ctx.y
-        dual = 1.0 if self.norm == "linf" else 2.0  # the dual norm measures the distance to a hyperplane
+        dual = self.norm_obj.dual  # measures the distance to a hyperplane
+        q = dual.p
         r_total = torch.zeros_like(x)
         out_x = x.clone()
         active = torch.arange(ctx.n, device=x.device)
@@ -72,16 +73,13 @@ class DeepFool(MinNormAttack):
             g0 = grads[0]
             w = torch.stack([g - g0 for g in grads[1:]], dim=1)[keep]  # (n, candidates-1, C, H, W)
             f = (z[:, 1:] - z[:, :1]).detach()[keep]
-            wn = w.flatten(2).norm(p=dual, dim=2)
+            wn = dual.measure(w.flatten(0, 1)).reshape(w.shape[:2])
             dist = f.abs() / (wn + 1e-8)
             best = dist.argmin(dim=1)
             rows = torch.arange(best.numel(), device=x.device)
             w_l, f_l, wn_l = w[rows, best], f[rows, best].abs(), wn[rows, best]
             shape = (-1,) + (1,) * (x.dim() - 1)
-            if self.norm == "l2":
-                step = ((f_l + 1e-4) / (wn_l**2 + 1e-8)).reshape(shape) * w_l
-            else:
-                step = ((f_l + 1e-4) / (wn_l + 1e-8)).reshape(shape) * w_l.sign()
+            step = ((f_l + 1e-4) / (wn_l ** q + 1e-8)).reshape(shape) * (w_l.abs() ** (q - 1) * w_l.sign())
             active = active[keep]
             r_total[active] += step
         return out_x, None

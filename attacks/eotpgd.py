@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from attacks.base import check_int
 from attacks.iterative import gradient_ascent
 from attacks.losses import get_loss
+from attacks.params import param
 from attacks.pgd import PGD
 from attacks.registry import register
 
@@ -25,7 +26,8 @@ class EOTPGD(PGD):
     supported_norms = ("linf", "l2")
     description = "PGD with gradients averaged over the model's randomness (EOT; Athalye et al. 2018)"
 
-    eot_samples: int = 10
+    eot_samples: int = param(10, "Forward/backward passes averaged per gradient step (the expectation over the "
+                                 "model's randomness).", fast=2)
 
     def _validate(self) -> None:
         super()._validate()

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attacks.base import Attack
+from attacks.base import (PROBABILITIES_WARNING, Attack, ModelOutputWarning, ModelState, check_labels,
+                          looks_like_probabilities, model_dtype)
 from attacks.rng import sample_keys
 
 ProgressFn = Callable[[str, int, int], None]
@@ -253,8 +254,10 @@ def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: 
     for s in range(0, idx.numel(), per_call):
         part = idx[s : s + per_call]
         tgt = None if target is None else target[part].to(device)
-        res = atk(model, x_all[part].to(device), y_all[part].to(device), target=tgt,
-                  generator=sample_keys(seed, part, attack_stream(atk)))
+        with warnings.catch_warnings():  # the caller reports model-level warnings once (sanity_warnings)
+            warnings.simplefilter("ignore", ModelOutputWarning)
+            res = atk(model, x_all[part].to(device), y_all[part].to(device), target=tgt,
+                      generator=sample_keys(seed, part, attack_stream(atk)))
         ok, q, nr = res.success.cpu(), res.queries.cpu(), res.norms.cpu().float()
         sl = slice(s, s + part.numel())
         fooled[sl], queries[sl] = ok, q
@@ -288,7 +291,9 @@ def correctly_classified(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: 
     out = torch.zeros(x.shape[0], dtype=torch.bool)
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
-            pred = model(x[s : s + batch_size].to(device)).argmax(dim=1).cpu()
+            logits = model(x[s : s + batch_size].to(device))
+            check_labels(y[s : s + batch_size], logits.shape[1])
+            pred = logits.argmax(dim=1).cpu()
             out[s : s + batch_size] = pred == y[s : s + batch_size].cpu()
     return out
 
@@ -346,10 +351,9 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     if not torch.equal(a, b):
         out.append("the model's outputs differ between identical calls (a randomized model): use EOT attacks "
                    "(eotpgd) and expect noisy numbers")
-    rows = a.sum(dim=1)
-    if a.min() >= 0 and a.max() <= 1 and torch.allclose(rows, torch.ones_like(rows), atol=1e-3):
-        out.append("the model's outputs look like probabilities, not logits: remove the final softmax, "
-                   "or gradient attacks will underestimate it")
+    if looks_like_probabilities(a):
+        out.append(PROBABILITIES_WARNING)
+    check_labels(y, a.shape[1])
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss = nn.functional.cross_entropy(model(xg), y.long(), reduction="sum")
@@ -402,6 +406,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     x_all, y_all = _as_tensors(data)
+    x_all = x_all.to(model_dtype(model) or x_all.dtype)
     n = x_all.shape[0]
     if target is not None:
         target = torch.as_tensor(target).long().cpu().expand(n) if torch.as_tensor(target).dim() == 0 \
@@ -410,7 +415,7 @@ def evaluate(
             raise ValueError(f"target must be an int or have shape ({n},), got {tuple(target.shape)}")
     names = _unique_names(attack_list)
 
-    flags = [m.training for m in model.modules()]
+    saved = ModelState(model)
     model.eval()
     try:
         notes = sanity_warnings(model, x_all[:64].to(dev), y_all[:64].to(dev)) if n else []
@@ -432,8 +437,7 @@ def evaluate(
                          device=dev, seed=seed, target=target, keep_examples=keep_examples, progress=progress,
                          shard=shard, on_stage=absorb)
     finally:
-        for m, f in zip(model.modules(), flags):
-            m.training = f
+        saved.restore()
 
     config = {
         "seed": seed, "batch_size": batch_size, "device": str(dev), "targeted": target is not None,

@@ -15,22 +15,23 @@ from dataclasses import dataclass
 from attacks.base import BoundedAttack, check_choice
 from attacks.iterative import gradient_ascent
 from attacks.losses import LOSSES, get_loss
+from attacks.params import param
 from attacks.registry import register
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class FGSM(BoundedAttack):
-    """Single-step attack. ``loss``: ``ce`` (paper) or ``dlr``/``margin``. ``early_stop=False`` steps every sample,
-    including those already misclassified (what adversarial training wants)."""
+    """Single-step attack."""
 
     name = "fgsm"
     accepts_start = True
     supported_norms = ("linf", "l2")
     description = "Fast Gradient Sign Method: one gradient-sign step of size eps (Goodfellow et al. 2015)"
 
-    loss: str = "ce"
-    early_stop: bool = True
+    loss: str = param("ce", "Loss to maximize: ce (the paper's), dlr or margin.")
+    early_stop: bool = param(True, "Leave samples already misclassified unchanged (False: step every sample, as "
+                                   "adversarial training wants).")
 
     def _validate(self) -> None:
         super()._validate()

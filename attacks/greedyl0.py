@@ -29,6 +29,7 @@ from torch import Tensor
 
 from attacks.base import Context, check_choice, check_int
 from attacks.losses import LOSSES, get_loss
+from attacks.params import param
 from attacks.registry import register
 from attacks.sparse import PixelBudget, set_pixels, target_checked
 from attacks.workset import WorkSet
@@ -60,17 +61,16 @@ def corner_proposals(cur: Tensor, x0: Tensor, grad: Tensor, count: int) -> tuple
 @register
 @dataclass(frozen=True, kw_only=True)
 class GreedyL0(PixelBudget):
-    """Changes at most ``pixels`` pixels, one per step; ``loss``: ``margin`` (default), ``ce`` or ``dlr``;
-    ``candidates``: single-pixel changes tried with forward passes per step (1: trust the gradient alone);
-    ``max_batch``: inputs per forward pass (None picks one per device)."""
+    """Changes at most ``pixels`` pixels, one per step."""
 
     name = "greedyl0"
     kind = "white-box"
     description = "Greedy L0 attack: the gradient proposes pixel changes, forward passes pick the best (JSMA-style)"
 
-    pixels: int = 10
-    loss: str = "margin"
-    candidates: int = 128
+    pixels: int = param(10, "Pixels changed per image at most (all channels of a pixel count as one).")
+    loss: str = param("margin", "Loss to maximize: margin, ce or dlr.")
+    candidates: int = param(128, "Single-pixel changes tried with forward passes per step (1: trust the gradient "
+                                 "alone).")
 
     def _validate(self) -> None:
         super()._validate()

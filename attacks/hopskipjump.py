@@ -22,40 +22,72 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from attacks.base import check_int, check_range
+from attacks.base import MAX_QUERIES, check_int, check_range
 from attacks.blackbox import PROBES_PER_CALL, DecisionAttack, DecisionSearch
-from attacks.norms import per_sample
+from attacks.norms import L2, Linf, per_sample
+from attacks.params import param
 from attacks.registry import register
+from attacks.rng import SampleRNG
 from attacks.workset import WorkSet
 
 _MAX_HALVINGS = 30  # geometric step search: give up (stay on the boundary point) after this many halvings
+_L2 = L2()  # probes are unit vectors in L2 under every norm
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The paper's choices for one norm.
+
+    ``spread(d)``: how theta and the probe radius grow with the dimension ``d`` (``theta = gamma / (d spread(d))``,
+    ``delta = spread(d) theta dist``); ``probes``: random directions ``(len(idx), *shape)`` for the normal's
+    estimate; ``direction``: the step's direction from the estimate; ``capped``: whether the bisection's tolerance
+    is capped at theta.
+    """
+
+    spread: Callable[[int], float]
+    probes: Callable[[SampleRNG, Tensor, tuple[int, ...]], Tensor]
+    direction: Callable[[Tensor], Tensor]
+    capped: bool
+
+
+GEOMETRY = {
+    L2: Geometry(spread=math.sqrt, probes=lambda rng, idx, shape: rng.normal(idx, shape),
+                 direction=_L2.normalize, capped=False),
+    Linf: Geometry(spread=lambda d: d, probes=lambda rng, idx, shape: rng.uniform(idx, shape) * 2 - 1,
+                   direction=Linf().steepest, capped=True),
+}
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class HopSkipJump(DecisionAttack):
-    """``init_evals``/``max_evals``: boundary-normal estimate sizes; ``gamma``: bisection precision factor."""
-
     name = "hopskipjump"
     supported_norms = ("l2", "linf")
     description = "HopSkipJump: boundary-normal estimates from labels, minimum norm (Chen et al. 2020)"
 
-    init_evals: int = 100
-    max_evals: int = 10000
-    gamma: float = 1.0
+    init_evals: int = param(100, "Label queries of the first boundary-normal estimate (then init_evals * sqrt(t) "
+                                 "at iteration t).", fast=20)
+    max_evals: int = param(10000, "Most label queries of one boundary-normal estimate.")
+    gamma: float = param(1.0, "Bisection precision: theta = gamma / d^1.5 (L2) or gamma / d^2 (Linf), d the "
+                              "input size.")
 
     def _validate(self) -> None:
         super()._validate()
-        check_int("init_evals", self.init_evals)
-        check_int("max_evals", self.max_evals, low=self.init_evals)
+        check_int("init_evals", self.init_evals, high=MAX_QUERIES)
+        check_int("max_evals", self.max_evals, low=self.init_evals, high=MAX_QUERIES)
         check_range("gamma", self.gamma, low=0.0)
 
+    @property
+    def geometry(self) -> Geometry:
+        return GEOMETRY[type(self.norm_obj)]
+
     def _theta(self, d: int) -> float:
-        return self.gamma / (d * math.sqrt(d)) if self.norm == "l2" else self.gamma / d ** 2
+        return self.gamma / (d * self.geometry.spread(d))
 
     def _minimize(self, search: DecisionSearch, work: WorkSet) -> None:
         d = search.oracle.x[0].numel()
@@ -67,8 +99,8 @@ class HopSkipJump(DecisionAttack):
             search.settle(work, spend_at_least=reserve + 1)
             if work.empty:
                 return
-            scale = math.sqrt(d) if self.norm == "l2" else d
-            delta = torch.full_like(work.post, 0.1) if t == 1 else scale * theta * work.post
+            spread = self.geometry.spread(d)
+            delta = torch.full_like(work.post, 0.1) if t == 1 else spread * theta * work.post
             evals = (search.oracle.remaining(work.ids) - reserve).clamp(
                 max=min(int(self.init_evals * math.sqrt(t)), self.max_evals))
             update = self._normal(search, work, delta, evals)
@@ -89,9 +121,7 @@ class HopSkipJump(DecisionAttack):
             valid = torch.arange(first, first + k, device=cur.device)[None, :] < evals[need, None]  # (len(need), k)
             pos = need[:, None].expand(-1, k)[valid]
             shape = (k, *cur.shape[1:])
-            rv = rng.normal(ids[need], shape) if self.norm == "l2" else rng.uniform(ids[need], shape) * 2 - 1
-            rv = rv.to(cur)[valid]
-            rv = rv / per_sample(rv.flatten(1).norm(dim=1).clamp_min(1e-12), rv)
+            rv = _L2.normalize(self.geometry.probes(rng, ids[need], shape).to(cur)[valid])
             step = per_sample(delta[pos], rv)
             probe = (cur[pos] + step * rv).clamp(0.0, 1.0)
             rv = (probe - cur[pos]) / step
@@ -103,9 +133,7 @@ class HopSkipJump(DecisionAttack):
         mean_phi = per_sample(phi_sum / count, cur)
         mean_rv = sums["rv"] / per_sample(count, cur)
         grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / per_sample(count, cur) - mean_phi * mean_rv)
-        if self.norm == "linf":
-            return grad.sign()
-        return grad / per_sample(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+        return self.geometry.direction(grad)
 
     # -- 2. the step and 3. the bisection back to the boundary ----------------------------------------------------
     def _jump(self, search: DecisionSearch, work: WorkSet, update: Tensor, t: int, theta: float) -> None:
@@ -126,7 +154,7 @@ class HopSkipJump(DecisionAttack):
         # (under L2 that projection is the segment from x0 to `cur`)
         x0 = search.oracle.x[ids]
         radius = search.distance(cur, ids)
-        tol = theta * radius if self.norm == "l2" else (theta * radius).clamp(max=theta)
+        tol = (theta * radius).clamp(max=theta) if self.geometry.capped else theta * radius
         point = lambda pos, r: x0[pos] + search.norm.project(cur[pos] - x0[pos], r)  # noqa: E731
         found = search.bisect(ids, point, high=radius, tol=tol)
         work.post = radius

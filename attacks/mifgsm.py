@@ -8,10 +8,12 @@ Accumulates a velocity ``g <- decay * g + grad / ||grad||_1`` and steps along it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from attacks.base import check_range
 from attacks.iterative import gradient_ascent
 from attacks.losses import get_loss
+from attacks.params import param
 from attacks.pgd import IterativeAttack
 from attacks.registry import register
 
@@ -23,7 +25,9 @@ class MIFGSM(IterativeAttack):
     supported_norms = ("linf", "l2")
     description = "Momentum Iterative FGSM: gradient steps with accumulated momentum (Dong et al. 2018)"
 
-    decay: float = 1.0
+    alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units, in the attack's norm "
+                                   "(None: eps / steps).")
+    decay: float = param(1.0, "Decay of the accumulated gradient: g <- decay * g + grad / ||grad||_1 (0: none).")
 
     def _validate(self) -> None:
         super()._validate()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from attacks.blackbox import EstimatedGradientAttack, ScoreSearch
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.workset import WorkSet
@@ -28,12 +29,10 @@ from attacks.workset import WorkSet
 @register
 @dataclass(frozen=True, kw_only=True)
 class NES(EstimatedGradientAttack):
-    """``samples`` (even), ``sigma``: the estimator; ``alpha``: step size (None: ``2.5 eps / iterations``)."""
-
     name = "nes"
     description = "NES gradient estimation + projected sign steps, scores only (Ilyas et al. 2018)"
 
-    loss: str = "ce"
+    loss: str = param("ce", "Objective maximized: ce (the paper's), margin or dlr.")
 
     def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
         return rng.normal(idx, shape)

@@ -1,4 +1,5 @@
-"""All norm-specific maths in one place: measuring, projecting, random starts and steepest-ascent directions.
+"""All norm-specific maths in one place: measuring, projecting, normalising, random starts, steepest-ascent
+directions, the dual norm and the budgets each norm allows.
 
 Every attack that is bounded by an Lp ball goes through a :class:`Norm` object, so adding a norm means adding one
 class here, not an ``if norm == ...`` chain in every attack. Budgets are in [0, 1] pixel units. ``eps`` may be a
@@ -8,12 +9,12 @@ float or a per-sample tensor of shape ``(N,)``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from typing import Optional
-
+from attacks.geometry import best_window, patch_shape, window_mask
 from attacks.rng import SampleRNG
 
 _TINY = 1e-12
@@ -32,26 +33,49 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
 class Norm:
-    """Interface of a norm; the concrete norms below fill it in."""
+    """Interface of a norm; the concrete norms below fill it in.
+
+    ``p`` is the exponent of an Lp norm (``math.inf`` for Linf); :attr:`dual` is the norm that measures gradients
+    (the distance to a hyperplane ``<w, x> = b`` is ``|<w, x> - b| / dual.measure(w)``).
+    """
 
     name: str = ""
+    p: float = math.nan
 
     def measure(self, delta: Tensor) -> Tensor:
         """Size of each sample's perturbation, shape ``(N,)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm cannot measure")
 
     def project(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         """The closest perturbation inside the ball of radius ``eps`` (per sample)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm has no projection")
 
     def random(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...], eps: float | Tensor) -> Tensor:
         """Perturbations drawn uniformly from the ball, one per sample at ``idx`` (float32, on ``rng``'s device)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm has no random draws")
 
     def steepest(self, grad: Tensor) -> Tensor:
         """The unit-norm direction that increases a linear function with gradient ``grad`` the most."""
-        raise NotImplementedError
+        raise NotImplementedError(f"the {self.name} norm has no steepest direction")
+
+    @property
+    def dual(self) -> "Norm":
+        """The dual norm: ``max <g, d>`` over unit ``d`` in this norm is ``dual.measure(g)``."""
+        raise ValueError(f"the {self.name} norm has no dual norm")
+
+    def normalize(self, v: Tensor) -> Tensor:
+        """Each sample divided by its size, so it measures 1 (a zero sample stays zero)."""
+        return v / per_sample(self.measure(v).clamp_min(_TINY), v)
+
+    def rescale(self, v: Tensor, size: float | Tensor) -> Tensor:
+        """Each sample multiplied so it measures ``size`` (a number or per sample; a zero sample stays zero)."""
+        return v * per_sample(size / self.measure(v).clamp_min(_TINY), v)
 
     def clip(self, x0: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         """The point of the ``eps``-ball around ``x0`` closest to ``x`` (projection), then clamped to [0, 1]."""
@@ -69,8 +93,25 @@ class Norm:
 
         Works in place where it can: the caller must own ``cur`` and ``grad`` and not use them afterwards.
         """
-        stepped = cur + alpha * self.steepest(grad)
-        return (x0 + self.project(stepped - x0, eps)).clamp(0.0, 1.0)
+        return self.clip(x0, cur + alpha * self.steepest(grad), eps)
+
+    def check_budget(self, eps, shape: Optional[tuple[int, ...]] = None, *, positive: bool = False,
+                     name: str = "eps") -> None:
+        """Raise a one-line ``ValueError`` unless ``eps`` is a budget of this norm: a number >= 0 (> 0 when
+        ``positive``) and no larger than the largest the norm allows on images of ``shape`` ``(C, H, W)`` (when
+        ``shape`` is None only the bounds that hold for every image are checked)."""
+        _check_number(name, eps)
+        if positive and eps <= 0:
+            raise ValueError(f"{name} must be > 0, got {eps}")
+        if eps < 0:
+            raise ValueError(f"{name} must be >= 0, got {eps}")
+        limit = self.largest_budget(shape)
+        if limit is not None and eps > limit[0]:
+            raise ValueError(f"{name} must be <= {limit[0]:g} ({limit[1]}), got {eps}")
+
+    def largest_budget(self, shape: Optional[tuple[int, ...]]) -> Optional[tuple[float, str]]:
+        """The largest budget on images of ``shape`` (None: not known) and why, or None when there is no bound."""
+        return None
 
     def __repr__(self) -> str:
         return f"Norm({self.name!r})"
@@ -78,6 +119,14 @@ class Norm:
 
 class Linf(Norm):
     name = "linf"
+    p = math.inf
+
+    @property
+    def dual(self) -> Norm:
+        return L1_NORM
+
+    def largest_budget(self, shape):
+        return 1.0, "Linf budgets are in [0, 1] pixel units"
 
     def measure(self, delta: Tensor) -> Tensor:
         return _flat(delta).abs().amax(dim=1)
@@ -115,6 +164,16 @@ def _owned(t: Tensor) -> bool:
 
 class L2(Norm):
     name = "l2"
+    p = 2.0
+
+    @property
+    def dual(self) -> Norm:
+        return self
+
+    def largest_budget(self, shape):
+        if shape is None:
+            return None
+        return math.sqrt(math.prod(shape)), f"the L2 diameter of a {'x'.join(map(str, shape))} image, sqrt(C*H*W)"
 
     def measure(self, delta: Tensor) -> Tensor:
         return _flat(delta).norm(p=2, dim=1)
@@ -151,6 +210,27 @@ class L2(Norm):
         return delta.mul_(factor.reshape(shape)).add_(x0).clamp_(0.0, 1.0)
 
 
+class L1(Norm):
+    """Sum of absolute changes. The dual of Linf (DeepFool measures gradients with it); no attack is bounded by it,
+    so it only measures and gives steepest directions."""
+
+    name = "l1"
+    p = 1.0
+
+    @property
+    def dual(self) -> Norm:
+        return NORMS["linf"]
+
+    def measure(self, delta: Tensor) -> Tensor:
+        return _flat(delta).norm(p=1, dim=1)
+
+    def steepest(self, grad: Tensor) -> Tensor:
+        """All the unit budget on one coordinate of largest ``|grad|`` (the first such), with ``grad``'s sign."""
+        flat = _flat(grad)
+        out = torch.zeros_like(flat).scatter_(1, flat.abs().argmax(dim=1, keepdim=True), 1.0)
+        return (out * flat.sign()).reshape(grad.shape)
+
+
 class L0(Norm):
     """Number of changed *pixels* (a pixel counts once however many of its channels changed).
 
@@ -159,6 +239,20 @@ class L0(Norm):
     """
 
     name = "l0"
+    p = 0.0
+
+    def check_budget(self, eps, shape=None, *, positive=False, name="eps"):
+        """A whole number of pixels, >= 0 (> 0 when ``positive``), at most the image's ``H * W`` when known."""
+        _check_number(name, eps)
+        if float(eps) != math.floor(eps):
+            raise ValueError(f"{name} must be a whole number of pixels, got {eps}")
+        super().check_budget(eps, shape, positive=positive, name=name)
+
+    def largest_budget(self, shape):
+        if shape is None:
+            return None
+        h, w = shape[-2:] if len(shape) >= 2 else (1, shape[0])
+        return h * w, f"the pixels of a {h}x{w} image"
 
     def measure(self, delta: Tensor) -> Tensor:
         changed = delta.ne(0)
@@ -196,86 +290,6 @@ def _pixels_to_delta(keep: Tensor, delta: Tensor) -> Tensor:
     return keep.reshape(delta.shape).to(delta.dtype)
 
 
-# -- patches: a rectangular footprint of a given area ----------------------------------------------------------------
-def patch_shape(area: float, height: int, width: int) -> tuple[int, int]:
-    """Rows and columns of the largest near-square patch (``a x a`` or ``a x (a+1)``) of at most ``area`` of the image.
-
-    ``area`` is a fraction of the image's ``height * width`` pixels, so the budget is an upper bound: on a 28x28
-    image 1 % gives 2x3 pixels (0.77 %), 2 % gives 3x4 (1.53 %), 5 % gives 6x6 (4.59 %), 10 % gives 8x9 (9.18 %).
-    """
-    if not 0.0 < area < 1.0:
-        raise ValueError(f"area must be a fraction of the image in (0, 1), got {area}")
-    budget = area * height * width
-    a = math.isqrt(int(budget + 1e-9))
-    if a < 1:
-        raise ValueError(
-            f"area {area} of a {height}x{width} image is less than one pixel: use a larger area"
-        )
-    b = a + 1 if a * (a + 1) <= budget + 1e-9 else a
-    return min(a, height), min(b, width)
-
-
-#: Longest side over shortest side of the patch shapes :func:`patch_shapes` offers: 13x3 at 5 % of a 28x28 image
-#: is in (4.3), a 2x19 line is not (9.5).
-MAX_ASPECT = 5.0
-
-
-def patch_shapes(area: float, height: int, width: int, max_aspect: float = MAX_ASPECT) -> list[tuple[int, int]]:
-    """Every rectangle a patch of at most ``area`` of the image can take, with neither side more than ``max_aspect``
-    times the other, that lies inside no other such rectangle; ordered by rows.
-
-    On a 28x28 image 5 % (39.2 pixels) gives 3x13, 4x9, 5x7, 6x6, 7x5, 9x4 and 13x3; 2 % (15.7 pixels) gives 2x7,
-    3x5, 5x3 and 7x2 (the near-square :func:`patch_shape`, 3x4, is inside 3x5).
-    """
-    patch_shape(area, height, width)  # the same checks and messages
-    budget = area * height * width + 1e-9
-
-    def widest(a: int) -> int:  # the most columns a rows may have (0: none fits)
-        b = min(width, int(budget // a), int(max_aspect * a + 1e-9))
-        return b if b >= 1 and a <= max_aspect * b + 1e-9 else 0
-
-    cols = [widest(a) for a in range(1, height + 1)]
-    return [(a, b) for a, b in enumerate(cols, start=1) if b and all(c < b for c in cols[a:])]
-
-
-def window_mask(rows: Tensor, cols: Tensor, shape: tuple[int, int], height: int, width: int) -> Tensor:
-    """Boolean ``(N, 1, height, width)`` masks of ``shape``-sized windows whose top-left corners are ``(rows, cols)``."""
-    a, b = shape
-    r = torch.arange(height, device=rows.device)
-    c = torch.arange(width, device=cols.device)
-    in_r = (r >= rows[:, None]) & (r < rows[:, None] + a)
-    in_c = (c >= cols[:, None]) & (c < cols[:, None] + b)
-    return (in_r[:, :, None] & in_c[:, None, :])[:, None]
-
-
-def best_window(weight: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Top-left corners ``(rows, cols)`` of the ``shape`` window with the largest sum of ``weight`` ``(N, 1, H, W)``."""
-    rows, cols = ranked_windows(weight, shape, 1)
-    return rows[0], cols[0]
-
-
-def ranked_windows(weight: Tensor, shape: tuple[int, int], count: int) -> tuple[Tensor, Tensor]:
-    """Top-left corners ``(rows, cols)``, each ``(count, N)``, of ``count`` non-overlapping ``shape`` windows per
-    image, in decreasing order of their sum of ``weight`` ``(N, 1, H, W)`` (greedy non-maximum suppression).
-
-    When fewer than ``count`` disjoint windows fit, the last ones may overlap earlier ones.
-    """
-    a, b = shape
-    sums = torch.nn.functional.avg_pool2d(weight, (a, b), stride=1, divisor_override=1)[:, 0]  # (N, R, C)
-    n, r_count, c_count = sums.shape
-    rr = torch.arange(r_count, device=weight.device)[None, :, None]
-    cc = torch.arange(c_count, device=weight.device)[None, None, :]
-    rows, cols = [], []
-    for _ in range(count):
-        best = sums.reshape(n, -1).argmax(dim=1)
-        r, c = best // c_count, best % c_count
-        rows.append(r)
-        cols.append(c)
-        overlap = ((rr - r[:, None, None]).abs() < a) & ((cc - c[:, None, None]).abs() < b)
-        sums = sums.masked_fill(overlap, float("-inf"))
-    return torch.stack(rows), torch.stack(cols)
-
-
 class PatchArea(Norm):
     """Fraction of the image's pixels that changed (a pixel counts once however many channels changed).
 
@@ -284,6 +298,14 @@ class PatchArea(Norm):
     """
 
     name = "area"
+
+    def check_budget(self, eps, shape=None, *, positive=True, name="area"):
+        """A fraction of the image in (0, 1); with ``shape`` ``(C, H, W)`` known, at least one pixel of it."""
+        _check_number(name, eps)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"{name} must be a fraction of the image in (0, 1), got {eps}")
+        if shape is not None:
+            patch_shape(eps, shape[-2], shape[-1])
 
     def measure(self, delta: Tensor) -> Tensor:
         pixels = delta[0, 0].numel() if delta.dim() == 4 else delta[0].numel()
@@ -309,7 +331,9 @@ class PatchArea(Norm):
         return delta * window_mask(rows, cols, shape, h, w).to(delta.dtype)
 
 
+#: The norms attacks can be bounded by, by name.
 NORMS: dict[str, Norm] = {n.name: n for n in (Linf(), L2(), L0(), PatchArea())}
+L1_NORM = L1()
 
 
 def get_norm(name: str) -> Norm:

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Context, check_int, check_range
+from attacks.base import MAX_QUERIES, Context, check_int, check_range
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.sparse import PixelBudget, check_target, set_pixels
@@ -57,21 +58,17 @@ def _three_distinct(rng: SampleRNG, ids: Tensor, size: int) -> tuple[Tensor, Ten
 @register
 @dataclass(frozen=True, kw_only=True)
 class OnePixel(PixelBudget):
-    """Changes at most ``pixels`` pixels (all channels of a pixel count as one).
-
-    Fields: ``pixels`` (k), ``population`` (candidates per image), ``steps`` (generations), ``mutation`` (DE scale
-    F), ``max_queries`` (cap per image; at least the clean check plus one population), ``max_batch`` (inputs per
-    forward pass; None picks one per device).
-    """
+    """Changes at most ``pixels`` pixels (all channels of a pixel count as one)."""
 
     name = "onepixel"
     kind = "pixel"
     description = "k-pixel attack by differential evolution, black-box (Su et al. 2019)"
 
-    population: int = 400
-    steps: int = 100
-    mutation: float = 0.5
-    max_queries: Optional[int] = None
+    population: int = param(400, "Candidates per image (the differential-evolution population).", fast=40)
+    steps: int = param(100, "Generations after the first population, at most.", fast=10)
+    mutation: float = param(0.5, "Differential-evolution scale F.")
+    max_queries: Optional[int] = param(None, "Query cap per image, at least population + 1 (the clean check and one "
+                                       "population); None: no cap.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -79,7 +76,7 @@ class OnePixel(PixelBudget):
         check_int("steps", self.steps, low=0)
         check_range("mutation", self.mutation, low=0.0, high=2.0)
         if self.max_queries is not None:
-            check_int("max_queries", self.max_queries, low=self.population + 1)
+            check_int("max_queries", self.max_queries, low=self.population + 1, high=MAX_QUERIES)
 
     @property
     def generations(self) -> int:

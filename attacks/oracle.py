@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Context, check_choice, check_int
+from attacks.base import MAX_BATCH, MAX_QUERIES, Context, check_choice, check_int
 from attacks.rng import SampleRNG
 
 ORACLE_KINDS = ("score", "decision")
@@ -83,9 +83,9 @@ class QueryOracle:
 
     def __init__(self, ctx: Context, kind: str, max_queries: int, rows_per_call: Optional[int] = None):
         check_choice("kind", kind, ORACLE_KINDS)
-        check_int("max_queries", max_queries)
+        check_int("max_queries", max_queries, high=MAX_QUERIES)
         if rows_per_call is not None:
-            check_int("rows_per_call", rows_per_call)
+            check_int("rows_per_call", rows_per_call, high=MAX_BATCH)
         self._ctx = ctx
         self.kind = kind
         self.max_queries = max_queries

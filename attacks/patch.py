@@ -9,9 +9,9 @@
   (:class:`LocalizedPatch`).
 
 The budget ``area`` is a fraction of the image, and the footprint is a rectangle of whole pixels within it. The
-attacks' own footprint is the largest near-square one (:func:`attacks.norms.patch_shape`: 5 % of a 28x28 image is
+attacks' own footprint is the largest near-square one (:func:`attacks.geometry.patch_shape`: 5 % of a 28x28 image is
 6x6 pixels); :func:`train_patch` by default tries every rectangle the budget allows (sides at most 1:5,
-:func:`attacks.norms.patch_shapes`) and keeps the one whose short trial fools the most training images, since the
+:func:`attacks.geometry.patch_shapes`) and keeps the one whose short trial fools the most training images, since the
 threat model fixes the area, not the shape. Both attacks change nothing outside the footprint (``_enforce``
 guarantees it) and report the footprint's area in ``res.norms``.
 
@@ -22,7 +22,7 @@ guarantees it) and report the footprint's area in ``res.norms``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Sequence, Union
 
@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks.base import Attack, Context, check_choice, check_int, check_range
+from attacks.base import MAX_BATCH, MAX_RESTARTS, Attack, Context, check_choice, check_int, check_range
+from attacks.geometry import patch_shape, patch_shapes, ranked_windows, window_mask
 from attacks.losses import LOSSES, Objective, get_loss
-from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows, window_mask
+from attacks.norms import get_norm
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.greedyl0 import corner_proposals
@@ -171,7 +173,7 @@ class PatchTraining:
         check_int("steps", self.steps)
         check_range("lr", self.lr, low=0.0)
         if self.batch_size is not None:
-            check_int("batch_size", self.batch_size)
+            check_int("batch_size", self.batch_size, high=MAX_BATCH)
         check_range("min_scale", self.min_scale, low=0.0, high=1.0)
         check_range("rotation", self.rotation, low=0.0, high=180.0, low_inclusive=True)
         check_choice("loss", self.loss, LOSSES)
@@ -354,10 +356,10 @@ SHAPES = ("auto", "square")
 def patch_footprints(shape: Shape, area: float, height: int, width: int) -> list[tuple[int, int]]:
     """The rectangles a patch of at most ``area`` of a ``height x width`` image is trained in, for ``shape``:
 
-    * ``"auto"``: every shape of :func:`attacks.norms.patch_shapes` (on 28x28 at 5 %: 3x13, 4x9, 5x7, 6x6, 7x5,
+    * ``"auto"``: every shape of :func:`attacks.geometry.patch_shapes` (on 28x28 at 5 %: 3x13, 4x9, 5x7, 6x6, 7x5,
       9x4, 13x3), each a short trial; the budget is the area, and the attacker picks the rectangle. On a normally
       trained Fashion-MNIST CNN a 13x3 strip fools far more images than the 6x6 square;
-    * ``"square"``: the near-square :func:`attacks.norms.patch_shape` alone (6x6 at 5 %);
+    * ``"square"``: the near-square :func:`attacks.geometry.patch_shape` alone (6x6 at 5 %);
     * ``(rows, cols)``: that rectangle, which must fit inside the image and within the budget.
 
     Raises ``ValueError`` with one clear message otherwise.
@@ -401,8 +403,8 @@ def train_patch(
 
     Untargeted (``target=None``) the patch pushes images away from ``labels`` (the model's own predictions when
     None); targeted it pulls every image towards class ``target``. ``shape`` is the patch's rectangle (see
-    :func:`patch_footprints`): ``"auto"`` tries every shape of :func:`attacks.norms.patch_shapes` and keeps the one
-    whose short trial fools the most training images, ``"square"`` is :func:`attacks.norms.patch_shape`, a pair
+    :func:`patch_footprints`): ``"auto"`` tries every shape of :func:`attacks.geometry.patch_shapes` and keeps the one
+    whose short trial fools the most training images, ``"square"`` is :func:`attacks.geometry.patch_shape`, a pair
     ``(rows, cols)`` is that rectangle. Returns the patch ``(C, a, b)`` on the images' device. The model is left as
     it was.
     """
@@ -460,8 +462,7 @@ class UniversalPatch(PatchAttack):
     ``patch``: a ``(C, h, w)`` tensor in [0, 1] (see :func:`check_patch`); its own size is the budget, which must not
     exceed ``area`` when both are given. Without a patch, one of ``area`` (default 5 %) is first trained on the
     attacked batch itself (transductive; for unseen images train with :func:`train_patch` on training images and
-    pass the result). Training settings: ``steps``, ``lr``, ``min_scale``, ``rotation``, ``loss``, ``kappa``,
-    ``sink``, ``trial_steps``, ``refine``, ``refine_candidates`` (see :class:`PatchTraining`).
+    pass the result) with the training settings below (see :class:`PatchTraining`).
 
     ``noise=True`` is the control: every image gets its own patch of uniform random values, of the same footprint
     (the given patch's, else ``area``'s), drawn from its own stream; nothing is trained. Averaged over the images it
@@ -472,19 +473,27 @@ class UniversalPatch(PatchAttack):
     name = "patch"
     description = "Universal adversarial patch at a random location, trained with EOT (Brown et al. 2017)"
 
-    patch: Optional[Tensor] = field(default=None, compare=False, repr=False)
-    area: Optional[float] = None
-    noise: bool = False
-    steps: int = PatchTraining.steps
-    lr: float = PatchTraining.lr
-    min_scale: float = PatchTraining.min_scale
-    rotation: float = PatchTraining.rotation
-    loss: str = PatchTraining.loss
-    kappa: Optional[float] = PatchTraining.kappa
-    sink: bool = PatchTraining.sink
-    trial_steps: int = PatchTraining.trial_steps
-    refine: int = PatchTraining.refine
-    refine_candidates: int = PatchTraining.refine_candidates
+    patch: Optional[Tensor] = param(None, "The patch, a (C, h, w) tensor in [0, 1] whose size is the budget (None: "
+                                    "train one of area on the attacked batch). CLI: --patch FILE.",
+                                    compare=False, repr=False)
+    area: Optional[float] = param(None, "Patch area budget, a fraction of the image (None: the given patch's size, "
+                                  "else 0.05).", fast=0.25)
+    noise: bool = param(False, "The control: each image gets its own uniform-noise patch of the same footprint, "
+                               "nothing is trained.")
+    steps: int = param(PatchTraining.steps, "Training: Adam steps.", fast=10)
+    lr: float = param(PatchTraining.lr, "Training: Adam's learning rate in [0, 1] pixel units (cosine-decayed to 0).")
+    min_scale: float = param(PatchTraining.min_scale, "Training: smallest random scale of the patch, a fraction of "
+                                                      "its size.")
+    rotation: float = param(PatchTraining.rotation, "Training: largest random rotation of the patch, in degrees.")
+    loss: str = param(PatchTraining.loss, "Training: loss to maximize, margin, ce or dlr.")
+    kappa: Optional[float] = param(PatchTraining.kappa, "Training: cap on each image's loss, so images fooled by a "
+                                                        "wide margin stop pulling (None: no cap).")
+    sink: bool = param(PatchTraining.sink, "Training, untargeted: pull every image towards one sink class, the one "
+                                           "whose short trial fools the most images.")
+    trial_steps: int = param(PatchTraining.trial_steps, "Training: steps of each short trial.")
+    refine: int = param(PatchTraining.refine, "Training: sweeps of the one-pixel search after the gradient steps "
+                                              "(0: none).")
+    refine_candidates: int = param(PatchTraining.refine_candidates, "Training: one-pixel moves tried per sweep.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -540,25 +549,22 @@ LOCATIONS = ("saliency", "center", "random")
 @dataclass(frozen=True, kw_only=True)
 class LocalizedPatch(PatchAttack):
     """A patch of ``area`` optimized for each image (LaVAN): ``steps`` signed-gradient steps of size ``alpha`` on
-    the patch's pixels, starting from uniform noise, stopping for an image once it is fooled.
-
-    ``location``: ``saliency`` (default: the window where the loss's input gradient on the clean image is largest),
-    ``center`` or ``random``. ``restarts``: locations tried per image that is not yet fooled (5 by default, the
-    searched location of LaVAN: on a normally trained Fashion-MNIST CNN at 5 % area one location fools 62 % of the
-    correctly classified images, three 78 %, five 81 %); after the first, ``saliency`` takes the next most salient
-    window that does not overlap the ones tried, the other rules a random one. The first gradient pass, on the
-    clean image, also leaves misclassified images as they are. ``loss``: ``margin`` (default), ``ce`` or ``dlr``.
+    the patch's pixels, starting from uniform noise, stopping for an image once it is fooled, at up to ``restarts``
+    locations (the searched location of LaVAN). The first gradient pass, on the clean image, also leaves
+    misclassified images as they are.
     """
 
     name = "lavan"
     description = "Localized per-image patch optimized by gradient steps (LaVAN, Karmon et al. 2018)"
 
-    area: float = DEFAULT_AREA
-    steps: int = 100
-    alpha: float = 0.1
-    location: str = "saliency"
-    restarts: int = 5
-    loss: str = "margin"
+    area: float = param(DEFAULT_AREA, "Patch area, a fraction of the image.", fast=0.1)
+    steps: int = param(100, "Signed-gradient steps per location.", fast=10)
+    alpha: float = param(0.1, "Step size on the patch's pixels, in [0, 1] pixel units.")
+    location: str = param("saliency", "First location: saliency (the window where the loss's input gradient on the "
+                                      "clean image is largest), center or random.")
+    restarts: int = param(5, "Locations tried per image not yet fooled; after the first, saliency takes the next "
+                             "most salient window not overlapping those tried, the others a random one.", fast=1)
+    loss: str = param("margin", "Loss to maximize: margin, ce or dlr.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -566,7 +572,7 @@ class LocalizedPatch(PatchAttack):
         check_int("steps", self.steps)
         check_range("alpha", self.alpha, low=0.0)
         check_choice("location", self.location, LOCATIONS)
-        check_int("restarts", self.restarts)
+        check_int("restarts", self.restarts, high=MAX_RESTARTS)
         check_choice("loss", self.loss, LOSSES)
 
     def footprint(self, shape: tuple[int, ...]) -> tuple[int, int]:

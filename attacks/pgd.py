@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from attacks.base import BoundedAttack, check_choice, check_int, check_range
+from attacks.base import MAX_RESTARTS, BoundedAttack, check_choice, check_int, check_range
 from attacks.iterative import gradient_ascent
 from attacks.losses import LOSSES, get_loss
+from attacks.params import param
 from attacks.registry import register
 
 
@@ -26,10 +27,12 @@ class IterativeAttack(BoundedAttack):
 
     accepts_start = True
 
-    steps: int = 10
-    alpha: Optional[float] = None
-    loss: str = "ce"
-    early_stop: bool = True
+    steps: int = param(10, "Gradient steps per run.")
+    alpha: Optional[float] = param(None, "Step size in [0, 1] pixel units, in the attack's norm "
+                                   "(None: 2.5 * eps / steps).")
+    loss: str = param("ce", "Loss to maximize: ce, dlr or margin.")
+    early_stop: bool = param(True, "Stop stepping a sample once it is fooled (False: step every sample every "
+                                   "time, as adversarial training wants).")
 
     def _validate(self) -> None:
         super()._validate()
@@ -46,18 +49,16 @@ class IterativeAttack(BoundedAttack):
 @register
 @dataclass(frozen=True, kw_only=True)
 class PGD(IterativeAttack):
-    """``restarts``: independent random starts (each later one only for samples still unfooled)."""
-
     name = "pgd"
     supported_norms = ("linf", "l2")
     description = "Projected Gradient Descent with random start and restarts (Madry et al. 2018)"
 
-    restarts: int = 1
-    random_start: bool = True
+    restarts: int = param(1, "Runs from random starts; each later one only for the samples still unfooled.")
+    random_start: bool = param(True, "Start at a uniform random point of the ball (False: at x).")
 
     def _validate(self) -> None:
         super()._validate()
-        check_int("restarts", self.restarts)
+        check_int("restarts", self.restarts, high=MAX_RESTARTS)
 
     def _run(self, ctx):
         return gradient_ascent(

@@ -1,5 +1,7 @@
-"""The attack registry: one ``@register`` line makes an attack appear in ``attacks.available()``, the CLI's
-``--method`` choices, ``robustcnn attacks`` and the contract tests."""
+"""The attack registry: one ``@register`` line on a class in a module under ``attacks/`` (every module there is
+imported by the package) makes an attack appear in ``attacks.available()``, the CLI's ``--method`` choices and
+``--param`` names, ``robustcnn attacks`` and the contract tests. Its fields, declared with
+:func:`attacks.params.param`, carry their help text and fast test setting (:attr:`AttackSpec.parameters`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from attacks.base import KINDS, Attack
+from attacks.params import Param, parameters
 
 _REGISTRY: dict[str, "AttackSpec"] = {}
 
@@ -23,17 +26,25 @@ class AttackSpec:
     norms: tuple[str, ...]
     targeted: bool
     description: str
+    parameters: tuple[Param, ...]  # every hyperparameter: name, type, default, help text, fast setting
 
     @property
     def params(self) -> dict[str, object]:
         """Hyperparameter names and their defaults (what ``factory(**kwargs)`` accepts)."""
-        out = {}
-        for f in dataclasses.fields(self.factory):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                out[f.name] = f.default_factory()  # type: ignore[misc]
-        return out
+        return {p.name: p.default for p in self.parameters if p.default is not dataclasses.MISSING}
+
+    @property
+    def fast(self) -> dict[str, object]:
+        """The fast setting of every hyperparameter that declares one: ``build(**spec.fast)`` is the attack the
+        contract tests run (quick on a tiny model, a large budget)."""
+        return {p.name: p.fast for p in self.parameters if p.has_fast}
+
+    def parameter(self, name: str) -> Param:
+        """The hyperparameter ``name``; ``ValueError`` naming the accepted ones if the attack has none so called."""
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise ValueError(f"{self.name} has no parameter {name!r}; it takes {', '.join(self.params) or 'none'}")
 
     def build(self, **kwargs) -> Attack:
         """Build the attack; unknown hyperparameters raise ``ValueError`` naming the accepted ones."""
@@ -58,6 +69,7 @@ def register(cls: type[Attack]) -> type[Attack]:
         norms=tuple(cls.supported_norms),
         targeted=bool(cls.targeted_ok),
         description=cls.description,
+        parameters=parameters(cls),
     )
     return cls
 

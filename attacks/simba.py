@@ -30,11 +30,16 @@ from torch import Tensor
 from attacks.base import check_choice, check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch
 from attacks.losses import LOSSES, Objective
-from attacks.norms import per_sample
+from attacks.norms import L2, Linf
+from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
 BASES = ("pixel", "dct")
+
+#: The default step for each norm, from ``eps``: a full step to the edge of the ball (Linf), the paper's 0.2 (L2)
+#: unless the ball is smaller.
+DEFAULT_STEP = {Linf: lambda eps: eps, L2: lambda eps: min(0.2, eps)}
 
 
 def probability(logits: Tensor, y: Tensor, target: Optional[Tensor]) -> Tensor:
@@ -58,14 +63,14 @@ def dct_matrix(size: int) -> Tensor:
 @register
 @dataclass(frozen=True, kw_only=True)
 class SimBA(ScoreAttack):
-    """``basis``: ``pixel`` or ``dct``; ``step``: length of one step in the attack's norm (None: see above)."""
-
     name = "simba"
     description = "SimBA: +-step along random pixel or low-frequency DCT directions, scores only (Guo et al. 2019)"
 
-    basis: str = "dct"
-    step: Optional[float] = None
-    loss: str = "prob"
+    basis: str = param("dct", "Search directions: pixel (single pixels) or dct (low-frequency cosine images first).")
+    step: Optional[float] = param(None, "Length of one step in the attack's norm, in [0, 1] pixel units (None: eps "
+                                  "under Linf, min(0.2, eps) under L2).")
+    loss: str = param("prob", "Objective: prob (the true class's probability lowered, the target's raised), "
+                              "margin, ce or dlr.")
 
     def _validate(self) -> None:
         super()._validate()
@@ -80,7 +85,7 @@ class SimBA(ScoreAttack):
     def step_size(self) -> float:
         if self.step is not None:
             return self.step
-        return self.eps if self.norm == "linf" else min(0.2, self.eps)
+        return DEFAULT_STEP[type(self.norm_obj)](self.eps)
 
     def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
         x0 = search.oracle.x[ids]
@@ -104,7 +109,7 @@ class SimBA(ScoreAttack):
         image = rows[:, :, None] * cols[:, None, :]
         out = torch.zeros_like(like)
         out[torch.arange(n, device=like.device), ch] = image
-        return out * per_sample(self.step_size / self.norm_obj.measure(out), out)
+        return self.norm_obj.rescale(out, self.step_size)
 
     def _step(self, search: ScoreSearch, work: WorkSet) -> None:
         x0 = search.oracle.x[work.ids]

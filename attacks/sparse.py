@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attacks.base import Attack, check_int
+from attacks.base import MAX_BATCH, Attack, check_int
 from attacks.losses import Objective
 from attacks.norms import get_norm
+from attacks.params import param
 
 #: Inputs per forward pass of the pixel attacks' candidate batches when their ``max_batch`` is None: a small CNN on a
 #: CPU is fastest in cache-sized batches.
@@ -60,19 +61,18 @@ def target_checked(objective: Objective) -> Objective:
 
 @dataclass(frozen=True, kw_only=True)
 class PixelBudget(Attack):
-    """An attack that changes at most ``pixels`` pixels of each image (all channels of a pixel count as one), trying
-    candidate images in forward passes of at most ``max_batch`` inputs (None picks a size per device)."""
+    """An attack that changes at most ``pixels`` pixels of each image (all channels of a pixel count as one)."""
 
     supported_norms = ("l0",)
 
-    pixels: int = 1
-    max_batch: Optional[int] = None
+    pixels: int = param(1, "Pixels changed per image at most (all channels of a pixel count as one).", fast=16)
+    max_batch: Optional[int] = param(None, "Inputs per forward pass of candidate images (None: a size per device).")
 
     def _validate(self) -> None:
         super()._validate()
         check_int("pixels", self.pixels)
         if self.max_batch is not None:
-            check_int("max_batch", self.max_batch)
+            check_int("max_batch", self.max_batch, high=MAX_BATCH)
 
     def inputs_per_pass(self, device: torch.device) -> int:
         """``max_batch`` if given, else the size that suits ``device`` (:data:`AUTO_MAX_BATCH`)."""

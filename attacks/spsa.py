@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attacks.blackbox import EstimatedGradientAttack, ScoreSearch
 from attacks.optim import Adam
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.square import rademacher
@@ -31,14 +32,11 @@ from attacks.workset import WorkSet
 @register
 @dataclass(frozen=True, kw_only=True)
 class SPSA(EstimatedGradientAttack):
-    """``samples`` (even), ``sigma`` (the paper's delta): the estimator; ``alpha``: Adam's learning rate (None:
-    ``2.5 eps / iterations``)."""
-
     name = "spsa"
     description = "SPSA gradient estimation + Adam, projected, scores only (Uesato et al. 2018)"
 
-    samples: int = 128
-    sigma: float = 0.01
+    samples: int = param(128, "Queries per gradient estimate (even: antithetic pairs).", fast=10)
+    sigma: float = param(0.01, "Distance of the probes x +- sigma * u (the paper's delta), in [0, 1] pixel units.")
 
     def _noise(self, rng: SampleRNG, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
         return rademacher(rng, idx, shape)

@@ -6,10 +6,11 @@ the margin loss improves (one query per sample per iteration). The window covers
 ``p`` follows the paper's piecewise-constant schedule from ``p_init`` (halved at 10, 50, 200, 500, 1000, 2000,
 4000, 6000 and 8000 of 10,000 queries, rescaled to ``max_queries``).
 
-* Linf: start from vertical stripes of +-eps; a window is set to +-eps (a random sign per channel), at a vertex
-  of the ball.
-* L2: start from a grid of pseudo-Gaussian bumps scaled to norm eps; a window receives a new bump plus its old
-  content while the mass of a second window moves into it, then the whole perturbation is rescaled to norm eps.
+* Linf (:class:`Stripes`): start from vertical stripes of +-eps; a window is set to +-eps (a random sign per
+  channel), at a vertex of the ball.
+* L2 (:class:`Bumps`): start from a grid of pseudo-Gaussian bumps scaled to norm eps; a window receives a new bump
+  plus its old content while the mass of a second window moves into it, then the whole perturbation is rescaled to
+  norm eps.
 
 Defaults: margin loss and the schedule as in the paper; ``p_init = 0.8``, the authors' own setting in AutoAttack
 for every dataset (the paper's 0.05 Linf / 0.1 L2 are for 224 x 224 ImageNet images: on 28 x 28 images they
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from attacks.base import check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch
-from attacks.norms import per_sample
+from attacks.norms import L2, Linf
+from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
 from attacks.workset import WorkSet
@@ -138,24 +140,132 @@ class _Windows:
         return torch.where(self.mask, values[:, None], 0.0)
 
 
+class Stripes:
+    """Square under Linf: start from vertical stripes of +-eps; a window is set to +-eps (a random sign per
+    channel), at a vertex of the ball."""
+
+    @staticmethod
+    def side(s: int) -> int:
+        return s
+
+    @staticmethod
+    def draws(c: int) -> int:
+        """Uniform numbers per image and iteration: the window's corner and ``_RESAMPLES`` sign proposals per
+        channel."""
+        return 2 + _RESAMPLES * c
+
+    @staticmethod
+    def start(attack: "Square", search: ScoreSearch, ids: Tensor, x0: Tensor) -> WorkSet:
+        # the two values a pixel can take, computed once: the ball's faces clamped to [0, 1]. Every point of the
+        # search copies its pixels from them, so a pixel's side is known by exact comparison.
+        c, _, w = x0.shape[1:]
+        up, down = (x0 + attack.eps).clamp(max=1.0), (x0 - attack.eps).clamp(min=0.0)
+        stripes = rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0) > 0
+        return search.start(torch.where(stripes, up, down), ids, up=up, down=down)
+
+    @staticmethod
+    def candidate(attack: "Square", search: ScoreSearch, work: WorkSet, u: Tensor, win: _Windows) -> Tensor:
+        """Set each image's window to ``x0 +- eps`` (``up``/``down``, clamped to [0, 1]; a sign per channel).
+
+        ``u[:, 2:]`` holds ``R`` independent sign proposals per image and channel; the first one that changes the
+        window is taken (the last when none does): rejection sampling on the signs alone, vectorized, since which
+        sign moves which channel is known without a query. Only the windows' pixels are read and written."""
+        cur, up, down = work.x, work.up, work.down
+        n, c = cur.shape[:2]
+        signs = u[:, 2:].reshape(-1, _RESAMPLES, c) < 0.5  # (n, R, c)
+        where = win.flat[:, None, :].expand(n, c, -1)  # (n, c, s*s)
+        up_w, down_w = up.flatten(2).gather(2, where), down.flatten(2).gather(2, where)
+        at_up = cur.flatten(2).gather(2, where) == up_w  # every pixel is a copy of `up` or of `down` (!= up)
+        moves_up, moves_down = (~at_up).any(dim=2), at_up.any(dim=2)  # (n, c)
+        moves = torch.where(signs, moves_up[:, None, :], moves_down[:, None, :]).any(dim=2)  # (n, R)
+        moves[:, -1] = True
+        first = moves.to(torch.uint8).argmax(dim=1)
+        chosen = signs[torch.arange(n, device=signs.device), first]  # (n, c)
+        cand = cur.clone(memory_format=torch.contiguous_format)  # contiguous: flatten(2) below is a view
+        cand.flatten(2).scatter_(2, where, torch.where(chosen[:, :, None], up_w, down_w))
+        return cand
+
+
+class Bumps:
+    """Square under L2: start from a grid of pseudo-Gaussian bumps scaled to norm eps; a window receives a new bump
+    plus its old content while the mass of a second window moves into it, then the whole perturbation is rescaled
+    to norm eps."""
+
+    norm = L2()
+
+    @staticmethod
+    def side(s: int) -> int:
+        """Odd and at least 3: room for two half-bumps and a centre."""
+        return max(s, 3) + (max(s, 3) + 1) % 2
+
+    @staticmethod
+    def draws(c: int) -> int:
+        """Uniform numbers per image and iteration: the window's corner, the second window's corner, the bump's
+        orientation and a sign per channel."""
+        return 5 + c
+
+    def start(self, attack: "Square", search: ScoreSearch, ids: Tensor, x0: Tensor) -> WorkSet:
+        delta = self.grid(search.oracle.rng, ids, *x0.shape[1:]).to(x0)
+        return search.start((x0 + self.norm.rescale(delta, attack.eps)).clamp(0.0, 1.0), ids)
+
+    @staticmethod
+    def grid(rng: SampleRNG, ids: Tensor, c: int, h: int, w: int) -> Tensor:
+        """A grid of ``h // 5``-sized twin bumps, each with a random sign per image and channel."""
+        t = max(min(h, w) // 5, 1)
+        nh, nw = h // t, w // t
+        signs = rademacher(rng, ids, (c, nh, nw)).cpu()
+        tiles = signs.repeat_interleave(t, dim=2).repeat_interleave(t, dim=3) * _twin_bump(t).repeat(nh, nw)
+        out = torch.zeros(len(ids), c, h, w)
+        top, left = (h - t * nh) // 2, (w - t * nw) // 2
+        out[:, :, top:top + t * nh, left:left + t * nw] = tiles
+        return out
+
+    def candidate(self, attack: "Square", search: ScoreSearch, work: WorkSet, u: Tensor, win: _Windows) -> Tensor:
+        """Move the mass of a second window into the first, add a fresh bump there, and rescale to norm ``eps``.
+
+        ``u[:, 2:]``: uniform numbers for the second window's corner, the bump's orientation and its sign per
+        channel."""
+        u = u[:, 2:]
+        cur, x0 = work.x, search.oracle.x[work.ids]
+        c, h, w = x0.shape[1:]
+        in_win, in_other = win.mask, _Windows(u[:, 0], u[:, 1], win.s, h, w).mask
+        delta = cur - x0
+        m1, both = in_win.to(x0), (in_win | in_other).to(x0)
+        window_norm = (delta * m1).flatten(2).norm(dim=2)[..., None, None]  # (n, c, 1, 1)
+        union_norm = (delta * both).flatten(2).norm(dim=2)[..., None, None]
+        total_sq = delta.flatten(1).pow(2).sum(dim=1)
+        fresh = win.paint(u[:, 2] < 0.5).to(x0) * signs_of(u[:, 3:]).to(x0)[:, :, None, None]
+        fresh = fresh + delta * m1 / (window_norm + 1e-10)
+        budget = ((attack.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
+        fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()
+        delta = torch.where(in_win, fresh, torch.where(in_other, torch.zeros_like(delta), delta))
+        return (x0 + self.norm.rescale(delta, attack.eps)).clamp(0.0, 1.0)
+
+
+#: How Square searches under each norm.
+MOVES = {Linf: Stripes(), L2: Bumps()}
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
 class Square(ScoreAttack):
-    """``p_init``: fraction of the image the window covers at the start."""
-
     name = "square"
     description = "Square Attack: random search over square windows, scores only (Andriushchenko et al. 2020)"
 
-    p_init: float = 0.8
+    p_init: float = param(0.8, "Fraction of the image the square window covers at the start (then halved on "
+                               "the paper's schedule).")
 
     def _validate(self) -> None:
         super()._validate()
         check_range("p_init", self.p_init, low=0.0, high=1.0)
 
+    @property
+    def moves(self) -> Stripes | Bumps:
+        """The norm's start, candidates and window sides (:data:`MOVES`)."""
+        return MOVES[type(self.norm_obj)]
+
     def _side(self, it: int, h: int, w: int) -> int:
-        s = round((p_schedule(self.p_init, it, self.max_queries) * h * w) ** 0.5)
-        if self.norm == "l2":  # the L2 update needs room for two half-bumps and a centre
-            s = max(s, 3) + (max(s, 3) + 1) % 2
+        s = self.moves.side(round((p_schedule(self.p_init, it, self.max_queries) * h * w) ** 0.5))
         return max(1, min(s, min(h, w) - 1))
 
     def _sides(self, it: Tensor, h: int, w: int) -> Tensor:
@@ -163,27 +273,11 @@ class Square(ScoreAttack):
         table = _side_table(self, h, w).to(it.device)
         return table[it.clamp(max=table.numel() - 1)]
 
-    # -- start --------------------------------------------------------------------------------------------------
     def _start(self, search: ScoreSearch, ids: Tensor) -> WorkSet:
         x0 = search.oracle.x[ids]
-        c, h, w = x0.shape[1:]
-        if self.norm == "linf":  # vertical stripes of +-eps
-            # the two values a pixel can take, computed once: the ball's faces clamped to [0, 1]. Every point of
-            # the search copies its pixels from them, so a pixel's side is known by exact comparison.
-            up, down = (x0 + self.eps).clamp(max=1.0), (x0 - self.eps).clamp(min=0.0)
-            stripes = rademacher(search.oracle.rng, ids, (c, 1, w)).to(x0) > 0
-            work = search.start(torch.where(stripes, up, down), ids, up=up, down=down)
-        else:
-            delta = self._bump_grid(search.oracle.rng, ids, c, h, w).to(x0)
-            delta = delta * per_sample(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
-            work = search.start((x0 + delta).clamp(0.0, 1.0), ids)
-        work.draws = x0.new_empty(len(ids), _BLOCK, self._draws(c))
+        work = self.moves.start(self, search, ids, x0)
+        work.draws = x0.new_empty(len(ids), _BLOCK, self.moves.draws(x0.shape[1]))
         return work
-
-    def _draws(self, c: int) -> int:
-        """Uniform numbers one iteration uses per image: the window's corner, then (Linf) ``_RESAMPLES`` sign
-        proposals per channel, or (L2) the second window's corner, the bump's orientation and a sign per channel."""
-        return 2 + _RESAMPLES * c if self.norm == "linf" else 5 + c
 
     @staticmethod
     def _uniforms(search: ScoreSearch, work: WorkSet) -> Tensor:
@@ -198,68 +292,8 @@ class Square(ScoreAttack):
             draws[pos] = search.oracle.rng.uniform(work.ids[pos], draws.shape[1:]).to(draws)
         return draws.gather(1, slot[:, None, None].expand(-1, 1, draws.shape[2]))[:, 0]
 
-    @staticmethod
-    def _bump_grid(rng: SampleRNG, ids: Tensor, c: int, h: int, w: int) -> Tensor:
-        """The L2 start: a grid of ``h // 5``-sized twin bumps, each with a random sign per image and channel."""
-        t = max(min(h, w) // 5, 1)
-        nh, nw = h // t, w // t
-        signs = rademacher(rng, ids, (c, nh, nw)).cpu()
-        tiles = signs.repeat_interleave(t, dim=2).repeat_interleave(t, dim=3) * _twin_bump(t).repeat(nh, nw)
-        out = torch.zeros(len(ids), c, h, w)
-        top, left = (h - t * nh) // 2, (w - t * nw) // 2
-        out[:, :, top:top + t * nh, left:left + t * nw] = tiles
-        return out
-
-    # -- one iteration ------------------------------------------------------------------------------------------
     def _step(self, search: ScoreSearch, work: WorkSet) -> None:
-        ids = work.ids
-        x0 = search.oracle.x
-        c, h, w = x0.shape[1:]
+        h, w = search.oracle.x.shape[2:]
         u = self._uniforms(search, work)
         win = _Windows(u[:, 0], u[:, 1], self._sides(work.it, h, w), h, w)
-        if self.norm == "linf":
-            cand = self._linf_candidate(u[:, 2:].reshape(-1, _RESAMPLES, c) < 0.5, work.x, work.up, work.down,
-                                        win)
-        else:
-            cand = self._l2_candidate(u[:, 2:], work.x, x0[ids], win)
-        search.accept(work, cand)
-
-    @staticmethod
-    def _linf_candidate(signs: Tensor, cur: Tensor, up: Tensor, down: Tensor, win: _Windows) -> Tensor:
-        """Set each image's window to ``x0 +- eps`` (``up``/``down``, clamped to [0, 1]; a sign per channel).
-
-        ``signs`` ``(n, R, c)`` are ``R`` independent sign proposals per image; the first one that changes the
-        window is taken (the last when none does): rejection sampling on the signs alone, vectorized, since which
-        sign moves which channel is known without a query. Only the windows' pixels are read and written."""
-        n, c = cur.shape[:2]
-        where = win.flat[:, None, :].expand(n, c, -1)  # (n, c, s*s)
-        up_w, down_w = up.flatten(2).gather(2, where), down.flatten(2).gather(2, where)
-        at_up = cur.flatten(2).gather(2, where) == up_w  # every pixel is a copy of `up` or of `down` (!= up)
-        moves_up, moves_down = (~at_up).any(dim=2), at_up.any(dim=2)  # (n, c)
-        moves = torch.where(signs, moves_up[:, None, :], moves_down[:, None, :]).any(dim=2)  # (n, R)
-        moves[:, -1] = True
-        first = moves.to(torch.uint8).argmax(dim=1)
-        chosen = signs[torch.arange(n, device=signs.device), first]  # (n, c)
-        cand = cur.clone(memory_format=torch.contiguous_format)  # contiguous: flatten(2) below is a view
-        cand.flatten(2).scatter_(2, where, torch.where(chosen[:, :, None], up_w, down_w))
-        return cand
-
-    def _l2_candidate(self, u: Tensor, cur: Tensor, x0: Tensor, win: _Windows) -> Tensor:
-        """Move the mass of a second window into the first, add a fresh bump there, and rescale to norm ``eps``.
-
-        ``u`` ``(n, 3 + c)``: uniform numbers for the second window's corner, the bump's orientation and its sign
-        per channel."""
-        c, h, w = x0.shape[1:]
-        in_win, in_other = win.mask, _Windows(u[:, 0], u[:, 1], win.s, h, w).mask
-        delta = cur - x0
-        m1, both = in_win.to(x0), (in_win | in_other).to(x0)
-        window_norm = (delta * m1).flatten(2).norm(dim=2)[..., None, None]  # (n, c, 1, 1)
-        union_norm = (delta * both).flatten(2).norm(dim=2)[..., None, None]
-        total_sq = delta.flatten(1).pow(2).sum(dim=1)
-        fresh = win.paint(u[:, 2] < 0.5).to(x0) * signs_of(u[:, 3:]).to(x0)[:, :, None, None]
-        fresh = fresh + delta * m1 / (window_norm + 1e-10)
-        budget = ((self.eps ** 2 - total_sq).clamp_min(0.0) / c)[:, None, None, None] + union_norm ** 2
-        fresh = fresh / fresh.flatten(2).norm(dim=2)[..., None, None].clamp_min(1e-12) * budget.sqrt()
-        delta = torch.where(in_win, fresh, torch.where(in_other, torch.zeros_like(delta), delta))
-        delta = delta * per_sample(self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12), delta)
-        return (x0 + delta).clamp(0.0, 1.0)
+        search.accept(work, self.moves.candidate(self, search, work, u, win))

@@ -18,15 +18,12 @@ import torch.nn.functional as F
 from attacks.base import BoundedAttack, check_int, check_range
 from attacks.iterative import gradient_ascent
 from attacks.losses import kl_from_reference
+from attacks.params import param
 
 
 @dataclass(frozen=True, kw_only=True)
 class KLPGD(BoundedAttack):
-    """``steps`` ascent steps of size ``alpha`` (default ``2.5 * eps / steps``) on the KL from the clean prediction.
-
-    ``early_stop=False`` (the default here, as training wants) steps every sample every time and returns the last
-    iterate.
-    """
+    """``steps`` ascent steps of size ``alpha`` on the KL from the clean prediction."""
 
     name = "pgd-kl"
     accepts_start = True
@@ -34,9 +31,11 @@ class KLPGD(BoundedAttack):
     targeted_ok = False
     description = "PGD on the KL from the clean prediction: the TRADES inner maximization (Zhang et al. 2019)"
 
-    steps: int = 10
-    alpha: float | None = None
-    early_stop: bool = False
+    steps: int = param(10, "Ascent steps.")
+    alpha: float | None = param(None, "Step size in [0, 1] pixel units, in the attack's norm "
+                                "(None: 2.5 * eps / steps).")
+    early_stop: bool = param(False, "Stop stepping a sample once it is misclassified (False, as training wants: "
+                                    "step every sample every time and return the last iterate).")
 
     def _validate(self) -> None:
         super()._validate()

@@ -10,9 +10,10 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
-from attacks import NonFiniteOutputError
+from attacks import LabelRangeError, NonFiniteOutputError
 from cli import output
 from robustcnn.distributed import Forwarded
 from robustcnn.errors import RobustCNNError, UsageError
@@ -31,6 +32,12 @@ def _rank() -> int:
         return 0
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks and other control characters (a file name may hold them) are shown as
+    escapes such as ``\\n``, so an error message stays one line whatever paths it names."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int, *, shared: bool = False) -> None:
     """One line on stderr, then exit. Under torchrun, ranks other than 0 stay silent about errors every rank has
     alike (``shared``: usage errors, interruptions, errors rank 0 forwarded): rank 0 says it once. Their own
@@ -40,7 +47,8 @@ def fail(message: str, code: int, *, shared: bool = False) -> None:
         sys.exit(code)
     if rank and not message.startswith("rank "):
         message = f"rank {rank}: {message}"
-    output.stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    output.stderr.print(f"[bold red]error:[/] {escape(one_line(message))}", markup=True, highlight=False,
+                        soft_wrap=True)
     sys.exit(code)
 
 
@@ -62,7 +70,7 @@ class OneLineErrors(TyperGroup):
             fail("interrupted", 130, shared=True)
         except RobustCNNError as exc:
             fail(str(exc), exc.exit_code, shared=isinstance(exc, (UsageError, Forwarded)) or exc.exit_code == 130)
-        except NonFiniteOutputError as exc:
+        except (NonFiniteOutputError, LabelRangeError) as exc:  # the model does not fit the data
             fail(str(exc), 1)
         except OSError as exc:
             fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1)

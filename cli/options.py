@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from attacks.base import MAX_BATCH, MAX_ITERATIONS
+from attacks.norms import get_norm
 from robustcnn.errors import UsageError
 
 COMMON = "Common options"
@@ -44,8 +46,12 @@ Checkpoint = Annotated[
 ]
 
 
-def parse_eps(text: str) -> float:
-    """Parse one budget: a decimal (``0.005``) or a fraction (``8/255``), in [0, 1] pixel units."""
+def parse_eps(text: str, norm: str = "linf") -> float:
+    """Parse one budget of ``norm``: a decimal (``0.005``) or a fraction (``8/255``), in pixel units of [0, 1] images.
+
+    The bounds are the norm's (:meth:`attacks.norms.Norm.check_budget`): [0, 1] under Linf, >= 0 under L2 (the
+    image's diameter, unknown here, is checked when the attack runs).
+    """
     raw = text.strip()
     try:
         value = float(Fraction(raw)) if "/" in raw else float(raw)
@@ -53,22 +59,33 @@ def parse_eps(text: str) -> float:
         raise UsageError(f"invalid eps {text!r}: write a number such as 0.03 or a fraction such as 8/255") from None
     if not value == value or value in (float("inf"), float("-inf")):
         raise UsageError(f"invalid eps {text!r}: must be a finite number")
-    if value < 0:
-        raise UsageError(f"invalid eps {text!r}: must be >= 0")
-    if value > 1:
-        raise UsageError(f"invalid eps {text!r}: budgets are in [0, 1] pixel units, so eps must be <= 1")
+    try:
+        get_norm(norm).check_budget(value)
+    except ValueError as exc:
+        raise UsageError(f"invalid eps {text!r}: {exc}") from None
     return value
 
 
-def parse_eps_list(text: str) -> list[float]:
-    """Parse ``0.01,0.02,8/255`` into a list of budgets (at least one)."""
+def parse_eps_list(text: str, norm: str = "linf") -> list[float]:
+    """Parse ``0.01,0.02,8/255`` into a list of budgets of ``norm`` (at least one)."""
     parts = [p for p in (s.strip() for s in text.split(",")) if p]
     if not parts:
         raise UsageError(f"invalid eps list {text!r}: give at least one value, e.g. 0.01,0.02,8/255")
-    return [parse_eps(p) for p in parts]
+    return [parse_eps(p, norm) for p in parts]
+
+
+#: Upper bounds of the count options, far above any useful setting and low enough that a slip (``2**63``) is refused
+#: at once instead of running for ever (the attack fields' own counts are bounded by :func:`attacks.base.check_int`).
+COUNT_LIMITS = {"--epochs": 10_000, "--steps": MAX_ITERATIONS, "--draws": 1_000, "--batch-size": MAX_BATCH,
+                "--n": 10_000_000, "--limit": 10_000_000, "--train-images": 10_000_000}
 
 
 def positive(name: str, value: float | int | None) -> None:
-    """Refuse a non-positive number for option ``name`` (None means 'use the default')."""
+    """Refuse a non-positive number for option ``name`` (None means 'use the default'), and a count above its
+    bound in :data:`COUNT_LIMITS`."""
     if value is not None and not value > 0:
         raise UsageError(f"{name} must be > 0, got {value}")
+    high = COUNT_LIMITS.get(name)
+    if value is not None and high is not None and value > high:
+        raise UsageError(f"{name} must be <= {high:,} (a bound far above any useful setting, so that the run ends), "
+                         f"got {value}")

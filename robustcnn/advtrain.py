@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import attacks
+from attacks.base import MAX_ITERATIONS
 from attacks.norms import get_norm
 from attacks.rng import SampleRNG, sample_keys
 from robustcnn.data import ImageData, to_float
@@ -96,8 +97,8 @@ class AdvConfig:
                 raise UsageError(f"--adv fast takes exactly one FGSM step; --adv-steps {self.steps} does not apply "
                                  "(use --adv pgd for several steps)")
         steps = DEFAULT_STEPS[self.method] if self.steps is None else self.steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UsageError(f"--adv-steps must be an integer >= 1, got {self.steps}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_ITERATIONS:
+            raise UsageError(f"--adv-steps must be an integer in [1, {MAX_ITERATIONS:,}], got {self.steps}")
         set_(self, "steps", steps)
         if self.alpha is not None and (not _number(self.alpha) or self.alpha <= 0):
             raise UsageError(f"--adv-alpha must be > 0, got {self.alpha}")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustcnn.data import DATASETS
 from robustcnn.errors import CheckpointError
 from robustcnn.fsutil import atomic_write
 from robustcnn.models import build_model
@@ -95,6 +96,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **expected:
     doc = read_checkpoint(path)
     meta = doc["meta"]
     check_meta(path, meta, **expected)
+    if meta.get("dataset") not in DATASETS:
+        raise CheckpointError(f"{path} names dataset {meta.get('dataset')!r}, which this robustcnn does not know "
+                              f"(it knows {', '.join(DATASETS)}): not a checkpoint it can evaluate")
     try:
         model = model_from_meta(meta)
         model.load_state_dict(doc["model"])

@@ -9,6 +9,12 @@ Real datasets are read with torchvision's dataset classes and idx readers. Files
    download into the cache.
 
 If all of that fails, :class:`DataNotFoundError` says in one line how to get the files.
+
+Idx files (Fashion-MNIST, MNIST) are checked before use: the size their header announces must be their size, and
+a file of the published size must have the published SHA-256 (:data:`IDX_FILES`); a file that fails gets a one-line
+error naming it and what is wrong. A ``.gz`` file is decompressed once into the cache, in a folder of its own keyed
+by the source file's identity (resolved path, size, modification time), so a bad source never stands in for a good
+one. CIFAR-10 and SVHN are read by torchvision, which checks their published MD5 sums itself.
 ``shapes`` is generated procedurally (no files): a quick, deterministic dataset for demos and tests.
 """
 
@@ -16,11 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import math
+import struct
 import os
 import shutil
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -83,6 +92,25 @@ _SPECS: dict[str, _Spec] = {
     "mnist": _Spec("MNIST", flip=False, idx=True),
     "cifar10": _Spec("CIFAR10", flip=True),
     "svhn": _Spec("SVHN", flip=False),
+}
+
+
+#: The published idx files, decompressed: size in bytes and SHA-256 (None where not recorded here). A file of the
+#: published size is the full split and must match its SHA-256; smaller files (subsets, test fixtures) that are
+#: consistent with their header are accepted.
+IDX_FILES: dict[str, dict[str, tuple[int, str | None]]] = {
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": (47_040_016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        "train-labels-idx1-ubyte": (60_008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        "t10k-images-idx3-ubyte": (7_840_016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        "t10k-labels-idx1-ubyte": (10_008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    },
+    "MNIST": {
+        "train-images-idx3-ubyte": (47_040_016, None),
+        "train-labels-idx1-ubyte": (60_008, None),
+        "t10k-images-idx3-ubyte": (7_840_016, None),
+        "t10k-labels-idx1-ubyte": (10_008, None),
+    },
 }
 
 
@@ -195,7 +223,7 @@ def _find_idx_files(spec: _Spec, folder: Path, train: bool) -> tuple[Path, Path]
 
 
 def _read_idx(spec: _Spec, images: Path, labels: Path):
-    """Read idx files with torchvision's readers; .gz files are decompressed once into the cache."""
+    """Read checked idx files with torchvision's readers; .gz files are decompressed once into the cache."""
     import torchvision.datasets as tvd
     from torchvision.datasets import mnist as tv_mnist
 
@@ -206,22 +234,84 @@ def _read_idx(spec: _Spec, images: Path, labels: Path):
     return x, y, [c.split(" - ")[0] for c in classes]
 
 
+class _CorruptFile(ValueError):
+    """An idx file that fails its checks; the message says what is wrong."""
+
+
+class _Digest:
+    """Size, SHA-256 and the first 16 bytes (the idx header) of what is written through it."""
+
+    def __init__(self, sink=None):
+        self.sink, self.size, self.sha, self.head = sink, 0, hashlib.sha256(), b""
+
+    def write(self, data: bytes) -> int:
+        if self.sink is not None:
+            self.sink.write(data)
+        self.sha.update(data)
+        self.head += data[: max(0, 16 - len(self.head))]
+        self.size += len(data)
+        return len(data)
+
+
+def _check_digest(spec: _Spec, name: str, digest: _Digest) -> None:
+    """Raise :class:`_CorruptFile` unless ``digest`` fits its idx header and, at the published size, its SHA-256."""
+    dims = 3 if "images" in name else 1
+    if len(digest.head) < 4 + 4 * dims:
+        raise _CorruptFile(f"size mismatch ({digest.size} bytes, shorter than an idx header)")
+    sizes = struct.unpack(f">{dims}I", digest.head[4 : 4 + 4 * dims])
+    announced = 4 + 4 * dims + math.prod(sizes)
+    if digest.size != announced:
+        raise _CorruptFile(f"size mismatch ({digest.size:,} bytes, its header announces {announced:,}: truncated?)")
+    published, sha = IDX_FILES[spec.tv_class].get(name, (None, None))
+    if digest.size == published and sha is not None and digest.sha.hexdigest() != sha:
+        raise _CorruptFile(f"checksum mismatch (its SHA-256 is not the published {spec.tv_class} file's)")
+
+
+def _unreadable(path: Path, why: str) -> DataNotFoundError:
+    return DataNotFoundError(f"{path} is unreadable: {why}; replace or delete it")
+
+
+def _source_key(path: Path) -> str:
+    """The identity of a source file: its resolved path, size and modification time, hashed."""
+    stat = path.stat()
+    ident = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
 def _plain(path: Path, spec: _Spec, spare: Path) -> Path:
-    """An uncompressed copy of ``path``: itself, or its decompression in the cache (``spare`` if not writable)."""
+    """A checked, uncompressed copy of ``path``: itself, or its decompression in the cache (``spare`` if the cache
+    is not writable). The cache folder is keyed by the source (:func:`_source_key`) and a copy is written only
+    after it passed its checks, so an existing copy is the checked decompression of exactly this source."""
     if path.suffix != ".gz":
+        digest = _Digest()
+        with open(path, "rb") as source:
+            shutil.copyfileobj(source, digest, 1 << 20)
+        try:
+            _check_digest(spec, path.name, digest)
+        except _CorruptFile as exc:
+            raise _unreadable(path, str(exc)) from None
         return path
-    for folder in (cache_dir() / spec.tv_class / "raw", spare):
+    for folder in (cache_dir() / "decompressed" / spec.tv_class / _source_key(path), spare):
         out = folder / path.stem
         if out.is_file():
             return out
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with gzip.open(path, "rb") as source:
-                atomic_write(out, lambda target: shutil.copyfileobj(source, target, 1 << 20))
+                atomic_write(out, lambda target: _decompress_checked(source, target, spec, path.stem))
             return out
+        except (_CorruptFile, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise _unreadable(path, str(exc) if isinstance(exc, _CorruptFile) else
+                              f"not a complete gzip file ({_first_line(exc)})") from None
         except OSError:  # cache not writable: decompress into the spare folder instead
             continue
     raise DataNotFoundError(f"cannot decompress {path}")
+
+
+def _decompress_checked(source, target, spec: _Spec, name: str) -> None:
+    digest = _Digest(target)
+    shutil.copyfileobj(source, digest, 1 << 20)
+    _check_digest(spec, name, digest)
 
 
 def _download(spec: _Spec, root: Path, train: bool):

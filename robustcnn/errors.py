@@ -30,6 +30,18 @@ class CheckpointError(RobustCNNError):
     """A checkpoint is missing, truncated, not a robustcnn checkpoint, or does not match the request."""
 
 
+class WriteError(RobustCNNError):
+    """A file could not be written (no space left, file too large, ...); the file it was to replace is unchanged."""
+
+
+class ForeignFileError(UsageError):
+    """An output path holds a file robustcnn did not write; it is never replaced (exit code 2: choose another path)."""
+
+
+class OutputBusyError(RobustCNNError):
+    """Another robustcnn process is writing the same output path (exit code 1: wait for it, or write elsewhere)."""
+
+
 def check_choice(what: str, value: str, choices: "tuple[str, ...] | list[str]") -> str:
     """Return ``value`` (normalised to lower case) if it is one of ``choices``, else raise :class:`UsageError`.
 

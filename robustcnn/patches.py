@@ -18,7 +18,7 @@ import attacks
 from attacks.evaluate import correctly_classified, run_stage
 from attacks.patch import check_patch
 from robustcnn.errors import RobustCNNError, UsageError
-from robustcnn.fsutil import atomic_write
+from robustcnn.fsutil import atomic_write, png_tag
 
 #: File suffixes read as tensor files; any other is read as an image.
 TENSOR_SUFFIXES = (".pt", ".pth")
@@ -77,7 +77,8 @@ def save_patch(patch: Tensor, stem: Path) -> tuple[Path, Path]:
     img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
     buf = io.BytesIO()
     torch.save(patch.clone(), buf)
-    png_path = atomic_write(stem.parent / f"{stem.name}.png", lambda handle: img.save(handle, format="PNG"))
+    png_path = atomic_write(stem.parent / f"{stem.name}.png",
+                            lambda handle: img.save(handle, format="PNG", pnginfo=png_tag()))
     pt_path = atomic_write(stem.parent / f"{stem.name}.pt", lambda handle: handle.write(buf.getvalue()))
     return png_path, pt_path
 

@@ -1,5 +1,7 @@
 """Pictures for users: adversarial-example grids and accuracy-vs-eps curves, written atomically as PNG.
 
+Every PNG carries robustcnn's "Software" tag, so a later run may replace it but never a picture of the user's.
+
 matplotlib (Agg backend, no display needed) is imported lazily, only when a picture is requested.
 """
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 
 from robustcnn.errors import UsageError
-from robustcnn.fsutil import atomic_write
+from robustcnn.fsutil import PNG_SOFTWARE, atomic_write, refuse_foreign
 
 
 def _pyplot():
@@ -23,19 +25,21 @@ def _pyplot():
 
 
 def check_png_path(path: Path, option: str) -> Path:
-    """Refuse a path that cannot take a PNG (usage error), before any work is done."""
+    """Refuse a path that cannot take a PNG, or that holds a file robustcnn did not write (usage errors), before
+    any work is done."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UsageError(f"{option} must name a .png file, got {path}")
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; name a .png file")
+    refuse_foreign(path, option=option)
     return path
 
 
 def _save(fig, path: Path) -> None:
     """Save a figure as PNG, atomically."""
     try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE}))
     finally:
         _pyplot().close(fig)
 

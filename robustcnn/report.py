@@ -4,7 +4,9 @@ A report folder holds ``report.json`` (everything: request, model hash, versions
 results, warnings), ``report.md`` (the tables), ``accuracy_vs_eps.png`` and ``gallery.png``, ``report.html`` (all of
 it on one self-contained page, see :mod:`robustcnn.html`), and ``state.pt``, the
 resume state: after every finished (budget, attack) stage the state is saved atomically, so an interrupted report
-continues where it stopped. A folder holding a report of another model or request is refused, never overwritten.
+continues where it stopped. A folder holding a report of another model or request is refused, never overwritten,
+and so is a folder holding a file of one of these names that robustcnn did not write. While a report is written, its
+folder is held (:func:`hold_folder`), so a second report into the same folder fails at once instead of mixing in.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,16 +26,19 @@ import torch
 from torch import Tensor, nn
 
 import attacks
+from attacks.base import ModelState, model_dtype
 from attacks.evaluate import (ProgressFn, Shard, StageResult, cascade, correctly_classified, run_stage,
                               sanity_warnings)
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError
-from robustcnn.fsutil import atomic_write
+from robustcnn.fsutil import OutputLock, atomic_write, refuse_foreign
 from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
+#: Every file a report folder may hold.
+REPORT_FILES = ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png", STATE)
 BLACK_BOX = ("score", "decision")
 
 
@@ -78,10 +84,12 @@ def file_sha256(path: Path) -> str:
 
 
 def prepare_folder(out: Path, request: ReportRequest) -> dict:
-    """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report)."""
+    """Create ``out`` or reopen it for resuming; returns the saved state (empty for a new report). A folder with a
+    file of :data:`REPORT_FILES`'s names that robustcnn did not write is refused (:class:`ForeignFileError`)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    refuse_foreign(*(out / name for name in REPORT_FILES))
     state_file = out / STATE
     if not state_file.exists():
         if (out / "report.json").exists():
@@ -91,11 +99,23 @@ def prepare_folder(out: Path, request: ReportRequest) -> dict:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: never overwrite what we cannot read
         raise CheckpointError(f"cannot read the resume state {state_file}: {exc}; choose another --out") from None
+    if not isinstance(state, dict) or not isinstance(state.get("request"), dict) or "stages" not in state:
+        raise CheckpointError(f"{state_file} is not a robustcnn report state: choose another --out "
+                              "(nothing was changed)")
     if state.get("request") != asdict(request):
         old = state.get("request", {})
         what = "model" if old.get("checkpoint_sha256") != request.checkpoint_sha256 else "request"
         raise UsageError(f"{out} holds a report of another {what}; choose another --out (nothing was changed)")
     return state
+
+
+def hold_folder(out: Path, held: ExitStack, dist: DistContext = SINGLE) -> None:
+    """Hold the report folder ``out`` until ``held`` closes (an :class:`OutputLock`, taken by rank 0 of a distributed
+    run): a second report into it fails at once with :class:`OutputBusyError`, on every rank alike."""
+    def take() -> None:
+        held.enter_context(OutputLock(out))
+
+    dist.on_main(take)
 
 
 class _Saver:
@@ -157,10 +177,11 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     one process's, sample by sample, whatever the number of processes or the batch size."""
     state = dist.on_main(lambda: prepare_folder(out, request))
     saver = _Saver(out, state, enabled=dist.is_main)
+    x = x.to(model_dtype(model) or x.dtype)
     run = _Run(model, x, y, request, device=device, batch_size=batch_size, progress=progress, shard=dist.shard,
                stages=_Stages(state, saver, on_stage))
     start = time.perf_counter()
-    flags = [m.training for m in model.modules()]
+    saved = ModelState(model)
     model.eval()
     try:
         clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=dist.shard)
@@ -171,8 +192,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
         results = [run.budget(ei, eps, clean) for ei, eps in enumerate(request.eps)]
         others = run.other_threat_models(clean)
     finally:
-        for m, f in zip(model.modules(), flags):
-            m.training = f
+        saved.restore()
 
     notes += _consistency_warnings(results, len(y))
     doc = {

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,6 +26,7 @@ from robustcnn.checkpoint import check_meta, read_checkpoint, save_checkpoint, v
 from robustcnn.data import DATASETS, ImageData, augment, channel_stats, horizontal_flip_is_sensible, to_float
 from robustcnn.distributed import SINGLE, DistContext
 from robustcnn.errors import CheckpointError, UsageError, check_choice
+from robustcnn.fsutil import OutputLock, refuse_foreign
 from robustcnn.models import MODELS, arch_defaults, build_model
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
@@ -139,6 +140,8 @@ class TrainResult:
     model: nn.Module
     meta: dict[str, Any]
     checkpoint: Path | None
+    #: True when ``resume`` found the run already finished: nothing was trained, the checkpoint was left as it was.
+    already_finished: bool = False
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -337,14 +340,30 @@ def evaluate(model: nn.Module, data: ImageData, *, device: str | torch.device = 
     return Evaluation(float(hits.float().mean()), float(torch.stack(losses).sum()) / len(data), len(data), per_class)
 
 
-def _resume(run: _Run, checkpoint: Path) -> None:
+def _resume(run: _Run, checkpoint: Path) -> TrainResult | None:
     """Load the resume state from ``checkpoint``, refusing one from a different configuration. In a distributed
-    run rank 0 reads the file (it wrote it) and sends it to the other ranks."""
+    run rank 0 reads the file (it wrote it) and sends it to the other ranks.
+
+    If ``checkpoint`` holds the run already finished, return it as it is (its model and metadata, nothing left to
+    train or to write); else None, with ``run`` ready to go on from its last complete epoch."""
     doc = run.dist.on_main(lambda: _read_resumable(run, checkpoint))
     try:
+        if doc["meta"].get("complete"):
+            model = run.kept if run.kept is not None else run.model
+            model.load_state_dict(doc["model"])
+            return TrainResult(model.eval(), doc["meta"], checkpoint, already_finished=True)
         run.restore(doc)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume {checkpoint}: its state does not fit ({str(exc).splitlines()[0]})") from None
+    return None
+
+
+def _claim_checkpoint(checkpoint: Path, resume: bool, held: ExitStack) -> None:
+    """Hold ``checkpoint`` for this run until ``held`` closes (:class:`OutputLock`: one writer per file) and, for a
+    new run, refuse a file there that robustcnn did not write (resuming reads it, which refuses any other file)."""
+    held.enter_context(OutputLock(checkpoint))
+    if not resume:
+        refuse_foreign(checkpoint)
 
 
 def _read_resumable(run: _Run, checkpoint: Path) -> dict[str, Any]:
@@ -389,7 +408,10 @@ def train(
 
     The data are moved to ``device`` once (uint8, one byte per pixel). With ``checkpoint``, the model and its
     resume state are saved there (atomically) after every epoch and once more with the final metrics; ``resume``
-    continues from that file, which must come from the same config. ``on_step`` gets a :class:`Progress` every
+    continues from that file, which must come from the same config (a finished run is returned as it is, the file
+    untouched: ``already_finished``). While the run lasts, the file is held with an :class:`OutputLock`, so a second
+    run writing it fails at once (:class:`OutputBusyError`); a file there that robustcnn did not write is never
+    replaced (:class:`ForeignFileError`). ``on_step`` gets a :class:`Progress` every
     ``report_every`` steps, ``on_epoch`` each finished epoch's statistics. ``make_batch`` may replace each clean
     batch by the batch to train on.
 
@@ -412,43 +434,49 @@ def train(
     if dist.enabled and config.batch_size % dist.world_size:
         raise UsageError(f"batch size {config.batch_size} is the global batch and must be divisible by the "
                          f"{dist.world_size} processes")
+    if adversarial is not None and adversarial.init == "prior" and dist.enabled:
+        raise UsageError("--adv-init prior keeps each training image's last perturbation in its process, and "
+                         "the images move between processes every epoch: run it in one process")
+    if resume and checkpoint is None:
+        raise CheckpointError("nothing to resume: None does not exist (drop --resume to start a new run)")
     if not dist.is_main:
         on_step = on_epoch = None
-    trainer = held_out = None
-    if adversarial is not None:
-        if adversarial.init == "prior" and dist.enabled:
-            raise UsageError("--adv-init prior keeps each training image's last perturbation in its process, and "
-                             "the images move between processes every epoch: run it in one process")
-        train_data, held_out = split_held_out(train_data, adversarial.val_count)
-    train_data = train_data.subset(config.limit).to(device)
-    run = _Run(config, train_data, device, dist)
-    if adversarial is not None:
-        trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
-                                      label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size,
-                                      train_size=len(train_data))
-        run.trainer = trainer
-        probe = slice(0, min(8, len(train_data)))
-        check_differentiable(run.model, to_float(train_data.images[probe]), train_data.labels[probe],
-                             adversarial.method)
-        run.batch_loss, run.kept = trainer.loss, copy.deepcopy(run.model)
-        run.meta.update(adversarial=adversarial.to_dict(), kept_epoch=0, overfitting=[])
-    if resume:
-        if checkpoint is None:
-            raise CheckpointError("nothing to resume: None does not exist (drop --resume to start a new run)")
-        _resume(run, Path(checkpoint))
-    run.net = dist.wrap(run.model, device)
-    for epoch in range(run.epochs_done, config.epochs):
-        stats = _run_epoch(run, train_data, epoch, make_batch, on_step, report_every)
-        run.epochs_done = epoch + 1
-        run.meta["history"].append(stats)
-        run.meta["epochs_done"] = run.epochs_done
-        if trainer is not None:
-            _validate_epoch(run, trainer, stats)
-        if checkpoint is not None and dist.is_main:
-            save_checkpoint(checkpoint, run.kept if run.kept is not None else run.model, run.meta, run.resume_state())
-        if on_epoch is not None:
-            on_epoch(stats)
-    return _finish(run, test_data, Path(checkpoint) if checkpoint is not None else None, eval_batch_size)
+    with ExitStack() as held:
+        if checkpoint is not None:
+            dist.on_main(lambda: _claim_checkpoint(Path(checkpoint), resume, held))
+        trainer = held_out = None
+        if adversarial is not None:
+            train_data, held_out = split_held_out(train_data, adversarial.val_count)
+        train_data = train_data.subset(config.limit).to(device)
+        run = _Run(config, train_data, device, dist)
+        if adversarial is not None:
+            trainer = AdversarialTraining(adversarial, held_out.to(device), seed=config.seed,
+                                          label_smoothing=config.label_smoothing, eval_batch_size=eval_batch_size,
+                                          train_size=len(train_data))
+            run.trainer = trainer
+            probe = slice(0, min(8, len(train_data)))
+            check_differentiable(run.model, to_float(train_data.images[probe]), train_data.labels[probe],
+                                 adversarial.method)
+            run.batch_loss, run.kept = trainer.loss, copy.deepcopy(run.model)
+            run.meta.update(adversarial=adversarial.to_dict(), kept_epoch=0, overfitting=[])
+        if resume:
+            finished = _resume(run, Path(checkpoint))
+            if finished is not None:
+                return finished
+        run.net = dist.wrap(run.model, device)
+        for epoch in range(run.epochs_done, config.epochs):
+            stats = _run_epoch(run, train_data, epoch, make_batch, on_step, report_every)
+            run.epochs_done = epoch + 1
+            run.meta["history"].append(stats)
+            run.meta["epochs_done"] = run.epochs_done
+            if trainer is not None:
+                _validate_epoch(run, trainer, stats)
+            if checkpoint is not None and dist.is_main:
+                save_checkpoint(checkpoint, run.kept if run.kept is not None else run.model, run.meta,
+                                run.resume_state())
+            if on_epoch is not None:
+                on_epoch(stats)
+        return _finish(run, test_data, Path(checkpoint) if checkpoint is not None else None, eval_batch_size)
 
 
 def _validate_epoch(run: _Run, trainer: AdversarialTraining, stats: dict[str, Any]) -> None:

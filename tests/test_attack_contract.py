@@ -9,28 +9,12 @@ import torch
 
 import attacks
 from attacks.base import BoundedAttack, MinNormAttack
-
-#: Caps that keep every attack fast on the tiny model; applied to whichever of these fields an attack has.
-CAPS = {"steps": 10, "binary_steps": 2, "max_queries": 300, "restarts": 1, "eot_samples": 2, "n_target_classes": 2,
-        "iterations": 10, "population": 40}
-#: Attacks whose capped settings need a different starting point to stay effective on the tiny model.
-FAST_EXTRA = {"cw": {"c": 1.0, "steps": 50, "lr": 0.05}, "bim": {"steps": 10, "alpha": 0.04},
-              # a large budget for the sparse threat models on 8x8 quadrant images: a quadrant of pixels / of area
-              "onepixel": {"pixels": 16}, "patch": {"area": 0.25}, "lavan": {"area": 0.1}}
-
+from attacks.params import parameters
 
 def build_fast(name: str, **extra):
-    spec = attacks.get(name)
-    kw = {k: min(v, spec.params[k]) for k, v in CAPS.items() if spec.params.get(k) is not None}
-    if "eps" in spec.params and "eps" not in extra:
-        kw["eps"] = 0.3 if (spec.norms[0] in ("linf",)) else None
-        if kw["eps"] is None and issubclass(spec.factory, BoundedAttack):
-            kw["eps"] = 3.0
-        if kw["eps"] is None:
-            kw.pop("eps")
-    kw.update(FAST_EXTRA.get(name, {}))
-    kw.update(extra)
-    return spec.build(**kw)
+    """The attack with the fast setting its fields declare (``param(..., fast=...)``: quick on the tiny model, a
+    large budget), then ``extra``."""
+    return attacks.get(name).build(**{**attacks.get(name).fast, **extra})
 
 
 ALL = attacks.available()
@@ -137,6 +121,57 @@ def test_registry_lists_every_kind_and_describes_each():
         assert spec.kind in attacks.KINDS and spec.description and spec.norms
     assert set(attacks.available("white-box")) >= {"fgsm", "bim", "pgd", "mifgsm", "apgd", "apgd-t", "cw",
                                                    "deepfool", "eotpgd"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_parameter_is_described_and_its_fast_setting_is_valid(name):
+    """Each field carries a help text and a type; the fast setting names only fields and builds (the attack's own
+    validation accepts it), and text parsed by a field's type gives back its default."""
+    spec = attacks.get(name)
+    assert spec.parameters and [p.name for p in spec.parameters] == list(spec.params)
+    for p in spec.parameters:
+        assert p.help.strip() and p.help.rstrip().endswith((".", ")")), f"{name}.{p.name} lacks a help text"
+        assert p.type_name
+        if isinstance(p.default, (bool, int, float, str)) or p.default is None and p.name != "patch":
+            assert p.parse(str(p.default)) == p.default, (name, p.name)
+    assert set(spec.fast) <= set(spec.params)
+    build_fast(name)
+
+
+def test_runtime_fields_keep_their_flag_and_stay_out_of_config():
+    flagged = {(n, p.name) for n in ALL for p in attacks.get(n).parameters if p.runtime}
+    assert ("square", "work_set") in flagged and ("boundary", "rows_per_call") in flagged
+    for n, field in flagged:
+        assert field not in attacks.get(n).build().config()
+
+
+def test_parameter_text_is_read_by_the_field_type():
+    pgd, bim, ph = attacks.get("pgd"), attacks.get("bim"), attacks.get("patch")
+    assert pgd.parameter("steps").parse(" 7 ") == 7 and bim.parameter("steps").parse("None") is None
+    assert pgd.parameter("eps").parse("8/255") == 8 / 255 and pgd.parameter("eps").type_name == "float or None"
+    assert pgd.parameter("random_start").parse("no") is False and pgd.parameter("loss").parse("dlr") == "dlr"
+    for p, text, match in [(pgd.parameter("steps"), "2.5", "whole number"), (pgd.parameter("steps"), "none", "whole"),
+                           (pgd.parameter("eps"), "1/0", "number such as"), (pgd.parameter("eps"), "inf", "finite"),
+                           (pgd.parameter("random_start"), "maybe", "true or false"),
+                           (ph.parameter("patch"), "x.pt", "cannot be given as text")]:
+        with pytest.raises(ValueError, match=match):
+            p.parse(text)
+    with pytest.raises(ValueError, match="pgd has no parameter 'decay'; it takes eps, norm, steps"):
+        pgd.parameter("decay")
+
+
+def test_parameters_of_an_unregistered_attack_class():
+    """KLPGD (exported, not registered) describes its fields the same way."""
+    assert "KLPGD" in attacks.__all__ and "pgd-kl" not in ALL
+    assert {p.name: p.default for p in parameters(attacks.KLPGD)}["early_stop"] is False
+    assert all(p.help for p in parameters(attacks.KLPGD))
+
+
+def test_every_registered_attack_class_is_exported():
+    for name in ALL:
+        cls = attacks.get(name).factory
+        assert getattr(attacks, cls.__name__) is cls and cls.__name__ in attacks.__all__
+    assert all(hasattr(attacks, c) for c in attacks.__all__) and len(set(attacks.__all__)) == len(attacks.__all__)
 
 
 def test_unknown_attack_suggests_close_matches():

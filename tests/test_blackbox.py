@@ -18,14 +18,10 @@ from attacks.square import p_schedule
 SCORE = attacks.available("score")
 DECISION = attacks.available("decision")
 BLACK_BOX = SCORE + DECISION
-#: Small settings so each run takes a fraction of a second on the tiny model.
-FAST = {"nes": {"samples": 10}, "spsa": {"samples": 10}, "hopskipjump": {"init_evals": 20}}
-
-
-def build(name: str, **kw):
-    """The attack with fast settings; score attacks get a large Linf budget (0.3) unless told otherwise."""
-    base = {"eps": 0.3} if name in SCORE else {}
-    return attacks.build(name, **{**base, **FAST.get(name, {}), **kw})
+def build(name: str, max_queries: int, **kw):
+    """The attack with the fast settings its fields declare (small estimates; score attacks: a large Linf budget,
+    0.3) and the query budget given."""
+    return attacks.build(name, **{**attacks.get(name).fast, "max_queries": max_queries, **kw})
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -222,7 +218,7 @@ def test_refilling_the_work_set_changes_nothing_but_the_calls(name, trained, mon
     assert torch.equal(whole.success, res.success) and whole.success.any()
     assert whole.queries.unique().numel() > 3  # samples finish at different times: the refill really happened
     assert "work_set" not in small.config()
-    rows_per_sample = FAST.get(name, {}).get("samples", 1)  # the estimators query all their probes in one call
+    rows_per_sample = getattr(small, "samples", 1)  # the estimators query all their probes in one call
     assert max(c.shape[0] for c in calls) <= 3 * rows_per_sample
     assert calls[0].shape[0] == 3 and sum(c.shape[0] for c in calls) == int(res.queries.sum())
 

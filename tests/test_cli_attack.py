@@ -39,6 +39,16 @@ def test_human_table_and_example_grid(newest, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_l2_budget_above_one(newest):
+    doc = _json(run_cli("attack", "--method", "pgd", "--norm", "l2", "--eps", "1.5", "--steps", "2", "--n", "8",
+                        "--json"))
+    (row,) = doc["results"]
+    assert row["eps"] == 1.5 and 0 < row["attacks"]["pgd"]["max_norm"] <= 1.5 + 1e-5
+    # an L2 attack's own default norm measures --eps when --norm is not given
+    doc = _json(run_cli("attack", "--method", "deepfool", "--eps", "1.5", "--steps", "2", "--n", "8", "--json"))
+    assert doc["results"][0]["eps"] == 1.5
+
+
 def test_per_sample_and_targeted(newest):
     doc = _json(run_cli("attack", "--method", "pgd", "--eps", "0.5", "--steps", "10", "--n", "32",
                         "--target-class", "1", "--per-sample", "--json"))
@@ -94,6 +104,8 @@ def test_attacks_lists_the_registry():
     [
         (("--eps", "-0.1"), 2, "must be >= 0"),
         (("--eps", "1.5"), 2, "eps must be <= 1"),
+        (("--norm", "linf", "--method", "deepfool", "--eps", "1.5"), 2, "eps must be <= 1"),
+        (("--norm", "l2", "--eps", "-1"), 2, "must be >= 0"),
         (("--eps", "0.1,,x"), 2, "invalid eps"),
         (("--method", "pgd", "--steps", "0"), 2, "steps must be >= 1"),
         (("--method", "pgdd"), 2, "did you mean pgd"),
@@ -137,3 +149,57 @@ def test_attack_with_a_saved_patch_and_bad_patch_files(newest, tmp_path):
         run_cli("attack", "--method", "patch", "--patch", str(tmp_path / "missing.pt")), 1)
     assert "--method patch only" in assert_one_line_error(
         run_cli("attack", "--method", "fgsm", "--patch", str(stem) + ".pt"), 2)
+
+
+def test_param_sets_any_field_read_by_its_type(newest):
+    """Fields without a named option are set with --param NAME=VALUE (fractions for pixel units, booleans)."""
+    doc = _json(run_cli("attack", "--method", "mifgsm", "--eps", "0.1", "--steps", "3", "--param", "decay=0.5",
+                        "--param", "alpha=1/255", "--param", "early_stop=false", "--n", "16", "--json"))
+    cfg = doc["results"][0]["attacks"]["mifgsm"]["config"]
+    assert cfg["decay"] == 0.5 and cfg["alpha"] == 1 / 255 and cfg["early_stop"] is False and cfg["steps"] == 3
+    doc = _json(run_cli("attack", "--method", "apgd-t", "--eps", "0.1", "--steps", "2", "--param",
+                        "n_target_classes=1", "--n", "8", "--json"))
+    assert doc["results"][0]["attacks"]["apgd-t"]["config"]["n_target_classes"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--method", "pgd", "--param", "decay=0.5"), "--param decay: pgd has no parameter 'decay'; it takes eps, "
+                                                      "norm, steps"),
+        (("--method", "pgd", "--param", "steps=2.5"), "--param steps: steps takes a whole number, got '2.5'"),
+        (("--method", "pgd", "--param", "random_start=maybe"), "random_start takes true or false"),
+        (("--method", "pgd", "--param", "steps"), "--param takes NAME=VALUE, got 'steps'"),
+        (("--method", "pgd", "--param", "steps=2", "--param", "steps=3"), "--param steps is given twice"),
+        (("--method", "pgd", "--steps", "2", "--param", "steps=3"), "steps is set twice: by --steps and by --param"),
+        (("--method", "pgd", "--param", "eps=0.1"), "set eps with --eps"),
+        (("--method", "patch", "--param", "patch=p.pt"), "set patch with --patch FILE"),
+        (("--method", "mifgsm", "--param", "decay=-1"), "mifgsm: decay must be >= 0"),
+        (("--method", "deepfool", "--param", "overshoot=-0.5"), "overshoot must be >= 0"),
+        (("--method", "onepixel", "--param", "population=2"), "population must be >= 4"),
+        (("--method", "lavan", "--param", "location=corner"), "location must be one of saliency, center, random"),
+    ],
+)
+def test_bad_param_is_a_one_line_usage_error(newest, args, message):
+    line = assert_one_line_error(run_cli("attack", "--n", "8", *args), 2)
+    assert message in line
+
+
+def test_attacks_describes_every_parameter():
+    doc = _json(run_cli("attacks", "--json"))
+    for entry in doc:
+        spec = attacks.get(entry["name"])
+        assert list(entry["params"]) == list(spec.params)
+        for name, info in entry["params"].items():
+            assert info["default"] == spec.params[name] or name == "patch"
+            assert info["help"] and info["type"] and info["option"]
+    one = _json(run_cli("attacks", "eotpgd", "--json"))
+    assert one["params"]["eot_samples"] == {"type": "int", "default": 10, "help": attacks.get("eotpgd").parameter(
+        "eot_samples").help, "runtime": False, "option": "--param eot_samples="}
+    assert one["params"]["steps"]["option"] == "--steps" and one["params"]["eps"]["option"] == "--eps"
+    assert _json(run_cli("attacks", "square", "--json"))["params"]["work_set"]["runtime"] is True
+    table = run_cli("attacks", "cw").stdout
+    assert all(word in table for word in ("kappa", "binary_steps", "abort_early", "--c", "--param kappa="))
+    assert "decay" in run_cli("attacks").stdout  # the list names each attack's parameters
+    assert "did you mean pgd" in assert_one_line_error(run_cli("attacks", "pgdd"), 2)
+    assert "not both" in assert_one_line_error(run_cli("attacks", "pgd", "--kind", "score"), 2)

@@ -142,6 +142,18 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(trained):
     assert (impostor.read_bytes(), record.read_bytes()) == before
 
 
+def test_resuming_a_finished_run_reports_it_and_leaves_its_checkpoint_as_it_is(trained, monkeypatch):
+    doc, checkpoint, _ = trained
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(train_module, "_run_epoch", lambda *args: pytest.fail("a finished run was trained again"))
+    result = run_cli("train", *QUICK, "--out", str(checkpoint.parent), "--resume", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert checkpoint.read_bytes() == before
+    again = json.loads(result.stdout)
+    assert again["epochs"] == 2 and again["metrics"] == doc["metrics"] and again["history"] == doc["history"]
+    assert f"{checkpoint} holds a finished run: nothing to resume" in result.stderr
+
+
 def test_interrupted_training_keeps_its_last_epoch_and_resume_finishes_it(isolated, monkeypatch):
     quick = (*QUICK[:7], "3", *QUICK[8:])  # three epochs
     whole = run_cli("train", *quick, "--out", str(isolated / "whole"), "--json")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
 import pytest
 import torch
 
-from robustcnn.data import (DATASETS, SHAPES, ImageData, augment, channel_stats, load_dataset, make_shapes,
+from robustcnn.data import (DATASETS, IDX_FILES, SHAPES, ImageData, augment, channel_stats, load_dataset, make_shapes,
                             to_float)
 from robustcnn.errors import DataNotFoundError, UsageError
 from train_fixtures import isolated, offline, write_idx  # noqa: F401  (fixtures)
@@ -28,12 +33,87 @@ def test_idx_files_are_read_from_data_dir(isolated, layout):
     assert data.labels.dtype == torch.int64 and data.classes[0] == "T-shirt/top" and len(data.classes) == 10
 
 
-def test_gz_files_are_decompressed_once_into_the_cache(isolated):
+def test_gz_files_are_decompressed_once_into_the_cache(isolated, monkeypatch):
     images, labels = _fake_idx()
     write_idx(isolated / "data", images, labels, train=True, gz=True)
     load_dataset("fashion-mnist", train=True, data_dir=isolated / "data", download=False)
-    cached = isolated / "cache" / "robustcnn" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
-    assert cached.is_file() and cached.stat().st_size == 16 + 20 * 28 * 28
+    cached = list((isolated / "cache" / "robustcnn").rglob("train-images-idx3-ubyte"))
+    assert len(cached) == 1 and cached[0].stat().st_size == 16 + 20 * 28 * 28
+    monkeypatch.setattr(gzip, "open", lambda *a, **k: pytest.fail("decompressed a second time"))
+    again = load_dataset("fashion-mnist", train=True, data_dir=isolated / "data", download=False)
+    assert torch.equal(again.images[:, 0], images)
+
+
+def _gz_folder(root, images, labels, *, train=True):
+    write_idx(root, images, labels, train=train, gz=True)
+    return root
+
+
+def test_a_bad_source_never_poisons_a_good_one(isolated):
+    """With the cache keyed by file name, the bad folder's decompressed images stood in for the good folder's."""
+    images, labels = _fake_idx(seed=1)
+    bad = _gz_folder(isolated / "bad", *_fake_idx(seed=2))
+    with gzip.open(bad / "train-images-idx3-ubyte.gz", "wb") as f:  # a header announcing more images than it has
+        f.write(struct.pack(">IIII", 0x0803, 60_000, 28, 28) + bytes(100))
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("fashion-mnist", train=True, data_dir=bad, download=False)
+    assert str(info.value).startswith(f"{bad / 'train-images-idx3-ubyte.gz'} is unreadable: size mismatch")
+    good = _gz_folder(isolated / "good", images, labels)
+    data = load_dataset("fashion-mnist", train=True, data_dir=good, download=False)
+    assert torch.equal(data.images[:, 0], images) and torch.equal(data.labels, labels)
+    # a self-consistent but different source with the same names does not reuse the good one's cache either
+    other_images, other_labels = _fake_idx(seed=3)
+    other = _gz_folder(isolated / "other", other_images, other_labels)
+    assert torch.equal(load_dataset("fashion-mnist", train=True, data_dir=other, download=False).labels,
+                       other_labels)
+
+
+def test_a_truncated_source_is_reported_even_with_a_good_copy_cached(isolated):
+    """With the cache keyed by file name, the good folder's cached copy was read in place of the truncated file."""
+    good = _gz_folder(isolated / "good", *_fake_idx(seed=1))
+    load_dataset("fashion-mnist", train=True, data_dir=good, download=False)
+    cut = _gz_folder(isolated / "cut", *_fake_idx(seed=1))
+    blob = (cut / "train-images-idx3-ubyte.gz").read_bytes()
+    (cut / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataNotFoundError, match=r"train-images-idx3-ubyte.gz is unreadable: not a complete gzip"):
+        load_dataset("fashion-mnist", train=True, data_dir=cut, download=False)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_truncated_plain_or_gz_file_names_the_file_and_the_size(isolated, gz):
+    folder = isolated / "data"
+    images, labels = _fake_idx()
+    write_idx(folder, images[:19], labels, train=False, gz=False)  # 20 labels, 19 images: header says 20
+    blob = (folder / "t10k-images-idx3-ubyte").read_bytes()
+    (folder / "t10k-images-idx3-ubyte").write_bytes(blob[:4] + struct.pack(">I", 20) + blob[8:])
+    if gz:
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress((folder / "t10k-images-idx3-ubyte")
+                                                                         .read_bytes()))
+        (folder / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("mnist", train=False, data_dir=folder, download=False)
+    name = "t10k-images-idx3-ubyte" + (".gz" if gz else "")
+    assert str(info.value) == (f"{folder / name} is unreadable: size mismatch ({16 + 19 * 784:,} bytes, its header "
+                               f"announces {16 + 20 * 784:,}: truncated?); replace or delete it")
+    assert not list((isolated / "cache").rglob("t10k-images-idx3-ubyte")), "a corrupt copy was cached"
+
+
+def test_a_full_size_file_with_other_bytes_fails_the_checksum(isolated):
+    folder = isolated / "data"
+    write_idx(folder, *_fake_idx(), train=False, gz=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x0801, 10_000) + bytes(10_000))
+    with pytest.raises(DataNotFoundError, match=r"t10k-labels-idx1-ubyte is unreadable: checksum mismatch"):
+        load_dataset("fashion-mnist", train=False, data_dir=folder, download=False)
+
+
+def test_the_checksum_table_matches_the_installed_fashion_mnist():
+    folder = Path("/usr/share/datasets/fashion-mnist")
+    if not folder.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    for name, (size, sha) in IDX_FILES["FashionMNIST"].items():
+        with gzip.open(folder / f"{name}.gz", "rb") as f:
+            blob = f.read()
+        assert len(blob) == size and hashlib.sha256(blob).hexdigest() == sha, name
 
 
 def test_environment_variable_names_the_data_folder(isolated, monkeypatch):

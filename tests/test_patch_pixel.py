@@ -16,7 +16,8 @@ from torch import nn
 
 import attacks
 from attacks.greedyl0 import corner_proposals
-from attacks.norms import get_norm, patch_shape, patch_shapes, ranked_windows
+from attacks.geometry import patch_shape, patch_shapes, ranked_windows
+from attacks.norms import get_norm
 from attacks.patch import eot_paste, noise_patch, paste, patch_footprints, train_patch
 from robustcnn.errors import RobustCNNError, UsageError
 from robustcnn.patches import load_patch, save_patch

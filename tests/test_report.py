@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import attacks
+from cli.commands.report import DEFAULT_EPS
+from cli.options import parse_eps_list
 from robustcnn.report import ReportRequest, run_report
 from train_fixtures import assert_one_line_error, isolated, run_cli  # noqa: F401  (fixtures)
 
@@ -40,6 +42,20 @@ def test_report_files_and_worst_case(newest, tmp_path):
             assert r["accuracy_alone"][i] == pytest.approx(alone)
     assert "worst-case robust accuracy" in (out / "report.md").read_text()
     assert doc["request"]["checkpoint_sha256"] and "torch" in doc["versions"]
+
+
+def test_l2_report_accepts_budgets_above_one(newest, tmp_path):
+    result = run_cli("report", "--attacks", "fgsm", "--norm", "l2", "--eps", "1.5", "--n", "8", "--out",
+                     str(tmp_path / "rep"), "--json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)["results"]
+    assert row["eps"] == 1.5
+
+
+def test_default_budgets_are_valid_for_their_norm():
+    for norm, per_dataset in DEFAULT_EPS.items():
+        for text in per_dataset.values():
+            assert parse_eps_list(text, norm)
 
 
 def test_fail_under_exits_1_after_writing(newest, tmp_path):

@@ -20,6 +20,7 @@ from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, Lo
                          ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import UsageError
 from robustcnn.patches import TENSOR_SUFFIXES, measure_patch, save_patch
+from robustcnn.fsutil import claim_outputs
 from robustcnn.perf import keep_freed_memory
 
 PATCH = "Patch options"
@@ -131,13 +132,15 @@ def train_cmd(
     training = PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink, refine=refine)
     measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev, draws=draws)
     rows = []
-    with output.progress(json_out) as bar:
+    stems = [_default_stem(out, test.name, a, target, len(areas) > 1) for a in areas]
+    files = [stem.parent / f"{stem.name}{suffix}" for stem in stems for suffix in (".png", ".pt")]
+    with output.progress(json_out) as bar, claim_outputs(*files):
         task = bar.add_task("training patches", total=len(areas))
-        for a in areas:
+        for a, stem in zip(areas, stems):
             gen = torch.Generator(device="cpu").manual_seed(seed)
             patch = train_patch(model, train_x, train_y, area=a, shape=footprint, target=target, generator=gen,
-                                training=training)
-            files = save_patch(patch, _default_stem(out, test.name, a, target, len(areas) > 1))
+                               training=training)
+            files = save_patch(patch, stem)
             rows.append(_row(a, patch, files, model, test_x, test_y, measure))
             bar.advance(task)
     if json_out:

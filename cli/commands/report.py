@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -85,15 +86,15 @@ def report_cmd(
     Writes report.json, report.md, accuracy_vs_eps.png and gallery.png into the report folder. An interrupted
     report resumes from the attacks already finished when the same command is run again.
     """
-    from robustcnn.report import ReportRequest, default_folder, usual_eps
+    from robustcnn.report import ReportRequest, default_folder, hold_folder, usual_eps
 
     names = _check_options(suite=suite, attack_list=attack_list, norm=norm, n=n, batch_size=batch_size,
                            fail_under=fail_under, out=out)
-    with session(device) as (ctx, dev):
+    with session(device) as (ctx, dev), ExitStack() as held:
         models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
         datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
         model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
-        eps_list = parse_eps_list(eps if eps is not None else usual_eps(data.name, norm))
+        eps_list = parse_eps_list(eps if eps is not None else usual_eps(data.name, norm), norm)
         try:  # every usage error before any work
             for e in eps_list:
                 attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
@@ -104,6 +105,7 @@ def report_cmd(
         request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
                                 seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name)
         folder = out if out is not None else default_folder(request)
+        hold_folder(folder, held, ctx)
         doc, gallery = _run(model, x, y, request, folder, ctx=ctx, dev=dev, batch_size=batch_size,
                             quiet=json_out or not ctx.is_main)
         if not ctx.is_main:  # rank 0 writes the files and prints; the others are done

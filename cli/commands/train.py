@@ -67,7 +67,8 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint, saved as "
                                       "<dataset>-<model>.pt after every epoch.", rich_help_panel=SAVING)] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last "
-                                         "complete epoch (same options required).", rich_help_panel=SAVING)] = False,
+                                         "complete epoch (same options required); a finished run is reported "
+                                         "as it is.", rich_help_panel=SAVING)] = False,
     adv: Annotated[Optional[str], typer.Option("--adv", help="Adversarial training: pgd (Madry et al.), trades "
                                                "(Zhang et al.), fast (FGSM with random start, Wong et al.) or mart "
                                                "(Wang et al.). Keeps the epoch most robust on held-out training "
@@ -153,6 +154,8 @@ def _train(ctx: DistContext, dev: torch.device, config: TrainConfig, adversarial
         kept = f"{checkpoint} holds epoch {done['epochs']}" if done["epochs"] else "no epoch was completed"
         raise Interrupted(f"interrupted: {kept}; rerun with --resume to continue") from None
     if ctx.is_main:
+        if result.already_finished:
+            output.stderr.print(f"{checkpoint} holds a finished run: nothing to resume; it is left as it is", highlight=False)
         record_latest(checkpoint, result.meta)
         _report_training(result.meta, checkpoint, json_mode)
 
@@ -175,13 +178,13 @@ def _adversarial_config(dataset: str, *, method: str | None, eps: str | None, no
         if str(norm).strip().lower() != "linf":
             raise UsageError(f"--adv-norm {norm} needs an explicit --eps (in [0, 1] pixel units)")
         eps = usual_eps(str(dataset), "linf")  # the budget reports use for the dataset
-    budget = parse_eps(eps)
+    budget = parse_eps(eps, norm)
     if budget <= 0:
         raise UsageError(f"--eps must be > 0 for adversarial training, got {eps}")
     step = None
     if alpha is not None:
         try:
-            step = parse_eps(alpha)
+            step = parse_eps(alpha, norm)
         except UsageError:
             raise UsageError(f"invalid --adv-alpha {alpha!r}: write a number > 0 such as 0.02 or 2/255") from None
     return AdvConfig(method=method, eps=budget, norm=norm, steps=steps, alpha=step, beta=beta, eps_warmup=warmup,
