@@ -1,7 +1,8 @@
 """Robustness reports: a suite of attacks as a cascade per budget, sanity checks, files people can share.
 
 A report folder holds ``report.json`` (everything: request, model hash, versions, per-attack and per-sample
-results, warnings), ``report.md`` (the tables), ``accuracy_vs_eps.png`` and ``gallery.png``, and ``state.pt``, the
+results, warnings), ``report.md`` (the tables), ``accuracy_vs_eps.png`` and ``gallery.png``, ``report.html`` (all of
+it on one self-contained page, see :mod:`robustcnn.html`), and ``state.pt``, the
 resume state: after every finished (budget, attack) stage the state is saved atomically, so an interrupted report
 continues where it stopped. A folder holding a report of another model or request is refused, never overwritten,
 and so is a folder holding a file of one of these names that robustcnn did not write. While a report is written, its
@@ -391,7 +392,9 @@ def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: s
 
 
 def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[Callable[[Path], None]]) -> None:
-    """Write report.json, report.md, accuracy_vs_eps.png (and gallery.png) into ``out``; then drop the state."""
+    """Write report.json, report.md, accuracy_vs_eps.png (and gallery.png), then report.html (every picture
+    embedded) into ``out``; then drop the state."""
+    from robustcnn.html import write_html
     from robustcnn.plots import save_curves
 
     atomic_write(out / "report.json", lambda f: f.write(json.dumps(json_safe(doc), indent=1).encode()))
@@ -410,6 +413,7 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
                 xlabel=f"eps ({doc['request']['norm']}, pixel units of [0, 1])")
     if gallery is not None:
         gallery(out / "gallery.png")
+    write_html(out, doc)  # last: it embeds the pictures above
     state = out / STATE
     if state.exists():
         state.unlink()

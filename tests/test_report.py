@@ -25,7 +25,7 @@ def test_report_files_and_worst_case(newest, tmp_path):
     out, result = _report(tmp_path)
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    for f in ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png"):
+    for f in ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png", "report.html"):
         assert (out / f).stat().st_size > 0, f
     assert not (out / "state.pt").exists()
     on_disk = json.loads((out / "report.json").read_text())

@@ -15,6 +15,8 @@ import attacks
 from cli import output
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, parse_eps_list, positive
+from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
+                         ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import UsageError
 from robustcnn.plots import check_png_path, save_grid
 
@@ -114,27 +116,15 @@ def _targets(y: torch.Tensor, classes: int, targeted: bool, target_class: Option
     return (y + 1 + torch.randint(classes - 1, y.shape, generator=g)) % classes  # a random wrong class each
 
 
-def _load(checkpoint: Optional[Path], dev: torch.device, data_dir: Optional[Path], n: Optional[int], ctx):
-    from robustcnn.checkpoint import latest_checkpoint, load_model
-    from robustcnn.data import load_dataset
-
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
-    model, meta = load_model(path, device=dev)
-    data = ctx.main_first(lambda: load_dataset(meta["dataset"], train=False, data_dir=data_dir))
-    count = len(data) if n is None else min(n, len(data))
-    return model, meta, path, dev, data.images[:count], data.labels[:count], tuple(data.classes)
-
-
-def _with_patch(atk, patch_file, model, meta, data_dir, dev, target_class, seed):
+def _with_patch(atk, patch_file, model, meta, datas: DataChoice, shape, dev, target_class, seed):
     """The universal patch attack with a loaded patch, or one trained on training images (never the test images)."""
     from attacks.patch import DEFAULT_AREA, train_patch
     from robustcnn.patches import load_patch
-    from robustcnn.data import load_dataset
 
     if patch_file is not None:
-        tensor = load_patch(patch_file, tuple(meta["input_shape"]))
+        tensor = load_patch(patch_file, tuple(shape))
     else:
-        train = load_dataset(meta["dataset"], train=True, data_dir=data_dir)
+        train = datas.load(meta, split="train", limit=2000, require_split=True)
         tensor = train_patch(model, train.images[:2000].float().div(255).to(dev), train.labels[:2000].to(dev),
                              area=atk.area or DEFAULT_AREA, target=target_class,
                              generator=torch.Generator().manual_seed(seed))
@@ -225,6 +215,17 @@ def attack_cmd(
     per_sample: Annotated[bool, typer.Option("--per-sample", help="With --json: include per-image results "
                                              "(fooled, norm, queries).")] = False,
     checkpoint: Checkpoint = None,
+    model_spec: ModelSpec = None,
+    weights: Weights = None,
+    mean: Mean = None,
+    std: Std = None,
+    output_index: OutputIndex = None,
+    logits_from_probs: LogitsFromProbs = False,
+    data: DataSpec = None,
+    split: Split = "test",
+    image_size: ImageSize = None,
+    grayscale: Grayscale = False,
+    classes: Classes = None,
     data_dir: DataDir = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
@@ -245,10 +246,14 @@ def attack_cmd(
     spec, built = _plan(method, eps_list, shortcuts, param or [], targeted=targeted, target_class=target_class,
                         patch=patch, save_examples=save_examples)
     with session(device) as (ctx, dev):
-        model, meta, path, dev, images, labels, classes = _load(checkpoint, dev, data_dir, n, ctx)
-        target = _targets(labels, len(classes), targeted, target_class, seed)
+        models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+        datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
+        model, meta, test = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
+        images, labels, names = test.images, test.labels, tuple(test.classes)
+        target = _targets(labels, len(names), targeted, target_class, seed)
         if spec.name == "patch":
-            built = [_with_patch(atk, patch, model, meta, data_dir, dev, target_class, seed) for atk in built]
+            built = [_with_patch(atk, patch, model, meta, datas, test.shape, dev, target_class, seed)
+                     for atk in built]
         rows, first = _evaluate_each(spec, built, model, images, labels, target, ctx=ctx, dev=dev,
                                      batch_size=batch_size, seed=seed, keep_examples=save_examples is not None,
                                      per_sample=per_sample, quiet=json_out or not ctx.is_main)
@@ -257,9 +262,9 @@ def attack_cmd(
         if save_examples is not None:
             fooled = (~first.robust & first.clean_correct).nonzero().squeeze(1)
             save_grid(save_examples, images[fooled].float() / 255, first.x_adv[fooled], labels[fooled], model,
-                      classes, dev)
+                      names, dev)
         _render(spec, rows, targeted=target is not None, json_out=json_out, save_examples=save_examples,
-                header={"checkpoint": str(path), "dataset": meta["dataset"]})
+                header={"checkpoint": model_label(meta), "dataset": test.name})
 
 
 def _plan(method: str, eps_list: list[Optional[float]], shortcuts: dict[str, Any], params: Sequence[str], *,

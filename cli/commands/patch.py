@@ -16,6 +16,8 @@ from attacks.patch import SHAPES, PatchTraining, patch_footprints, train_patch
 from cli import output
 from cli.distributed import refuse_distributed
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, positive
+from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
+                         ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import UsageError
 from robustcnn.patches import TENSOR_SUFFIXES, measure_patch, save_patch
 from robustcnn.fsutil import claim_outputs
@@ -93,6 +95,17 @@ def train_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to save: writes OUT.png and OUT.pt "
                                                 "(default runs/<dataset>-patch-<area>pct[-target<k>]).")] = None,
     checkpoint: Checkpoint = None,
+    model_spec: ModelSpec = None,
+    weights: Weights = None,
+    mean: Mean = None,
+    std: Std = None,
+    output_index: OutputIndex = None,
+    logits_from_probs: LogitsFromProbs = False,
+    data: DataSpec = None,
+    split: Split = "test",
+    image_size: ImageSize = None,
+    grayscale: Grayscale = False,
+    classes: Classes = None,
     data_dir: DataDir = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
@@ -108,15 +121,18 @@ def train_cmd(
     refuse_distributed("patch train")
     areas = parse_areas(area)
     _check_counts(steps=steps, train_images=train_images, n=n, draws=draws, batch_size=batch_size, refine=refine)
-    model, meta, path, dev, classes = _load_model(checkpoint, device)
-    if target is not None and not 0 <= target < len(classes):
-        raise UsageError(f"--target must be a class index in [0, {len(classes) - 1}], got {target}")
-    train_x, train_y, test_x, test_y = _load_data(meta, data_dir, train_images, n, dev)
+    models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+    datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
+    model, meta, dev, test = _load_model(models, datas, device, n)
+    names = tuple(test.classes)
+    if target is not None and not 0 <= target < len(names):
+        raise UsageError(f"--target must be a class index in [0, {len(names) - 1}], got {target}")
+    train_x, train_y, test_x, test_y = _load_data(datas, meta, test, train_images, dev)
     footprint = _check_shape(shape, areas, test_x.shape[-2:])
     training = PatchTraining(steps=steps, batch_size=batch_size or 256, sink=sink, refine=refine)
     measure = dict(target=target, seed=seed, batch_size=batch_size, device=dev, draws=draws)
     rows = []
-    stems = [_default_stem(out, meta["dataset"], a, target, len(areas) > 1) for a in areas]
+    stems = [_default_stem(out, test.name, a, target, len(areas) > 1) for a in areas]
     files = [stem.parent / f"{stem.name}{suffix}" for stem in stems for suffix in (".png", ".pt")]
     with output.progress(json_out) as bar, claim_outputs(*files):
         task = bar.add_task("training patches", total=len(areas))
@@ -128,13 +144,13 @@ def train_cmd(
             rows.append(_row(a, patch, files, model, test_x, test_y, measure))
             bar.advance(task)
     if json_out:
-        output.emit_json({"checkpoint": str(path), "dataset": meta["dataset"], "targeted": target is not None,
+        output.emit_json({"checkpoint": model_label(meta), "dataset": test.name, "targeted": target is not None,
                           "target": target, "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
                           "shape": footprint if isinstance(footprint, str) else list(footprint), "steps": steps,
                           "refine": refine, "sink": sink and target is None, "seed": seed, "draws": draws,
                           "results": rows})
         return
-    output.stdout.print(_table(rows, target, int(test_x.shape[0]), classes))
+    output.stdout.print(_table(rows, target, int(test_x.shape[0]), names))
     for r in rows:
         output.stdout.print(f"saved {r['png']} and {r['tensor']}", soft_wrap=True)
 
@@ -169,24 +185,22 @@ def _check_shape(shape: str, areas: list[float], image_size: tuple[int, int]):
     return footprint
 
 
-def _load_model(checkpoint: Optional[Path], device: str):
-    from robustcnn.checkpoint import latest_checkpoint, load_model
+def _load_model(models: ModelChoice, datas: DataChoice, device: str, n: int):
+    """The model on its device and the first ``n`` images it is measured on."""
     from robustcnn.device import resolve_device
 
     dev = resolve_device(device)
     keep_freed_memory()
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
-    model, meta = load_model(path, device=dev)
-    return model, meta, path, dev, tuple(meta["classes"])
+    model, meta, test = load_sources(models, datas, dev, limit=n)
+    return model, meta, dev, test
 
 
-def _load_data(meta: dict, data_dir: Optional[Path], train_images: int, n: int, dev: torch.device):
-    from robustcnn.data import load_dataset, to_float
+def _load_data(datas: DataChoice, meta: dict, test, train_images: int, dev: torch.device):
+    """Training images (a split apart from the test images) and the test images, as floats on ``dev``."""
+    from robustcnn.data import to_float
 
-    train = load_dataset(meta["dataset"], train=True, data_dir=data_dir)
-    test = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
-    return (to_float(train.images[:train_images], dev), train.labels[:train_images].to(dev),
-            to_float(test.images[:n], dev), test.labels[:n].to(dev))
+    train = datas.load(meta, split="train", limit=train_images, require_split=True)
+    return (to_float(train.images, dev), train.labels.to(dev), to_float(test.images, dev), test.labels.to(dev))
 
 
 def _table(rows: list[dict], target: Optional[int], count: int, classes: tuple[str, ...]) -> Table:

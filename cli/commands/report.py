@@ -13,6 +13,8 @@ import attacks
 from cli import output
 from cli.distributed import session
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps_list, positive
+from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
+                         ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.errors import RobustCNNError, UsageError
 
 
@@ -66,6 +68,17 @@ def report_cmd(
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the worst-case robust accuracy at any "
                                                         "requested eps is below this fraction (for CI).")] = None,
     checkpoint: Checkpoint = None,
+    model_spec: ModelSpec = None,
+    weights: Weights = None,
+    mean: Mean = None,
+    std: Std = None,
+    output_index: OutputIndex = None,
+    logits_from_probs: LogitsFromProbs = False,
+    data: DataSpec = None,
+    split: Split = "test",
+    image_size: ImageSize = None,
+    grayscale: Grayscale = False,
+    classes: Classes = None,
     data_dir: DataDir = None,
     batch_size: BatchSize = None,
     device: Device = "auto",
@@ -77,33 +90,32 @@ def report_cmd(
     Writes report.json, report.md, accuracy_vs_eps.png and gallery.png into the report folder. An interrupted
     report resumes from the attacks already finished when the same command is run again.
     """
-    from robustcnn.checkpoint import latest_checkpoint, load_model
-    from robustcnn.data import load_dataset
-    from robustcnn.report import ReportRequest, default_folder, file_sha256, hold_folder, usual_eps
+    from robustcnn.report import ReportRequest, default_folder, hold_folder, usual_eps
 
     names = _check_options(suite=suite, attack_list=attack_list, norm=norm, n=n, batch_size=batch_size,
                            fail_under=fail_under, out=out)
     with session(device) as (ctx, dev), ExitStack() as held:
-        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint()
-        model, meta = load_model(path, device=dev)
-        eps_list = parse_eps_list(eps if eps is not None else usual_eps(meta["dataset"], norm), norm)
+        models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+        datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
+        model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
+        eps_list = parse_eps_list(eps if eps is not None else usual_eps(data.name, norm), norm)
         try:  # every usage error before any work
             for e in eps_list:
                 attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        data = ctx.main_first(lambda: load_dataset(meta["dataset"], train=False, data_dir=data_dir))
         count = min(n, len(data))
         x, y = data.images[:count].float().div(255), data.labels[:count]
         request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
-                                seed=seed, checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
+                                seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name)
         folder = out if out is not None else default_folder(request)
         hold_folder(folder, held, ctx)
         doc, gallery = _run(model, x, y, request, folder, ctx=ctx, dev=dev, batch_size=batch_size,
                             quiet=json_out or not ctx.is_main)
         if not ctx.is_main:  # rank 0 writes the files and prints; the others are done
             return
-        doc["model"] = {"checkpoint": str(path), "architecture": meta.get("architecture"), "dataset": meta["dataset"]}
+        doc["model"] = {"checkpoint": model_label(meta), "architecture": meta.get("architecture"),
+                        "dataset": data.name, "source": meta["source"], "data": datas.describe(meta)}
         draw = None
         if gallery is not None:
             draw = _gallery_drawer(gallery, x, y, model, list(data.classes), dev)

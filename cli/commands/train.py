@@ -13,8 +13,10 @@ from rich.table import Table
 from cli import output
 from cli.distributed import refuse_distributed, session, sigterm_interrupts
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
+from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
+                         ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
 from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
-from robustcnn.checkpoint import latest_checkpoint, load_model, record_latest
+from robustcnn.checkpoint import record_latest
 from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
 from robustcnn.distributed import DistContext
@@ -275,28 +277,36 @@ def _report_training(meta: dict[str, Any], path: Path, json_mode: bool) -> None:
 
 def eval_command(
     checkpoint: Checkpoint = None,
+    model_spec: ModelSpec = None,
+    weights: Weights = None,
+    mean: Mean = None,
+    std: Std = None,
+    output_index: OutputIndex = None,
+    logits_from_probs: LogitsFromProbs = False,
+    data: DataSpec = None,
+    split: Split = "test",
+    image_size: ImageSize = None,
+    grayscale: Grayscale = False,
+    classes: Classes = None,
     device: Device = "auto",
     batch_size: BatchSize = None,
     data_dir: DataDir = None,
     json_mode: Json = False,
 ) -> None:
-    """Clean test accuracy (overall and per class) of a checkpoint; the newest run's by default."""
+    """Clean test accuracy (overall and per class) of a model; the newest run's by default."""
     refuse_distributed("eval")
     positive("--batch-size", batch_size)
     dev = resolve_device(device)
     keep_freed_memory()
-    path = checkpoint if checkpoint is not None else latest_checkpoint()
-    model, meta = load_model(path, dev)
-    data = load_dataset(meta["dataset"], train=False, data_dir=data_dir)
-    if list(data.shape) != list(meta["input_shape"]) or list(data.classes) != list(meta["classes"]):
-        raise RobustCNNError(f"{path} was trained on {meta['input_shape']} images of {len(meta['classes'])} classes, "
-                             f"but {meta['dataset']} here has {list(data.shape)} and {len(data.classes)}")
+    models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
+    model, meta, data = load_sources(models, DataChoice(data, split, image_size, grayscale, classes, data_dir), dev)
     result = evaluate(model, data, device=dev, batch_size=batch_size or default_batch_size(dev, training=False))
     if json_mode:
-        output.emit_json({"checkpoint": str(path), "model": meta["architecture"], "dataset": meta["dataset"],
+        output.emit_json({"checkpoint": model_label(meta), "model": meta.get("architecture"), "dataset": data.name,
                           **result.to_dict()})
         return
-    table = Table(title=f"{meta['architecture']} on {meta['dataset']} test set ({result.count:,} images)")
+    name = meta.get("architecture") or model_label(meta)
+    table = Table(title=f"{name} on {data.name} {split} set ({result.count:,} images)")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in result.per_class_accuracy.items():
@@ -304,4 +314,4 @@ def eval_command(
     table.add_section()
     table.add_row("[bold]all[/]", f"[bold]{_percent(result.accuracy)}[/]")
     output.stdout.print(table)
-    output.stdout.print(f"checkpoint: {path}", highlight=False)
+    output.stdout.print(f"model: {model_label(meta)}", highlight=False)
