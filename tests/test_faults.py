@@ -43,7 +43,7 @@ def test_a_full_disk_keeps_the_finished_checkpoint_and_resume_leaves_it_as_it_is
     """The write fails in one line and the earlier finished checkpoint is byte-identical; the rerun resumes the
     finished run, which reports it and leaves it untouched."""
     ws, ref = reference
-    outcome = disk_full(ws, training(ws), ref, 1 << 16, "full", earlier=ref, cause=())
+    outcome = disk_full(ws, training(ws), ref, 1 << 16, "full", earlier=ref)
     assert outcome.clean and outcome.returncode == 1, outcome
     assert (ws.root / "train-full" / CHECKPOINT).read_bytes() == (ref / CHECKPOINT).read_bytes()
 
