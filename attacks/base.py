@@ -187,7 +187,7 @@ class Context:
             self._first[0] = False
             check_labels(self.y, logits.shape[1])
             if self.target is not None:
-                check_labels(self.target, logits.shape[1], "target")
+                check_labels(self.target, logits.shape[1], "target class")
             if logits.shape[1] > 1 and looks_like_probabilities(logits.detach()):
                 warnings.warn(PROBABILITIES_WARNING, ModelOutputWarning, stacklevel=2)
         return logits

@@ -139,7 +139,7 @@ def test_two_process_report_equals_one_process(newest, tmp_path):
         fooled_somewhere |= 0 < ra["robust_accuracy"] < a["clean_accuracy"]
     assert fooled_somewhere  # a budget where the per-sample outcomes are not all alike
     on_disk = sorted(p.name for p in (tmp_path / "two").iterdir())
-    assert on_disk == ["accuracy_vs_eps.png", "gallery.png", "report.json", "report.md"]
+    assert on_disk == ["accuracy_vs_eps.png", "gallery.png", "report.html", "report.json", "report.md"]
     assert json.loads((tmp_path / "two" / "report.json").read_text())["results"] == b["results"]
 
 

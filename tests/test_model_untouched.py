@@ -120,7 +120,7 @@ def test_a_label_outside_the_classes_is_a_clear_value_error(name, trained):
 
 def test_a_target_outside_the_classes_is_a_clear_value_error(trained):
     model, x, y = trained
-    with pytest.raises(ValueError, match=r"^target 7 is out of range: the model has 4 classes"):
+    with pytest.raises(ValueError, match=r"^target class 7 is out of range: the model has 4 classes"):
         attacks.PGD(eps=0.1, steps=2)(model, x[:4], y[:4], target=7)
     with pytest.raises(ValueError, match=r"^label -1 is out of range"):
         attacks.FGSM(eps=0.1)(model, x[:4], torch.tensor([0, -1, 1, 2]))
