@@ -27,12 +27,12 @@ RUNS = {
 REPORT = ["report", "--suite", "standard", "--eps", "0.05,0.1", "-n", "100"]
 
 #: Keys whose values are wall times, paths or versions: not results.
-NOISE = {"seconds", "time", "checkpoint", "versions", "out", "files", "started", "finished", "path"}
+NOISE = {"seconds", "time", "checkpoint", "versions", "out", "folder", "files", "started", "finished", "path"}
 
 
 def _strip(doc):
     if isinstance(doc, dict):
-        return {k: _strip(v) for k, v in doc.items() if k not in NOISE and not k.endswith("_seconds")}
+        return {k: _strip(v) for k, v in doc.items() if k not in NOISE and not k.endswith("_seconds") and not k.startswith("seconds")}
     if isinstance(doc, list):
         return [_strip(v) for v in doc]
     return doc
@@ -62,7 +62,7 @@ def run(checkpoint: str, out: Path) -> None:
 def compare(a: Path, b: Path) -> int:
     names = sorted({p.name for p in a.glob("*.json")} | {p.name for p in b.glob("*.json")})
     bad = [n for n in names if not (a / n).exists() or not (b / n).exists()
-           or json.loads((a / n).read_text()) != json.loads((b / n).read_text())]
+           or _strip(json.loads((a / n).read_text())) != _strip(json.loads((b / n).read_text()))]
     for n in names:
         print(f"{n:18s} {'DIFFERENT' if n in bad else 'identical'}")
     return 1 if bad else 0
