@@ -33,6 +33,8 @@ _CAUSES = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too l
 PNG_SOFTWARE = "robustcnn"
 #: How every Markdown file robustcnn writes (a report's tables) begins.
 MARKDOWN_TITLE = "# Robustness report"
+#: The generator tag in the head of every HTML page robustcnn writes (a report's page).
+HTML_GENERATOR = '<meta name="generator" content="robustcnn">'
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -144,16 +146,23 @@ def _ours_markdown(path: Path) -> bool:
         return handle.readline().startswith(MARKDOWN_TITLE)
 
 
+def _ours_html(path: Path) -> bool:
+    with open(path, encoding="utf-8") as handle:
+        return HTML_GENERATOR in handle.read(4096)
+
+
 _RECOGNISERS: dict[str, Callable[[Path], bool]] = {
     ".pt": _ours_torch, ".pth": _ours_torch, ".png": _ours_png, ".json": _ours_json, ".md": _ours_markdown,
+    ".html": _ours_html,
 }
 
 
 def is_ours(path: str | Path) -> bool:
     """Whether ``path`` is a file robustcnn wrote, judged by its content: a checkpoint or a report's resume state
     (``.pt``), a patch tensor next to a PNG of ours, a PNG whose "Software" text is :data:`PNG_SOFTWARE`, a JSON
-    object naming robustcnn's version under ``versions``, a Markdown report. Anything else is not: a folder, an
-    unreadable or damaged file, a file of any other kind."""
+    object naming robustcnn's version under ``versions``, a Markdown report, a report page carrying
+    :data:`HTML_GENERATOR`. Anything else is not: a folder, an unreadable or damaged file, a file of any other
+    kind."""
     path = Path(path)
     recognise = _RECOGNISERS.get(path.suffix.lower())
     if recognise is None or not path.is_file():

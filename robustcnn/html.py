@@ -14,7 +14,7 @@ import html
 from pathlib import Path
 from typing import Any, Iterable
 
-from robustcnn.fsutil import atomic_write
+from robustcnn.fsutil import HTML_GENERATOR, atomic_write
 from robustcnn.report import _num, _pct
 
 HTML_FILE = "report.html"
@@ -145,7 +145,7 @@ def render_html(doc: dict, out_dir: str | Path) -> str:
     curve = _image(out_dir / "accuracy_vs_eps.png", "accuracy against eps")
     gallery = _image(out_dir / "gallery.png", "adversarial examples")
     return "".join([
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">', HTML_GENERATOR,
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body><main>",
         _summary(doc), _model(doc),

@@ -38,7 +38,7 @@ from robustcnn.jsonutil import json_safe
 
 STATE = "state.pt"
 #: Every file a report folder may hold.
-REPORT_FILES = ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png", STATE)
+REPORT_FILES = ("report.json", "report.md", "report.html", "accuracy_vs_eps.png", "gallery.png", STATE)
 BLACK_BOX = ("score", "decision")
 
 

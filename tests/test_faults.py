@@ -52,21 +52,23 @@ def test_a_second_report_into_the_same_folder_is_refused_while_the_first_finishe
     ws, ref = reference
     outcome = two_writers(ws, reporting(ws, ref / CHECKPOINT), ref)
     assert outcome.clean, outcome
-    for name in ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png"):
+    for name in ("report.json", "report.md", "report.html", "accuracy_vs_eps.png", "gallery.png"):
         assert is_ours(ref / "rep" / name), name
 
 
 # -- files of the user's are never replaced ------------------------------------------------------------------------
-def test_a_users_own_report_md_is_never_replaced(reference, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, text", [("report.md", "# My own notes\n"),
+                                        ("report.html", "<!DOCTYPE html><title>My page</title>\n")])
+def test_a_users_own_report_file_is_never_replaced(reference, tmp_path, monkeypatch, name, text):
     ws, ref = reference
     monkeypatch.setenv("ROBUSTCNN_HOME", str(tmp_path / "home"))
     out = tmp_path / "mine"
     out.mkdir()
-    (out / "report.md").write_text("# My own notes\n")
+    (out / name).write_text(text)
     line = assert_one_line_error(run_cli("report", "--checkpoint", str(ref / CHECKPOINT), "--attacks", "fgsm",
                                          "--n", "8", "--device", "cpu", "--out", str(out)), 2)
-    assert str(out / "report.md") in line and "did not write" in line
-    assert (out / "report.md").read_text() == "# My own notes\n" and sorted(os.listdir(out)) == ["report.md"]
+    assert str(out / name) in line and "did not write" in line
+    assert (out / name).read_text() == text and sorted(os.listdir(out)) == [name]
 
 
 def test_training_never_replaces_a_file_of_the_users_under_the_checkpoints_name(tmp_path, monkeypatch):
