@@ -233,9 +233,9 @@ def kill(ws: Workspace, writer: Writer, ref: Path, sig: signal.Signals, delay: f
         outcome.problems.append(problem)
     outcome.message = err.strip()[-200:]
     outcome.lost += check_kept(before, out, writer.outputs(out))
-    if proc.returncode == 0 and writer.name == "report":
-        # the signal came after the report finished: a finished report folder is never redone, so its result is
-        # compared as it stands
+    if proc.returncode == 0:
+        # the signal came after the run finished (a finished report folder is never redone): its result is compared
+        # as it stands
         if not writer.same(out, subprocess.CompletedProcess(proc.args, 0), ref):
             outcome.problems.append("the finished run's result differs from the uninterrupted run's")
         return outcome
