@@ -23,12 +23,12 @@ from attacks.base import (
 )
 from attacks.registry import AttackSpec, available, build, get, register
 from attacks.evaluate import AttackStats, Report, evaluate
-from attacks.suites import SUITES, build_suite, suite_names
+from attacks.suites import DEFAULT_SUITE, SUITES, Escalation, build_suite, describe_suite, suite_names
 
 _CORE = [
     "DEFAULT_EPS", "KINDS", "Attack", "AttackResult", "AttackSpec", "BoundedAttack", "Context", "MinNormAttack",
     "NonFiniteOutputError", "LabelRangeError", "ModelState", "available", "build", "get", "register", "AttackStats",
-    "Report", "evaluate", "SUITES", "build_suite", "suite_names",
+    "Report", "evaluate", "DEFAULT_SUITE", "SUITES", "Escalation", "build_suite", "describe_suite", "suite_names",
 ]
 
 

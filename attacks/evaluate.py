@@ -42,6 +42,7 @@ class AttackStats:
     gradients: list[int] = field(default_factory=list, repr=False)
     norms: list[float] = field(default_factory=list, repr=False)  # per successful sample
     success_queries: list[int] = field(default_factory=list, repr=False)  # per successful sample
+    skipped: bool = False  # an escalation the cascade did not need (see :class:`attacks.suites.Escalation`)
 
     @property
     def success_rate(self) -> float:
@@ -70,6 +71,16 @@ class AttackStats:
         return float(np.median(self._q("success_queries"))) if self.success_queries else float("nan")
 
     @property
+    def forward_passes(self) -> int:
+        """Forward passes of the model spent on all samples seen (one image through the model is one pass)."""
+        return int(sum(self.queries))
+
+    @property
+    def backward_passes(self) -> int:
+        """Backward passes (input gradients) spent on all samples seen."""
+        return int(sum(self.gradients))
+
+    @property
     def gradients_mean(self) -> float:
         return float(self._q("gradients").mean()) if self.seen else float("nan")
 
@@ -93,6 +104,7 @@ class AttackStats:
             "queries_median": self.queries_median, "queries_mean_success": self.queries_mean_success,
             "queries_median_success": self.queries_median_success,
             "gradients_mean": self.gradients_mean,
+            "forward_passes": self.forward_passes, "backward_passes": self.backward_passes, "skipped": self.skipped,
             "max_norm": self.max_norm, "mean_norm": self.mean_norm, "median_norm": self.median_norm,
             "seconds": self.seconds,
         }
@@ -113,6 +125,16 @@ class Report:
     config: dict
     warnings: list[str]
     x_adv: Optional[Tensor] = None  # (n, ...) adversarial examples where fooled, else the clean input
+    #: (forward, backward) passes spent outside the attacks: the clean classification and the sanity checks
+    overhead_passes: tuple[int, int] = (0, 0)
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """Every pass of the model the evaluation made, exactly: ``forward`` (images through the model) and
+        ``backward`` (input gradients), the attacks' and the clean classification's and sanity checks'."""
+        fwd, bwd = self.overhead_passes
+        return {"forward": fwd + sum(st.forward_passes for st in self.per_attack.values()),
+                "backward": bwd + sum(st.backward_passes for st in self.per_attack.values())}
 
     @property
     def clean_accuracy(self) -> float:
@@ -126,7 +148,7 @@ class Report:
         out = {
             "n": self.n, "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
             "attacks": {k: v.to_dict() for k, v in self.per_attack.items()},
-            "seconds": self.seconds, "config": self.config, "warnings": list(self.warnings),
+            "passes": self.passes, "seconds": self.seconds, "config": self.config, "warnings": list(self.warnings),
         }
         if per_sample:
             names = list(self.per_attack)
@@ -306,6 +328,14 @@ class Cascade:
     fooled_by: Tensor  # long (n,): index of the attack that fooled the sample, -1 if none
 
 
+def needless(atk: Attack, ai: int, fooled_by: Tensor) -> bool:
+    """Whether attack ``ai`` of a cascade is an escalation that the attack before it gave no reason to run (it
+    fooled no sample); ``fooled_by`` holds the cascade's state so far."""
+    from attacks.suites import Escalation
+
+    return isinstance(atk, Escalation) and not bool((fooled_by == ai - 1).any())
+
+
 #: Called as ``on_stage(attack_index, stage)`` after each attack of a cascade ran.
 StageFn = Callable[[int, StageResult], None]
 
@@ -317,7 +347,8 @@ def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequenc
     """Run ``attack_list`` in order, each with :func:`run_stage` on the samples of ``start`` (a bool mask, usually
     the correctly classified ones) that no attack before it fooled: the per-sample worst case over the attacks.
 
-    ``names[i]`` names attack ``i`` in its statistics and progress. ``on_stage(i, stage)`` receives each attack's
+    An :class:`attacks.suites.Escalation` runs only when the attack before it fooled a sample; otherwise its stage
+    is empty and marked ``skipped``. ``names[i]`` names attack ``i`` in its statistics and progress. ``on_stage(i, stage)`` receives each attack's
     :class:`StageResult` as soon as it ran (the cascade itself keeps only the masks). ``finished`` maps an attack's
     index to the sample indices it fooled in an earlier run on the same samples: that attack is not run again and
     the cascade goes on as if it had been, so a run resumed from saved stages ends exactly as an uninterrupted one.
@@ -329,15 +360,28 @@ def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequenc
         if finished is not None and ai in finished:
             won = finished[ai]
         else:
-            stage = run_stage(model, x_all, y_all, robust.nonzero().squeeze(1), atk, name, batch_size=batch_size,
+            idx = robust.nonzero().squeeze(1)
+            skip = needless(atk, ai, fooled_by)
+            stage = run_stage(model, x_all, y_all, idx[:0] if skip else idx, atk, name, batch_size=batch_size,
                               device=device, seed=seed, target=target, keep_examples=keep_examples,
                               progress=progress, shard=shard)
+            stage.stats.skipped = skip
             won = stage.idx[stage.fooled]
             if on_stage is not None:
                 on_stage(ai, stage)
         robust[won] = False
         fooled_by[won] = ai
     return Cascade(robust=robust, fooled_by=fooled_by)
+
+
+#: Samples :func:`evaluate` runs :func:`sanity_warnings` on (the first ones).
+SANITY_SAMPLES = 64
+
+
+def sanity_passes(m: int) -> tuple[int, int]:
+    """(forward, backward) passes :func:`sanity_warnings` makes on ``m`` samples: two plain calls and one with a
+    gradient."""
+    return 3 * m, m
 
 
 def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
@@ -418,7 +462,7 @@ def evaluate(
     saved = ModelState(model)
     model.eval()
     try:
-        notes = sanity_warnings(model, x_all[:64].to(dev), y_all[:64].to(dev)) if n else []
+        notes = sanity_warnings(model, x_all[:SANITY_SAMPLES].to(dev), y_all[:SANITY_SAMPLES].to(dev)) if n else []
         clean = correctly_classified(model, x_all, y_all, batch_size=batch_size, device=dev, shard=shard)
         norms = torch.full((n,), float("nan"))
         queries = torch.zeros(n, dtype=torch.long)
@@ -447,6 +491,7 @@ def evaluate(
     }
     for w in notes:
         warnings.warn(w, stacklevel=2)
+    fwd, bwd = sanity_passes(min(n, SANITY_SAMPLES)) if n else (0, 0)
     return Report(n=n, clean_correct=clean, robust=result.robust, fooled_by=result.fooled_by, norms=norms,
                   queries=queries, per_attack=stats, seconds=time.perf_counter() - start, config=config,
-                  warnings=notes, x_adv=x_adv)
+                  warnings=notes, x_adv=x_adv, overhead_passes=(n + fwd, bwd))

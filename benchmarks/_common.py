@@ -89,3 +89,27 @@ class TimedModel(nn.Module):
             self.no_grad_seconds += spent
         self.sizes.append(x.shape[0])
         return _Mark.apply(out, self, True) if out.requires_grad and x.requires_grad else out
+
+
+class PassCounter(nn.Module):
+    """The wrapped model, counting its passes the way :class:`attacks.Report` does: every image through a forward
+    call is one forward pass, every image whose output gradient flows back through the model one backward pass.
+    The same instrument for every attack library, so their costs compare exactly."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.forward_passes = self.backward_passes = 0
+
+    def reset(self) -> None:
+        self.forward_passes = self.backward_passes = 0
+
+    def _backward(self, grad):
+        self.backward_passes += grad.shape[0]
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.forward_passes += x.shape[0]
+        if out.requires_grad:
+            out.register_hook(self._backward)
+        return out

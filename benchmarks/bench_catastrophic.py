@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--model", default="simple")
-    ap.add_argument("--suite", default="standard")
+    ap.add_argument("--suite", default=attacks.DEFAULT_SUITE)
     ap.add_argument("--out", default=None, help="folder for the checkpoint and the report (default: a temp dir)")
     ap.add_argument("--resume", action="store_true",
                     help="continue (or reuse, when complete) the FGSM-AT checkpoint already in --out")

@@ -23,7 +23,7 @@ import attacks  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint")
-    ap.add_argument("--suite", default="standard")
+    ap.add_argument("--suite", default=attacks.DEFAULT_SUITE)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--norm", default="linf")
     ap.add_argument("--n", type=int, default=500)

@@ -108,16 +108,27 @@ def _results(doc: dict) -> str:
              "samples still robust after the attacks before it. Passes are forward and backward passes of the model "
              "per sample seen.</p>"]
     for i, r in enumerate(doc["results"]):
-        rows = [[_e(st["name"]), _e(st["kind"]), str(st["seen"]), _pct(st["success_rate"]), _pct(after),
-                 _pct(alone), f"{_num(st['queries_mean'])} / {_num(st['queries_median'])}",
-                 _num(st.get("gradients_mean")), _num(st["max_norm"]), f"{st['seconds']:.1f} s"]
+        rows = [[_e(st["name"]), _e(st["kind"]), "skipped" if st.get("skipped") else str(st["seen"]),
+                 _pct(st["success_rate"]), _pct(after), _pct(alone),
+                 f"{_num(st['queries_mean'])} / {_num(st['queries_median'])}", _num(st.get("gradients_mean")),
+                 f"{_count(st.get('forward_passes'))} / {_count(st.get('backward_passes'))}",
+                 _num(st["max_norm"]), f"{st['seconds']:.1f} s"]
                 for st, after, alone in zip(r["attacks"], r["accuracy_after"], r["accuracy_alone"])]
-        total = ["worst case", "", "", "", _pct(r["robust_accuracy"]), "", "", "", "", ""]
+        total = ["worst case", "", "", "", _pct(r["robust_accuracy"]), "", "", "", "", "", ""]
         parts.append(f'<div id="eps-{i}"><h3>eps = {r["eps"]:g}</h3>' + _table(
             ["attack", "kind", "seen", "success rate", "accuracy after", "accuracy alone",
-             "forward passes mean / median", "backward passes mean", "max norm", "time"],
+             "forward passes mean / median", "backward passes mean", "passes in all, forward / backward",
+             "max norm", "time"],
             rows, text_columns=2, total=total) + "</div>")
+    if doc.get("passes"):
+        p = doc["passes"]
+        parts.append("<h3>Cost in passes of the model, over all samples (forward / backward)</h3>" + _table(
+            list(p), [[f"{_count(v['forward'])} / {_count(v['backward'])}" for v in p.values()]], text_columns=0))
     return "".join(parts) + "</section>"
+
+
+def _count(v) -> str:
+    return "-" if v is None else f"{int(v):,}"
 
 
 def _other(doc: dict) -> str:

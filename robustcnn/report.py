@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 import attacks
 from attacks.base import ModelState, model_dtype
-from attacks.evaluate import (ProgressFn, Shard, StageResult, cascade, correctly_classified, run_stage,
-                              sanity_warnings)
+from attacks.evaluate import (SANITY_SAMPLES, ProgressFn, Shard, StageResult, cascade, correctly_classified,
+                              run_stage, sanity_passes, sanity_warnings)
 from attacks.suites import OTHER_THREAT_MODELS
 from robustcnn.checkpoint import versions
 from robustcnn.distributed import SINGLE, DistContext
@@ -186,7 +186,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     try:
         clean = correctly_classified(model, x, y, batch_size=batch_size, device=device, shard=dist.shard)
         if "checks" not in state:
-            state["checks"] = run.checks()
+            state["checks"], state["checks_passes"] = run.checks()
             saver.save()
         notes = list(state["checks"])
         results = [run.budget(ei, eps, clean) for ei, eps in enumerate(request.eps)]
@@ -202,6 +202,7 @@ def run_report(model: nn.Module, x: Tensor, y: Tensor, request: ReportRequest, o
     doc = {
         "request": asdict(request), "n": len(y), "clean_accuracy": clean.float().mean().item(),
         "results": results, "certified": certified, "other_threat_models": others, "warnings": notes,
+        "passes": report_passes(state, len(y)),
         "seconds_this_run": time.perf_counter() - start, "versions": versions(),
     }
     return doc, gallery_examples(state["stages"], request)
@@ -221,15 +222,20 @@ class _Run:
     shard: Optional[Shard]
     stages: _Stages
 
-    def checks(self) -> list[str]:
-        """The sanity checks: model-level warnings, and gradient-masking probes at the largest budget."""
+    def checks(self) -> tuple[list[str], list[int]]:
+        """The sanity checks: model-level warnings, and gradient-masking probes at the largest budget; with the
+        (forward, backward) passes they made."""
         main_eps = max([e for e in self.request.eps if e > 0], default=0.0)
-        notes = sanity_warnings(self.model, self.x[:64].to(self.device), self.y[:64].to(self.device))
+        first = min(len(self.y), SANITY_SAMPLES)
+        notes = sanity_warnings(self.model, self.x[:first].to(self.device), self.y[:first].to(self.device))
+        passes = list(sanity_passes(first))
         if main_eps > 0:
-            notes += attack_checks(self.model, self.x, self.y, eps=main_eps, norm=self.request.norm,
-                                   device=self.device, seed=self.request.seed, batch_size=self.batch_size,
-                                   shard=self.shard)
-        return notes
+            more, spent = attack_checks(self.model, self.x, self.y, eps=main_eps, norm=self.request.norm,
+                                        device=self.device, seed=self.request.seed, batch_size=self.batch_size,
+                                        shard=self.shard)
+            notes += more
+            passes = [passes[0] + spent[0], passes[1] + spent[1]]
+        return notes, passes
 
     def _suite(self, eps: float) -> list[attacks.Attack]:
         return attacks.build_suite(self.request.suite, attack_names=self.request.attacks, eps=eps,
@@ -257,6 +263,8 @@ class _Run:
                          keep_examples=ei == _gallery_index(self.request.eps), progress=self.progress,
                          shard=self.shard, finished=finished, on_stage=save)
         for ai, atk in enumerate(bounded[1:], start=1):
+            if self.stages.done[keys[ai]]["stats"].get("skipped"):
+                continue  # an escalation the cascade did not need has no accuracy alone
             # the attack alone: with per-sample streams its results on the samples it saw are the cascade's,
             # so it only has to meet the samples earlier attacks had already fooled
             earlier = ((result.fooled_by >= 0) & (result.fooled_by < ai)).nonzero().squeeze(1)
@@ -278,7 +286,30 @@ class _Run:
 
 
 def _fooled_mask(stage: StageResult) -> dict:
-    return {"idx": stage.idx, "fooled": stage.fooled}
+    return {"idx": stage.idx, "fooled": stage.fooled,
+            "passes": [stage.stats.forward_passes, stage.stats.backward_passes]}
+
+
+def report_passes(state: dict, n: int) -> dict:
+    """Every forward and backward pass of the model the report made, exactly, by purpose: ``suite`` (the attacks
+    of the cascades), ``alone`` (each attack run again on the samples earlier attacks fooled, for its accuracy
+    alone), ``other`` (patch and pixel attacks), ``checks`` (sanity checks and gradient-masking probes) and
+    ``clean`` (classifying every sample once); ``total`` adds them up. (Passes of a resumed report's earlier runs
+    count too.)"""
+    parts = {"suite": [0, 0], "alone": [0, 0], "other": [0, 0], "checks": list(state.get("checks_passes", [0, 0])),
+             "clean": [n, 0]}
+    for key, entry in state["stages"].items():
+        if key.startswith("other:"):
+            spent = [entry["stats"]["forward_passes"], entry["stats"]["backward_passes"]]
+            part = "other"
+        elif key.endswith(":alone"):
+            spent, part = entry.get("passes", [0, 0]), "alone"
+        else:
+            spent, part = [entry["stats"]["forward_passes"], entry["stats"]["backward_passes"]], "suite"
+        parts[part] = [parts[part][0] + spent[0], parts[part][1] + spent[1]]
+    out = {k: {"forward": int(f), "backward": int(b)} for k, (f, b) in parts.items()}
+    out["total"] = {d: sum(v[d] for v in out.values()) for d in ("forward", "backward")}
+    return out
 
 
 def _gallery_index(eps: list[float]) -> int:
@@ -299,7 +330,7 @@ def _eps_result(eps, ei, bounded, stages, clean, robust, fooled_by) -> dict:
         extra = stages.get(_stage_key(ei, ai) + ":alone")
         if extra is not None:
             survivors[_fooled(extra)] = False
-        alone.append(survivors.float().mean().item())
+        alone.append(float("nan") if st["stats"].get("skipped") else survivors.float().mean().item())
     return {
         "eps": eps, "robust_accuracy": robust.float().mean().item(), "attacks": rows,
         "accuracy_after": cumulative, "accuracy_alone": alone,
@@ -359,18 +390,23 @@ SINGLE_STEP_GAP = 0.30
 
 
 def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, device: torch.device,
-                  seed: int, batch_size: int, probe_n: int = 200, shard=None) -> list[str]:
+                  seed: int, batch_size: int, probe_n: int = 200, shard=None) -> tuple[list[str], list[int]]:
     """Three probes for gradient masking on the first ``probe_n`` samples: more PGD steps must not help the model;
     FGSM must not leave far more accuracy than PGD-10 (or more than the clean accuracy); and an unbounded PGD
-    (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy."""
+    (eps = 1 Linf, or the whole image diagonal in L2) must reach ~0 % accuracy. Returns the warnings and the
+    (forward, backward) passes the probes made."""
     out = []
     xs, ys = x[:probe_n], y[:probe_n]
+    spent = [0, 0]
 
     def acc(atk):
         with warnings.catch_warnings():  # the report records the model-level warnings once, elsewhere
             warnings.simplefilter("ignore")
-            return attacks.evaluate(model, (xs, ys), [atk], batch_size=batch_size, device=device,
-                                    seed=seed, shard=shard).robust_accuracy
+            rep = attacks.evaluate(model, (xs, ys), [atk], batch_size=batch_size, device=device, seed=seed,
+                                   shard=shard)
+        spent[0] += rep.passes["forward"]
+        spent[1] += rep.passes["backward"]
+        return rep.robust_accuracy
 
     few, many = acc(attacks.PGD(eps=eps, norm=norm, steps=10)), acc(attacks.PGD(eps=eps, norm=norm, steps=50))
     if many > few + 1e-12:
@@ -379,6 +415,7 @@ def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: s
     single = acc(attacks.FGSM(eps=eps, norm=norm))
     clean = float(correctly_classified(model, xs, ys, batch_size=batch_size, device=device, shard=shard)
                   .float().mean())
+    spent[0] += len(ys)
     if single > clean + 1e-12 or (single - few > SINGLE_STEP_GAP and single >= clean / 2):
         out.append(f"FGSM leaves {single:.1%} accuracy at eps={eps:g} but PGD-10 only {few:.1%} (clean "
                    f"{clean:.1%}): single-step attacks see a masked loss surface, the mark of catastrophic "
@@ -388,7 +425,7 @@ def attack_checks(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: s
     if unbounded > 0.02:
         out.append(f"an unbounded PGD (eps={big:g}) still leaves {unbounded:.1%} accuracy: attacks cannot even "
                    "reach arbitrary images, a sign of gradient masking")
-    return out
+    return out, spent
 
 
 def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[Callable[[Path], None]]) -> None:
@@ -427,6 +464,10 @@ def _num(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
 
+def _passes(v) -> str:
+    return "-" if v is None else f"{int(v):,}"
+
+
 def render_markdown(doc: dict) -> str:
     req = doc["request"]
     lines = [
@@ -447,19 +488,26 @@ def render_markdown(doc: dict) -> str:
     for r in doc["results"]:
         lines += ["", f"## eps = {r['eps']:g} (cascade: each attack sees only the samples still robust)", "",
                   "| attack | kind | seen | success rate | accuracy after | accuracy alone | queries mean / median "
-                  "| max norm | time |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| passes forward / backward | max norm | time |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for st, after, alone in zip(r["attacks"], r["accuracy_after"], r["accuracy_alone"]):
-            lines.append(f"| {st['name']} | {st['kind']} | {st['seen']} | {_pct(st['success_rate'])} | {_pct(after)} "
+            seen = "skipped (the attack before it fooled none)" if st.get("skipped") else st["seen"]
+            lines.append(f"| {st['name']} | {st['kind']} | {seen} | {_pct(st['success_rate'])} | {_pct(after)} "
                          f"| {_pct(alone)} "
-                         f"| {_num(st['queries_mean'])} / {_num(st['queries_median'])} | {_num(st['max_norm'])} "
-                         f"| {st['seconds']:.1f} s |")
+                         f"| {_num(st['queries_mean'])} / {_num(st['queries_median'])} "
+                         f"| {_passes(st.get('forward_passes'))} / {_passes(st.get('backward_passes'))} "
+                         f"| {_num(st['max_norm'])} | {st['seconds']:.1f} s |")
     if doc["other_threat_models"]:
         lines += ["", "## Other threat models (not bounded by eps)", "",
                   "| attack | kind | accuracy under attack | success rate | median size |", "|---|---|---:|---:|---:|"]
         for st in doc["other_threat_models"]:
             lines.append(f"| {st['name']} | {st['kind']} | {_pct(st['accuracy_under_attack'])} "
                          f"| {_pct(st['success_rate'])} | {_num(st['median_norm'])} |")
+    if doc.get("passes"):
+        p = doc["passes"]
+        lines += ["", "## Cost in passes of the model (forward / backward, over all samples)", "",
+                  "| " + " | ".join(p) + " |", "|" + "---:|" * len(p),
+                  "| " + " | ".join(f"{_passes(v['forward'])} / {_passes(v['backward'])}" for v in p.values()) + " |"]
     lines += ["", "## Sanity checks", ""]
     lines += [f"- ⚠ {w}" for w in doc["warnings"]] or ["- no warning: no sign of gradient masking was found"]
     return "\n".join(lines) + "\n"

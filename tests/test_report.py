@@ -172,6 +172,7 @@ def test_single_step_masking_is_flagged(monkeypatch, fgsm, pgd, flagged):
     class Fake:
         def __init__(self, acc):
             self.robust_accuracy = acc
+            self.passes = {"forward": 3, "backward": 1}
 
     def fake_evaluate(model, data, attack_list, **kw):
         (atk,) = attack_list
@@ -182,6 +183,7 @@ def test_single_step_masking_is_flagged(monkeypatch, fgsm, pgd, flagged):
     monkeypatch.setattr(report.attacks, "evaluate", fake_evaluate)
     monkeypatch.setattr(report, "correctly_classified", lambda model, x, y, **kw: torch.ones(len(y), dtype=torch.bool))
     x, y = torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
-    notes = report.attack_checks(torch.nn.Identity(), x, y, eps=0.1, norm="linf", device=torch.device("cpu"),
-                                 seed=0, batch_size=8)
+    notes, passes = report.attack_checks(torch.nn.Identity(), x, y, eps=0.1, norm="linf",
+                                         device=torch.device("cpu"), seed=0, batch_size=8)
     assert any("FGSM leaves" in n for n in notes) == flagged, notes
+    assert passes == [4 * 3 + len(y), 4]  # four probe attacks, and the clean pass

@@ -31,32 +31,43 @@ class ReportInterrupted(RobustCNNError):
 def _table(doc: dict) -> Table:
     t = Table(title=f"clean accuracy {doc['clean_accuracy']:.2%} on {doc['n']} test images — worst case per sample "
                     "over the cascade", title_justify="left")
-    for col in ("eps", "attack", "kind", "seen", "success", "accuracy after", "queries mean/median", "max norm",
-                "time"):
+    for col in ("eps", "attack", "kind", "seen", "success", "accuracy after", "queries mean/median",
+                "passes fwd/bwd", "max norm", "time"):
         t.add_column(col, justify="right" if col not in ("attack", "kind") else "left")
     for r in sorted(doc["results"], key=lambda r: r["eps"]):
         for i, (st, after) in enumerate(zip(r["attacks"], r["accuracy_after"])):
-            t.add_row(f"{r['eps']:g}" if i == 0 else "", st["name"], st["kind"], str(st["seen"]),
+            t.add_row(f"{r['eps']:g}" if i == 0 else "", st["name"], st["kind"],
+                      "skipped" if st.get("skipped") else str(st["seen"]),
                       f"{st['success_rate']:.1%}" if st["seen"] else "-", f"{after:.2%}",
                       f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}" if st["seen"] else "-",
+                      f"{st['forward_passes']:,} / {st['backward_passes']:,}",
                       f"{st['max_norm']:.4g}", f"{st['seconds']:.1f}s")
-        t.add_row("", "[bold]worst case[/]", "", "", "", f"[bold]{r['robust_accuracy']:.2%}[/]", "", "", "",
+        t.add_row("", "[bold]worst case[/]", "", "", "", f"[bold]{r['robust_accuracy']:.2%}[/]", "", "", "", "",
                   end_section=r.get("certified_accuracy") is None)
         if r.get("certified_accuracy") is not None:
             errors = f"[red]{len(r['soundness_errors'])} soundness error(s)[/]" if r["soundness_errors"] else ""
             t.add_row("", "[bold]certified (IBP)[/]", "proven", "", errors, f"[bold]{r['certified_accuracy']:.2%}[/]",
-                      "", "", "", end_section=True)
+                      "", "", "", "", end_section=True)
     for st in doc["other_threat_models"]:
         t.add_row("-", st["name"], st["kind"], str(st["seen"]), f"{st['success_rate']:.1%}",
                   f"{st['accuracy_under_attack']:.2%}", f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}",
-                  f"{st['max_norm']:.4g}", f"{st['seconds']:.1f}s")
+                  f"{st['forward_passes']:,} / {st['backward_passes']:,}", f"{st['max_norm']:.4g}",
+                  f"{st['seconds']:.1f}s")
+    total = doc.get("passes", {}).get("total")
+    if total:
+        t.caption = (f"passes of the model in all (suite, each attack alone, sanity checks, clean): "
+                     f"{total['forward']:,} forward, {total['backward']:,} backward")
+        t.caption_justify = "left"
     return t
 
 
 def report_cmd(
-    suite: Annotated[str, typer.Option(help="Attack suite: quick (FGSM, PGD), standard (APGD-CE, APGD-T, DeepFool, "
-                                            "Square), full (standard + decision, patch and pixel attacks).")]
-    = "standard",
+    suite: Annotated[str, typer.Option(help="Attack suite: adaptive (APGD-CE, APGD-T on the top 3 classes, a short "
+                                            "Square probe, the full Square only if the probe finds what the gradients "
+                                            "missed), quick (FGSM, PGD), standard (AutoAttack's protocol: APGD-CE, "
+                                            "APGD-T, DeepFool, Square), full (standard + decision, patch and pixel "
+                                            "attacks).")]
+    = attacks.DEFAULT_SUITE,
     attack_list: Annotated[Optional[str], typer.Option("--attacks", help="Comma-separated attacks instead of a "
                                                        "suite, run in this order (see `robustcnn attacks`).")] = None,
     eps: Annotated[Optional[str], typer.Option(help="Budgets in [0,1] pixel units, e.g. 0,0.02,0.05,0.1 or 8/255. "
