@@ -147,3 +147,15 @@ def test_eval_takes_the_first_n_images(outside, isolated):
     for bad in ("0", "-3", "x"):
         line = assert_one_line_error(run_cli("eval", *model_args, "-n", bad), 2)
         assert "-n" in line, line
+
+
+def test_report_names_every_file_it_wrote(outside, isolated):
+    root, _, _ = outside
+    out = isolated / "rep"
+    result = run_cli("report", "--model", str(root / "outside.pt2"), "--mean", str(MEAN), "--std", str(STD),
+                     "--data", str(root / "test.npz"), "--attacks", "fgsm", "--eps", "0.1", "-n", "8",
+                     "--out", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("report written to"))
+    named = set(line.split("(", 1)[1].rstrip(")").split(", "))
+    assert named == {p.name for p in out.iterdir()}
