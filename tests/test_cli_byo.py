@@ -125,3 +125,37 @@ def test_bad_model_and_data_options_exit_with_one_line(outside, isolated):
                          "--device", "cpu")
         assert message in assert_one_line_error(result, code), (args, result.stderr)
         assert not out.exists(), args  # nothing written
+
+
+def test_eval_takes_the_first_n_images(outside, isolated):
+    root, images, labels = outside
+    model_args = ("--model", str(root / "outside.pt2"), "--mean", str(MEAN), "--std", str(STD),
+                  "--data", str(root / "test.npz"), "--device", "cpu")
+    import robustcnn
+
+    model, _ = robustcnn.load_model(root / "outside.pt2", mean=[MEAN], std=[STD])
+    with torch.no_grad():
+        right = (model(images.float() / 255).argmax(1) == labels).tolist()
+    for flag, n in (("-n", 7), ("--limit", 13), ("--n", 40)):
+        result = run_cli("eval", *model_args, flag, str(n), "--json")
+        assert result.exit_code == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["count"] == n
+        assert doc["accuracy"] == pytest.approx(sum(right[:n]) / n)
+    result = run_cli("eval", *model_args, "-n", "9")
+    assert result.exit_code == 0 and "(9 images)" in result.stdout
+    for bad in ("0", "-3", "x"):
+        line = assert_one_line_error(run_cli("eval", *model_args, "-n", bad), 2)
+        assert "-n" in line, line
+
+
+def test_report_names_every_file_it_wrote(outside, isolated):
+    root, _, _ = outside
+    out = isolated / "rep"
+    result = run_cli("report", "--model", str(root / "outside.pt2"), "--mean", str(MEAN), "--std", str(STD),
+                     "--data", str(root / "test.npz"), "--attacks", "fgsm", "--eps", "0.1", "-n", "8",
+                     "--out", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("report written to"))
+    named = set(line.split("(", 1)[1].rstrip(")").split(", "))
+    assert named == {p.name for p in out.iterdir()}

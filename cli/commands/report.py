@@ -198,5 +198,5 @@ def _write_and_show(folder: Path, doc: dict, *, classes: list[str], gallery: Opt
     output.stdout.print(_table(doc))
     for w in doc["warnings"]:
         output.stderr.print(f"[yellow]warning:[/] {w}")
-    output.stdout.print(f"report written to {folder}/ (report.json, report.md, accuracy_vs_eps.png"
+    output.stdout.print(f"report written to {folder}/ (report.json, report.md, report.html, accuracy_vs_eps.png"
                         + (", gallery.png)" if gallery else ")"))

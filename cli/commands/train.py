@@ -288,6 +288,8 @@ def eval_command(
     image_size: ImageSize = None,
     grayscale: Grayscale = False,
     classes: Classes = None,
+    n: Annotated[Optional[int], typer.Option("--n", "-n", "--limit", help="Evaluate only the first N images of "
+                                             "the split (default: all).", show_default=False)] = None,
     device: Device = "auto",
     batch_size: BatchSize = None,
     data_dir: DataDir = None,
@@ -295,11 +297,13 @@ def eval_command(
 ) -> None:
     """Clean test accuracy (overall and per class) of a model; the newest run's by default."""
     refuse_distributed("eval")
+    positive("--n", n)
     positive("--batch-size", batch_size)
     dev = resolve_device(device)
     keep_freed_memory()
     models = ModelChoice(model_spec, checkpoint, weights, mean, std, output_index, logits_from_probs)
-    model, meta, data = load_sources(models, DataChoice(data, split, image_size, grayscale, classes, data_dir), dev)
+    model, meta, data = load_sources(models, DataChoice(data, split, image_size, grayscale, classes, data_dir), dev,
+                                     limit=n)
     result = evaluate(model, data, device=dev, batch_size=batch_size or default_batch_size(dev, training=False))
     if json_mode:
         output.emit_json({"checkpoint": model_label(meta), "model": meta.get("architecture"), "dataset": data.name,
