@@ -105,6 +105,8 @@ class AttackResult:
         queries: forward passes of the model spent on each sample (white-box attacks count too).
         gradients: backward passes (input gradients) spent on each sample; 0 for black-box attacks.
         norms: size of ``x_adv - x`` in the attack's own measure (Linf, L2, L0 pixels, patch area).
+        checks: forward passes the referee spent on each sample to learn ``success`` (0 or 1): not the attacker's
+            queries, but passes of the model all the same.
     """
 
     x_adv: Tensor
@@ -112,6 +114,7 @@ class AttackResult:
     queries: Tensor
     norms: Tensor
     gradients: Tensor
+    checks: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.success.shape[0]
@@ -133,6 +136,7 @@ class Context:
         self.aim = target  # the class the objectives aim at; may differ from the goal (see `retarget`)
         self.queries = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.gradients = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.checks = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the referee's passes
         # False for :meth:`Attack.perturb`: nobody reads success, so an attack may skip passes made only to learn it
         self.verify = True
         self.final_logits: Optional[Tensor] = None  # what ``_run`` returned besides x_adv (None: not computed)
@@ -366,6 +370,7 @@ class Attack:
             queries=ctx.queries,
             norms=self._measure(ctx.x, x_adv),
             gradients=ctx.gradients,
+            checks=ctx.checks,
         )
 
     def perturb(
@@ -426,9 +431,11 @@ class Attack:
             with torch.no_grad():
                 if logits is None:
                     logits = ctx.forward(x_adv)
+                    ctx.checks += 1
                 else:
                     logits = logits.clone()
                     logits[redo] = ctx.forward(x_adv[redo])
+                    ctx.checks += redo.long()
         return logits
 
     def _check_start(self, start: Optional[Tensor], x: Tensor) -> Optional[Tensor]:

@@ -42,6 +42,7 @@ class AttackStats:
     gradients: list[int] = field(default_factory=list, repr=False)
     norms: list[float] = field(default_factory=list, repr=False)  # per successful sample
     success_queries: list[int] = field(default_factory=list, repr=False)  # per successful sample
+    checks: int = 0  # forward passes the referee spent to learn which samples were fooled (not queries)
     skipped: bool = False  # an escalation the cascade did not need (see :class:`attacks.suites.Escalation`)
 
     @property
@@ -72,8 +73,9 @@ class AttackStats:
 
     @property
     def forward_passes(self) -> int:
-        """Forward passes of the model spent on all samples seen (one image through the model is one pass)."""
-        return int(sum(self.queries))
+        """Forward passes of the model spent on all samples seen (one image through the model is one pass): the
+        attack's queries and the referee's checks."""
+        return int(sum(self.queries)) + self.checks
 
     @property
     def backward_passes(self) -> int:
@@ -239,7 +241,8 @@ def merge_stages(parts: Sequence[StageResult]) -> StageResult:
     gradients = torch.tensor([g for p in parts for g in p.stats.gradients], dtype=torch.long)
     first = parts[0].stats
     st = AttackStats(name=first.name, config=first.config, seen=int(idx.numel()), successes=int(fooled.sum()),
-                     seconds=max(p.stats.seconds for p in parts))
+                     seconds=max(p.stats.seconds for p in parts), checks=sum(p.stats.checks for p in parts),
+                     skipped=first.skipped)
     st.queries = queries.tolist()
     st.gradients = gradients[order].tolist()
     st.norms = norms[fooled].tolist()
@@ -290,6 +293,7 @@ def run_stage(model: nn.Module, x_all: Tensor, y_all: Tensor, idx: Tensor, atk: 
         st.successes += int(ok.sum())
         st.queries += q.tolist()
         st.gradients += res.gradients.cpu().tolist()
+        st.checks += 0 if res.checks is None else int(res.checks.sum())
         st.norms += nr[ok].tolist()
         st.success_queries += q[ok].tolist()
         if progress is not None:
