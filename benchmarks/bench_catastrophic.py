@@ -58,6 +58,9 @@ def main() -> None:
     print(f"report ({args.suite} suite, {time.perf_counter() - t0:.0f}s): clean {doc['clean_accuracy']:.2%}  "
           f"worst-case robust {r['robust_accuracy']:.2%}")
     for st, after in zip(r["attacks"], r["accuracy_after"]):
+        if st.get("skipped"):
+            print(f"  {st['name']:<10} skipped: the attack before it fooled none")
+            continue
         print(f"  {st['name']:<10} success {st['success_rate']:.1%} on {st['seen']} seen -> accuracy {after:.2%}")
     print("sanity warnings:")
     for w in doc["warnings"] or ["(none)"]:
