@@ -8,7 +8,7 @@ last checkpoint and the best loss has not moved since; after a halving the run c
 
 ``APGD`` maximizes cross-entropy (``loss="ce"``, APGD-CE) or the Difference of Logits Ratio (``loss="dlr"``).
 ``APGDT`` is the targeted version with the targeted DLR loss: with no ``target`` it tries the ``n_target_classes``
-most likely wrong classes one after another (only on samples still unfooled) to reach an untargeted goal; with a
+most likely wrong classes (from the ``first_target``-th) one after another (only on samples still unfooled) to reach an untargeted goal; with a
 ``target`` it aims at that class. Paper defaults: 100 iterations, 1 restart, 9 target classes.
 """
 
@@ -181,10 +181,13 @@ class APGDT(_APGDBase):
 
     n_target_classes: int = param(9, "Untargeted: the most likely wrong classes aimed at in turn, each only for "
                                      "the samples still unfooled.", fast=2)
+    first_target: int = param(1, "Untargeted: the rank among the wrong classes, by clean logit, of the first one "
+                                 "aimed at (1: the likeliest; 4: skip the three likeliest).")
 
     def _validate(self) -> None:
         super()._validate()
         check_int("n_target_classes", self.n_target_classes)
+        check_int("first_target", self.first_target)
 
     def _run(self, ctx):
         run = self._runner(dlr)
@@ -198,7 +201,7 @@ class APGDT(_APGDBase):
         wrong = ranked[ranked != ctx.y[:, None]].reshape(ctx.n, -1)
         out_x, out_logits = ctx.x.clone(), clean.clone()
         done = ctx.is_adversarial(clean, all_idx)
-        for i in range(min(self.n_target_classes, wrong.shape[1])):
+        for i in range(self.first_target - 1, min(self.first_target - 1 + self.n_target_classes, wrong.shape[1])):
             idx = (~done).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break

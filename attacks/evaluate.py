@@ -332,12 +332,12 @@ class Cascade:
     fooled_by: Tensor  # long (n,): index of the attack that fooled the sample, -1 if none
 
 
-def needless(atk: Attack, ai: int, fooled_by: Tensor) -> bool:
-    """Whether attack ``ai`` of a cascade is an escalation that the attack before it gave no reason to run (it
-    fooled no sample); ``fooled_by`` holds the cascade's state so far."""
+def needless(atk: Attack, ai: int, fooled_by: Tensor, seen_before: int) -> bool:
+    """Whether attack ``ai`` of a cascade is an escalation that the attack before it, which saw ``seen_before``
+    samples, gave no reason to run; ``fooled_by`` holds the cascade's state so far."""
     from attacks.suites import Escalation
 
-    return isinstance(atk, Escalation) and not bool((fooled_by == ai - 1).any())
+    return isinstance(atk, Escalation) and not atk.wanted(int((fooled_by == ai - 1).sum()), seen_before)
 
 
 #: Called as ``on_stage(attack_index, stage)`` after each attack of a cascade ran.
@@ -351,8 +351,8 @@ def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequenc
     """Run ``attack_list`` in order, each with :func:`run_stage` on the samples of ``start`` (a bool mask, usually
     the correctly classified ones) that no attack before it fooled: the per-sample worst case over the attacks.
 
-    An :class:`attacks.suites.Escalation` runs only when the attack before it fooled a sample; otherwise its stage
-    is empty and marked ``skipped``. ``names[i]`` names attack ``i`` in its statistics and progress. ``on_stage(i, stage)`` receives each attack's
+    An :class:`attacks.suites.Escalation` runs only when the attack before it fooled enough samples; otherwise its
+    stage is empty and marked ``skipped``. ``names[i]`` names attack ``i`` in its statistics and progress. ``on_stage(i, stage)`` receives each attack's
     :class:`StageResult` as soon as it ran (the cascade itself keeps only the masks). ``finished`` maps an attack's
     index to the sample indices it fooled in an earlier run on the same samples: that attack is not run again and
     the cascade goes on as if it had been, so a run resumed from saved stages ends exactly as an uninterrupted one.
@@ -360,12 +360,14 @@ def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequenc
     """
     robust = start.clone()
     fooled_by = torch.full((robust.numel(),), -1, dtype=torch.long)
+    seen_before = 0
     for ai, (atk, name) in enumerate(zip(attack_list, names)):
+        seen = int(robust.sum())
         if finished is not None and ai in finished:
             won = finished[ai]
         else:
             idx = robust.nonzero().squeeze(1)
-            skip = needless(atk, ai, fooled_by)
+            skip = needless(atk, ai, fooled_by, seen_before)
             stage = run_stage(model, x_all, y_all, idx[:0] if skip else idx, atk, name, batch_size=batch_size,
                               device=device, seed=seed, target=target, keep_examples=keep_examples,
                               progress=progress, shard=shard)
@@ -375,6 +377,7 @@ def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequenc
                 on_stage(ai, stage)
         robust[won] = False
         fooled_by[won] = ai
+        seen_before = seen
     return Cascade(robust=robust, fooled_by=fooled_by)
 
 

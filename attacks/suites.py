@@ -2,9 +2,10 @@
 
 ``adaptive`` (the default, :data:`DEFAULT_SUITE`): APGD-CE, then targeted APGD-DLR aimed only at the three wrong
 classes with the highest clean logits (the margin-chosen targets of Gao et al. 2022's MM attack instead of all
-nine), then a short Square attack as a probe for gradient masking, and the full 5,000-query Square attack only when
-that probe fooled a sample the gradient attacks had missed — black-box queries are spent where the white-box
-stages give a reason, not everywhere.
+nine) — and at the other six only when those three fooled at least 5 % of what they saw (the CE gradients mislead
+on this model) — then a short Square attack as a probe for gradient masking, and the full 5,000-query Square attack
+only when that probe fooled a sample the gradient attacks had missed. Work is spent where the earlier stages give
+a reason, not everywhere.
 ``quick``: FGSM and PGD-20 — a first look, seconds on a CPU.
 ``standard``: the strong, parameter-free protocol of AutoAttack (Croce & Hein 2020) — APGD-CE, targeted APGD-DLR
 over nine classes, a minimum-norm attack, and the black-box Square attack; run as a cascade, so its worst case is
@@ -25,22 +26,29 @@ from attacks.registry import available, get
 @dataclass(frozen=True)
 class Entry:
     """One attack of a suite: its registry name, its hyperparameters (budgets are added when building) and whether
-    it is an :class:`Escalation`."""
+    it is an :class:`Escalation` (``escalation``: its ``min_rate``; None: an attack that always runs)."""
 
     attack: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    escalation: bool = False
+    escalation: Optional[float] = None  # an escalation: its ``min_rate``
 
 
 class Escalation:
-    """An attack of a cascade that runs only when the attack right before it fooled at least one sample (which the
-    attacks before that had all missed); otherwise the cascade records it as skipped, at no cost.
+    """An attack of a cascade that runs only when the attack right before it fooled a sample (which the attacks
+    before that had all missed) — with ``min_rate``, at least that fraction of the samples it saw; otherwise the
+    cascade records it as skipped, at no cost.
 
     It behaves as the attack it wraps in every other way: same name, configuration and random streams, so when it
     runs its results are, sample by sample, those of the attack alone."""
 
-    def __init__(self, attack: Attack):
-        self.attack = attack
+    def __init__(self, attack: Attack, min_rate: float = 0.0):
+        if not 0 <= min_rate < 1:
+            raise ValueError(f"min_rate must be in [0, 1), got {min_rate}")
+        self.attack, self.min_rate = attack, min_rate
+
+    def wanted(self, fooled: int, seen: int) -> bool:
+        """Whether the attack before, having fooled ``fooled`` of the ``seen`` samples it saw, calls this one in."""
+        return fooled > 0 and fooled >= self.min_rate * seen
 
     def __getattr__(self, name: str):
         return getattr(self.attack, name)
@@ -49,7 +57,7 @@ class Escalation:
         return self.attack(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"Escalation({self.attack!r})"
+        return f"Escalation({self.attack!r}, min_rate={self.min_rate})"
 
     def config(self) -> dict:
         return self.attack.config()
@@ -58,7 +66,8 @@ class Escalation:
 #: Entries per suite, in cascade order.
 SUITES: dict[str, list[Entry]] = {
     "adaptive": [Entry("apgd", {"loss": "ce"}), Entry("apgd-t", {"n_target_classes": 3}),
-                 Entry("square", {"max_queries": 300}), Entry("square", {"max_queries": 5000}, escalation=True)],
+                 Entry("apgd-t", {"first_target": 4, "n_target_classes": 6}, escalation=0.05),
+                 Entry("square", {"max_queries": 300}), Entry("square", {"max_queries": 5000}, escalation=0.0)],
     "quick": [Entry("fgsm"), Entry("pgd", {"steps": 20})],
     "standard": [Entry("apgd", {"loss": "ce"}), Entry("apgd-t"), Entry("deepfool"),
                  Entry("square", {"max_queries": 5000})],
@@ -82,7 +91,9 @@ def describe_suite(name: str) -> str:
     def one(e: Entry) -> str:
         args = ", ".join(f"{k}={v}" for k, v in e.params.items())
         text = f"{e.attack}({args})" if args else e.attack
-        return f"{text} if the one before fooled any" if e.escalation else text
+        if e.escalation is None:
+            return text
+        return f"{text} if the one before fooled " + (f"{e.escalation:.0%} of what it saw" if e.escalation else "any")
     return ", ".join(one(e) for e in SUITES[name])
 
 
@@ -124,5 +135,5 @@ def build_suite(name: Optional[str] = None, *, attack_names: Optional[list[str]]
         if "eps" in spec.params:
             params["eps"] = eps
         atk = spec.build(**params)
-        out.append(Escalation(atk) if entry.escalation else atk)
+        out.append(atk if entry.escalation is None else Escalation(atk, entry.escalation))
     return out

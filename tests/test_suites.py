@@ -44,7 +44,8 @@ def test_default_suite_is_named_and_built():
     assert attacks.DEFAULT_SUITE in attacks.SUITES
     built = attacks.build_suite(attacks.DEFAULT_SUITE, eps=0.1)
     assert [a.name for a in built] == [e.attack for e in SUITES[attacks.DEFAULT_SUITE]]
-    assert [isinstance(a, Escalation) for a in built] == [e.escalation for e in SUITES[attacks.DEFAULT_SUITE]]
+    assert [isinstance(a, Escalation) for a in built] == \
+        [e.escalation is not None for e in SUITES[attacks.DEFAULT_SUITE]]
     esc = next(a for a in built if isinstance(a, Escalation))
     # the escalation is its attack in every way that decides results: same configuration, hence same streams
     assert esc.config() == esc.attack.config() and esc.eps == 0.1 and esc.kind == esc.attack.kind
@@ -74,6 +75,30 @@ def test_escalation_runs_after_a_success_and_matches_its_attack_alone(trained):
     assert not escalated.per_attack["pgd#2"].skipped and escalated.per_attack["pgd#2"].seen > 0
     assert torch.equal(escalated.robust, plain.robust) and torch.equal(escalated.fooled_by, plain.fooled_by)
     assert escalated.passes == plain.passes
+
+
+def test_escalation_needs_its_rate(trained):
+    """An escalation with ``min_rate`` runs only when the attack before it fooled that fraction of what it saw."""
+    model, x, y = trained
+    probe = attacks.PGD(eps=0.15, steps=2)
+    rep = attacks.evaluate(model, (x, y), [probe, Escalation(attacks.PGD(eps=0.15, steps=4), min_rate=0.99)],
+                           batch_size=16, seed=4)
+    rate = rep.per_attack["pgd"].success_rate
+    assert 0 < rate < 0.99 and rep.per_attack["pgd#2"].skipped
+    rep = attacks.evaluate(model, (x, y), [probe, Escalation(attacks.PGD(eps=0.15, steps=4), min_rate=rate)],
+                           batch_size=16, seed=4)
+    assert not rep.per_attack["pgd#2"].skipped
+
+
+def test_targeted_apgd_starts_at_the_rank_it_is_given(trained):
+    """The blobs have 4 classes, so 3 wrong ones: from the 4th there is nothing left to aim at (no pass spent);
+    from the 2nd there is."""
+    model, x, y = trained
+    none = attacks.evaluate(model, (x, y), [attacks.APGDT(eps=0.15, steps=5, first_target=4)], seed=0)
+    assert none.per_attack["apgd-t"].successes == 0 and none.per_attack["apgd-t"].backward_passes == 0
+    later = attacks.evaluate(model, (x, y), [attacks.APGDT(eps=0.15, steps=5, first_target=2, n_target_classes=2)],
+                             seed=0)
+    assert later.per_attack["apgd-t"].backward_passes > 0 and later.robust_accuracy < later.clean_accuracy
 
 
 def test_passes_are_exact(trained):
