@@ -181,13 +181,44 @@ class APGDT(_APGDBase):
 
     n_target_classes: int = param(9, "Untargeted: the most likely wrong classes aimed at in turn, each only for "
                                      "the samples still unfooled.", fast=2)
-    first_target: int = param(1, "Untargeted: the rank among the wrong classes, by clean logit, of the first one "
-                                 "aimed at (1: the likeliest; 4: skip the three likeliest).")
+    first_target: int = param(1, "Untargeted: the rank among the wrong classes of the first one aimed at (1: the "
+                                 "first; 4: skip the first three).")
+    rank: str = param("logit", "Untargeted: how the wrong classes are ranked: logit (by clean logit, highest "
+                               "first) or distance (by the linearized distance to each class's decision boundary "
+                               "in the budget's norm, nearest first; one input gradient per class).")
 
     def _validate(self) -> None:
         super()._validate()
         check_int("n_target_classes", self.n_target_classes)
         check_int("first_target", self.first_target)
+        check_choice("rank", self.rank, ("logit", "distance"))
+
+    def _ranked(self, ctx: Context, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The clean logits and, per sample, its wrong classes in the order they are aimed at (n, K-1)."""
+        if self.rank == "logit":
+            clean = ctx.logits(ctx.x, idx)
+            score = clean.clone()
+        else:
+            xg = ctx.x.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = ctx.forward_graph(xg, idx)
+                classes = logits.shape[1]
+                rows = torch.arange(ctx.n, device=xg.device)
+                grads = []
+                for k in range(classes):  # one input gradient per class (the Jacobian, row by row)
+                    (g,) = torch.autograd.grad(logits[:, k].sum(), xg, retain_graph=k + 1 < classes)
+                    grads.append(g)
+            ctx.charge_gradients(idx, classes)
+            clean = logits.detach()
+            jac = torch.stack(grads, dim=1)  # (n, K, C, H, W)
+            gap = clean.gather(1, ctx.y[:, None]) - clean  # margin to each class
+            towards = jac[rows, ctx.y][:, None] - jac  # gradient of that margin
+            size = self.norm_obj.dual.measure(towards.flatten(0, 1)).reshape(ctx.n, classes)
+            score = -(gap / size.clamp_min(1e-12))  # nearest boundary first
+        score[torch.arange(ctx.n, device=score.device), ctx.y] = -float("inf")
+        ranked = score.sort(dim=1, descending=True, stable=True).indices
+        # the true class left out: column i is the (i+1)-th wrong class in the order aimed at
+        return clean, ranked[ranked != ctx.y[:, None]].reshape(ctx.n, -1)
 
     def _run(self, ctx):
         run = self._runner(dlr)
@@ -195,10 +226,7 @@ class APGDT(_APGDBase):
         if ctx.targeted:
             x_adv, logits, _ = with_restarts(ctx, all_idx, self.restarts, run)
             return x_adv, logits
-        clean = ctx.logits(ctx.x, all_idx)
-        # classes ranked by the clean logits, the true class left out: column i is the (i+1)-th likeliest wrong one
-        ranked = clean.sort(dim=1, descending=True).indices
-        wrong = ranked[ranked != ctx.y[:, None]].reshape(ctx.n, -1)
+        clean, wrong = self._ranked(ctx, all_idx)
         out_x, out_logits = ctx.x.clone(), clean.clone()
         done = ctx.is_adversarial(clean, all_idx)
         for i in range(self.first_target - 1, min(self.first_target - 1 + self.n_target_classes, wrong.shape[1])):

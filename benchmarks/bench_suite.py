@@ -1,10 +1,10 @@
 """The default suite against the standard suite and torchattacks' AutoAttack: robust accuracy, passes, wall time.
 
-    python benchmarks/bench_suite.py --model plain=CKPT --model pgd=CKPT ... [--n 200] [--eps 0.1]
+    python benchmarks/bench_suite.py --model plain=CKPT --model pgd=CKPT[@EPS] ... [--n 200] [--eps 0.1]
                                      [--suites adaptive,standard] [--masked pgd] [--report] [--json FILE]
 
 For every model (a robustcnn checkpoint, or anything `robustcnn.load_model` reads), on its first N test images at
-Linf ``eps``, in one process and one after the other: each named suite through ``attacks.evaluate`` and
+Linf ``eps`` (or the model's own ``@EPS``), in one process and one after the other: each named suite through ``attacks.evaluate`` and
 torchattacks' ``AutoAttack(version="standard")`` (when installed: ``pip install torchattacks``, the ``bench``
 extra). Every method runs on the same model wrapped in one pass counter, so the forward passes (images through the
 model) and backward passes (input gradients) of both libraries are counted by the same instrument; the suites' own
@@ -50,14 +50,15 @@ class Rounded(nn.Module):
 
 
 def load(spec: str, n: int):
-    """(name, model in eval mode, x in [0, 1], y) for ``NAME=PATH``: the model's dataset, its first ``n`` test
-    images."""
+    """(name, model in eval mode, x in [0, 1], y, eps or None) for ``NAME=PATH[@EPS]``: the model's dataset, its
+    first ``n`` test images, and the model's own budget when given."""
     from robustcnn import load_data, load_model
 
     name, _, path = spec.partition("=")
+    path, _, eps = path.partition("@")
     model, meta = load_model(path)
     data = load_data(meta.get("dataset") or "fashion-mnist", split="test", limit=n)
-    return name, model.eval(), data.images.float().div(255), data.labels
+    return name, model.eval(), data.images.float().div(255), data.labels, float(eps) if eps else None
 
 
 def run_suite(counter: PassCounter, x, y, suite: str, eps: float, seed: int) -> dict:
@@ -140,24 +141,24 @@ def main() -> None:
     torch.manual_seed(0)
     models = []
     for spec in args.model:
-        name, model, x, y = load(spec, args.n)
-        models.append((name, model, x, y))
+        name, model, x, y, eps = load(spec, args.n)
+        models.append((name, model, x, y, eps or args.eps))
         if name == args.masked:
-            models.append((f"{name}+masked", Rounded(model), x, y))
-    print(f"{args.n} test images, Linf eps {args.eps}, seed {args.seed}, torch {torch.__version__}, "
+            models.append((f"{name}+masked", Rounded(model), x, y, eps or args.eps))
+    print(f"{args.n} test images, Linf eps {args.eps} unless given per model, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     out = {}
-    for name, model, x, y in models:
+    for name, model, x, y, eps in models:
         counter = PassCounter(model.eval()).eval()
         with torch.no_grad():
             clean = (model(x).argmax(1) == y).float().mean().item()
-        rows = {s: run_suite(counter, x, y, s, args.eps, args.seed) for s in suites}
+        rows = {s: run_suite(counter, x, y, s, eps, args.seed) for s in suites}
         if not args.no_autoattack:
-            rows["autoattack"] = run_autoattack(counter, x, y, args.eps, args.seed, batch_size=250)
+            rows["autoattack"] = run_autoattack(counter, x, y, eps, args.seed, batch_size=250)
             if args.paper_autoattack:
-                rows["aa-100"] = run_autoattack(counter, x, y, args.eps, args.seed, batch_size=250, steps=100)
-        whole = run_whole_report(model, x, y, args.eps, args.seed) if args.report else None
-        out[name] = _print_model(name, clean, rows, whole)
+                rows["aa-100"] = run_autoattack(counter, x, y, eps, args.seed, batch_size=250, steps=100)
+        whole = run_whole_report(model, x, y, eps, args.seed) if args.report else None
+        out[name] = _print_model(f"{name} (eps {eps:g})", clean, rows, whole)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -49,7 +49,7 @@ def test_default_suite_is_named_and_built():
     esc = next(a for a in built if isinstance(a, Escalation))
     # the escalation is its attack in every way that decides results: same configuration, hence same streams
     assert esc.config() == esc.attack.config() and esc.eps == 0.1 and esc.kind == esc.attack.kind
-    assert "apgd-t(n_target_classes=3)" in attacks.describe_suite("adaptive")
+    assert "apgd-t(n_target_classes=3, rank=distance)" in attacks.describe_suite("adaptive")
 
 
 def test_escalation_is_skipped_when_the_attack_before_fooled_none(trained):
@@ -134,3 +134,29 @@ def test_a_suite_that_cannot_run_under_a_norm_names_the_attack(monkeypatch):
         attacks.build_suite("l2only", eps=0.1, norm="linf")
     with pytest.raises(ValueError, match="unknown suite 'nope': choose one of adaptive"):
         attacks.build_suite("nope", eps=0.1)
+
+
+@pytest.mark.parametrize("norm, dual", [("linf", 1), ("l2", 2)])
+def test_distance_ranking_is_exact_on_a_linear_model(norm, dual):
+    """On a linear model the linearized distance to each class's boundary is the true one: margin over the dual norm
+    of the weight difference. APGD-T's ``rank="distance"`` must aim at the classes in exactly that order."""
+    from attacks.base import Context, _make_rng
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
+    x, y = torch.rand(10, 1, 8, 8), torch.randint(0, 6, (10,))
+    with torch.no_grad():
+        z, w = lin(x), lin[1].weight
+    gap = z.gather(1, y[:, None]) - z
+    size = torch.linalg.vector_norm(w[y][:, None, :] - w[None], ord=dual, dim=2)
+    dist = gap / size.clamp_min(1e-12)
+    dist[torch.arange(10), y] = float("inf")
+    expected = dist.argsort(dim=1)[:, :5]
+    atk = attacks.APGDT(eps=0.1, norm=norm, rank="distance")
+    ctx = Context(lin, x, y, None, _make_rng(None, x))
+    clean, order = atk._ranked(ctx, torch.arange(10))
+    assert torch.equal(order, expected) and torch.allclose(clean, z)
+    assert int(ctx.gradients.min()) == 6  # one input gradient per class, charged to every sample
+    _, by_logit = attacks.APGDT(eps=0.1, norm=norm)._ranked(Context(lin, x, y, None, _make_rng(None, x)),
+                                                           torch.arange(10))
+    assert not torch.equal(by_logit, order)  # the two rankings differ on this model, so the test tells them apart
