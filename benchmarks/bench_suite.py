@@ -18,7 +18,8 @@ torchattacks' AutoAttack runs its APGD, APGD-T and FAB for 10 iterations (its de
 
 ``--masked NAME`` adds model NAME behind input rounding to 1/255 (predictions unchanged to the eye, every input
 gradient exactly zero: a model with masked gradients); ``--report`` also runs the whole ``robustcnn report`` of
-the default suite (sanity checks, each attack alone) and prints its passes and time beside the suite's.
+the default suite (with its sanity checks and gradient-masking probes) and prints its passes and time beside the
+suite's.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _print_model(name: str, clean: float, rows: dict, whole) -> dict:
                   f"({(s['forward'] + s['backward']) / (p['forward'] + p['backward']):.3f})")
     if whole is not None:
         t = whole["passes"]["total"]
-        print(f"   whole report ({attacks.DEFAULT_SUITE}, with sanity checks and each attack alone): robust "
+        print(f"   whole report ({attacks.DEFAULT_SUITE}, with its sanity checks): robust "
               f"{whole['robust_accuracy']:.2%}, {t['forward']:,} forward + {t['backward']:,} backward passes, "
               f"{whole['seconds']:.1f}s; {len(whole['warnings'])} warning(s)")
         for w in whole["warnings"]:

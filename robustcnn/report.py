@@ -54,6 +54,7 @@ class ReportRequest:
     seed: int
     checkpoint_sha256: str
     dataset: str
+    each_alone: bool = False  # also run each attack alone (the first attack's cascade result is its alone result)
 
 
 #: The budget most papers use per dataset and norm (pixel units of [0, 1]), as the user would write it.
@@ -262,7 +263,7 @@ class _Run:
                          batch_size=self.batch_size, device=self.device, seed=self.request.seed,
                          keep_examples=ei == _gallery_index(self.request.eps), progress=self.progress,
                          shard=self.shard, finished=finished, on_stage=save)
-        for ai, atk in enumerate(bounded[1:], start=1):
+        for ai, atk in enumerate(bounded[1:] if self.request.each_alone else [], start=1):
             if self.stages.done[keys[ai]]["stats"].get("skipped"):
                 continue  # an escalation the cascade did not need has no accuracy alone
             # the attack alone: with per-sample streams its results on the samples it saw are the cascade's,
@@ -330,7 +331,8 @@ def _eps_result(eps, ei, bounded, stages, clean, robust, fooled_by) -> dict:
         extra = stages.get(_stage_key(ei, ai) + ":alone")
         if extra is not None:
             survivors[_fooled(extra)] = False
-        alone.append(float("nan") if st["stats"].get("skipped") else survivors.float().mean().item())
+        measured = ai == 0 or extra is not None  # the first attack alone is the cascade's first stage
+        alone.append(survivors.float().mean().item() if measured else float("nan"))
     return {
         "eps": eps, "robust_accuracy": robust.float().mean().item(), "attacks": rows,
         "accuracy_after": cumulative, "accuracy_alone": alone,
@@ -441,7 +443,9 @@ def write_report(out: Path, doc: dict, *, classes: list[str], gallery: Optional[
     curves = {}
     if ordered and ordered[0]["attacks"]:
         for i, st in enumerate(ordered[0]["attacks"]):
-            curves[f"{st['name']} alone"] = [r["accuracy_alone"][i] for r in ordered]
+            values = [r["accuracy_alone"][i] for r in ordered]
+            if any(v is not None and v == v for v in values):  # measured alone at some budget (not NaN)
+                curves[f"{st['name']} alone"] = [float("nan") if v is None else v for v in values]
     curves["worst case (all attacks)"] = [r["robust_accuracy"] for r in ordered]
     if ordered and all(r.get("certified_accuracy") is not None for r in ordered):
         curves["IBP-certified (proven lower bound)"] = [r["certified_accuracy"] for r in ordered]
@@ -491,7 +495,7 @@ def render_markdown(doc: dict) -> str:
                   "| passes forward / backward | max norm | time |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for st, after, alone in zip(r["attacks"], r["accuracy_after"], r["accuracy_alone"]):
-            seen = "skipped (the attack before it fooled none)" if st.get("skipped") else st["seen"]
+            seen = "skipped (the attack before it gave no reason)" if st.get("skipped") else st["seen"]
             lines.append(f"| {st['name']} | {st['kind']} | {seen} | {_pct(st['success_rate'])} | {_pct(after)} "
                          f"| {_pct(alone)} "
                          f"| {_num(st['queries_mean'])} / {_num(st['queries_median'])} "

@@ -22,7 +22,7 @@ def _report(tmp_path, *extra):
 
 
 def test_report_files_and_worst_case(newest, tmp_path):
-    out, result = _report(tmp_path)
+    out, result = _report(tmp_path, "--each-alone")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     for f in ("report.json", "report.md", "accuracy_vs_eps.png", "gallery.png", "report.html"):
@@ -74,8 +74,28 @@ def _tiny_setup(newest):
     data = load_dataset(meta["dataset"], train=False)
     x, y = data.images[:24].float() / 255, data.labels[:24]
     req = ReportRequest(suite=None, attacks=["fgsm", "pgd"], eps=[0.05, 0.3], norm="linf", n=24, seed=0,
-                        checkpoint_sha256=file_sha256(path), dataset=meta["dataset"])
+                        checkpoint_sha256=file_sha256(path), dataset=meta["dataset"], each_alone=True)
     return model, x, y, req
+
+
+def test_each_alone_is_opt_in_and_passes_add_up(newest, tmp_path):
+    """Without ``each_alone`` only the cascade runs (no accuracy alone after the first attack, no passes spent on
+    it); with it, the extra runs show in ``passes["alone"]``. The total is the sum of its parts either way."""
+    model, x, y, req = _tiny_setup(newest)
+    runs = {}
+    for each in (False, True):
+        runs[each], _ = run_report(model, x, y, ReportRequest(**{**req.__dict__, "each_alone": each}),
+                                   tmp_path / str(each), device=torch.device("cpu"), batch_size=16)
+    for doc in runs.values():
+        p = doc["passes"]
+        assert p["total"] == {d: sum(v[d] for k, v in p.items() if k != "total") for d in ("forward", "backward")}
+        assert p["suite"]["backward"] > 0 and p["clean"] == {"forward": len(y), "backward": 0}
+    assert runs[False]["passes"]["alone"] == {"forward": 0, "backward": 0}
+    assert runs[True]["passes"]["alone"]["forward"] > 0
+    first, second = runs[False]["results"][1]["accuracy_alone"]
+    assert first == runs[True]["results"][1]["accuracy_alone"][0] and second != second  # NaN: not measured
+    assert runs[True]["results"][1]["accuracy_alone"][1] >= runs[True]["results"][1]["robust_accuracy"]
+    assert [r["per_sample"] for r in runs[False]["results"]] == [r["per_sample"] for r in runs[True]["results"]]
 
 
 def _interrupt_after(stages: int):

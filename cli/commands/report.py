@@ -78,6 +78,9 @@ def report_cmd(
                                                 "(re-running the same command resumes it).")] = None,
     fail_under: Annotated[Optional[float], typer.Option(help="Exit 1 if the worst-case robust accuracy at any "
                                                         "requested eps is below this fraction (for CI).")] = None,
+    each_alone: Annotated[bool, typer.Option("--each-alone", help="Also run every attack after the first on the "
+                                             "images earlier ones fooled, for its accuracy alone (more passes).")]
+    = False,
     checkpoint: Checkpoint = None,
     model_spec: ModelSpec = None,
     weights: Weights = None,
@@ -118,7 +121,7 @@ def report_cmd(
         count = min(n, len(data))
         x, y = data.images[:count].float().div(255), data.labels[:count]
         request = ReportRequest(suite=None if names else suite, attacks=names, eps=eps_list, norm=norm, n=count,
-                                seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name)
+                                seed=seed, checkpoint_sha256=meta["sha256"], dataset=data.name, each_alone=each_alone)
         folder = out if out is not None else default_folder(request)
         hold_folder(folder, held, ctx)
         doc, gallery = _run(model, x, y, request, folder, ctx=ctx, dev=dev, batch_size=batch_size,
