@@ -160,3 +160,14 @@ def test_distance_ranking_is_exact_on_a_linear_model(norm, dual):
     _, by_logit = attacks.APGDT(eps=0.1, norm=norm)._ranked(Context(lin, x, y, None, _make_rng(None, x)),
                                                            torch.arange(10))
     assert not torch.equal(by_logit, order)  # the two rankings differ on this model, so the test tells them apart
+
+
+def test_cli_lists_the_suites_and_refuses_an_unknown_one(tmp_path, monkeypatch):
+    from train_fixtures import run_cli
+
+    monkeypatch.setenv("COLUMNS", "250")
+    listed = run_cli("attacks")
+    assert listed.exit_code == 0 and f"{attacks.DEFAULT_SUITE} (default)" in listed.stdout
+    assert all(name in listed.stdout for name in attacks.SUITES)
+    bad = run_cli("report", "--suite", "nope", "--checkpoint", str(tmp_path / "none.pt"))
+    assert bad.exit_code == 2 and "unknown suite 'nope': choose one of adaptive, quick, standard, full" in bad.stderr

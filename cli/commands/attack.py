@@ -351,6 +351,13 @@ def attacks_cmd(
         t.add_row(s.name, s.kind, ", ".join(s.norms), "yes" if s.targeted else "no", s.description,
                   ", ".join(s.params))
     output.stdout.print(t)
+    if kind is None:
+        suites = Table(title="Suites of `robustcnn report --suite NAME` (cascade order)", title_justify="left")
+        suites.add_column("suite")
+        suites.add_column("attacks")
+        for nm in attacks.suite_names():
+            suites.add_row(nm + (" (default)" if nm == attacks.DEFAULT_SUITE else ""), attacks.describe_suite(nm))
+        output.stdout.print(suites)
 
 
 def _option(name: str) -> str:
