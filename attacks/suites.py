@@ -2,10 +2,9 @@
 
 ``adaptive`` (the default, :data:`DEFAULT_SUITE`): APGD-CE, then targeted APGD-DLR aimed only at the three wrong
 classes whose decision boundaries are nearest to the clean image by a linear estimate (margin over gradient norm,
-the way DeepFool and FAB pick a class; instead of all nine) — and at the other six only when those three fooled at least 5 % of what they saw (the CE gradients mislead
-on this model) — then a short Square attack as a probe for gradient masking, and the full 5,000-query Square attack
-only when that probe fooled a sample the gradient attacks had missed. Work is spent where the earlier stages give
-a reason, not everywhere.
+the way DeepFool and FAB pick a class; instead of all nine), then a short Square attack as a probe for gradient
+masking, and the full 5,000-query Square attack only when that probe fooled a sample the gradient attacks had
+missed: black-box queries are spent where the white-box stages give a reason, not everywhere.
 ``quick``: FGSM and PGD-20 — a first look, seconds on a CPU.
 ``standard``: the strong, parameter-free protocol of AutoAttack (Croce & Hein 2020) — APGD-CE, targeted APGD-DLR
 over nine classes, a minimum-norm attack, and the black-box Square attack; run as a cascade, so its worst case is
@@ -66,7 +65,6 @@ class Escalation:
 #: Entries per suite, in cascade order.
 SUITES: dict[str, list[Entry]] = {
     "adaptive": [Entry("apgd", {"loss": "ce"}), Entry("apgd-t", {"n_target_classes": 3, "rank": "distance"}),
-                 Entry("apgd-t", {"first_target": 4, "n_target_classes": 6, "rank": "distance"}, escalation=0.05),
                  Entry("square", {"max_queries": 300}), Entry("square", {"max_queries": 5000}, escalation=0.0)],
     "quick": [Entry("fgsm"), Entry("pgd", {"steps": 20})],
     "standard": [Entry("apgd", {"loss": "ce"}), Entry("apgd-t"), Entry("deepfool"),
