@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--suites", default=f"{attacks.DEFAULT_SUITE},standard", help="comma-separated suite names")
     ap.add_argument("--masked", default=None, help="NAME of a model to add behind input rounding")
+    ap.add_argument("--masked-only", action="store_true", help="with --masked: run only the masked model")
     ap.add_argument("--no-autoattack", action="store_true")
     ap.add_argument("--paper-autoattack", action="store_true",
                     help="also torchattacks' AutoAttack with the paper's 100 iterations (row aa-100)")
@@ -143,7 +144,8 @@ def main() -> None:
     models = []
     for spec in args.model:
         name, model, x, y, eps = load(spec, args.n)
-        models.append((name, model, x, y, eps or args.eps))
+        if not (args.masked_only and name == args.masked):
+            models.append((name, model, x, y, eps or args.eps))
         if name == args.masked:
             models.append((f"{name}+masked", Rounded(model), x, y, eps or args.eps))
     print(f"{args.n} test images, Linf eps {args.eps} unless given per model, seed {args.seed}, torch {torch.__version__}, "
