@@ -175,12 +175,13 @@ def test_pixel_enforce_keeps_the_k_largest_changes():
 
 
 def test_population_evolves_as_one_batch(task):
-    """One model call per generation serves every candidate of every image; chunking changes nothing else."""
+    """One model call per generation serves every candidate of every image (when ``max_batch`` holds them all);
+    chunking changes nothing else."""
     model, x, y = task
     calls = []
     hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
-        atk = attacks.OnePixel(pixels=1, population=20, steps=6)
+        atk = attacks.OnePixel(pixels=1, population=20, steps=6, max_batch=len(y) * 20)
         whole = atk(model, x, y, generator=_gen())
         n_whole = len(calls)
         calls.clear()
