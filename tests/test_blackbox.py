@@ -375,3 +375,15 @@ def test_decision_attacks_have_no_targeted_mode_and_score_attacks_do():
     assert all(not attacks.get(n).targeted for n in DECISION)
     assert all(attacks.get(n).targeted for n in SCORE)
     assert set(SCORE) == {"square", "simba", "nes", "spsa"} and set(DECISION) == {"hopskipjump", "boundary"}
+
+
+def test_default_work_set_spans_several_model_calls():
+    """The default work set holds at least MIN_WORK_SET samples (several CPU model calls' worth), at least one
+    call's rows when calls are larger, and fewer only when the images are too large for its memory bound."""
+    from attacks.blackbox import MIN_WORK_SET, WORK_SET_BYTES, default_work_set
+
+    small = torch.zeros(1, 1, 28, 28)
+    assert default_work_set(small, 128) == MIN_WORK_SET
+    assert default_work_set(small, 4 * MIN_WORK_SET) == 4 * MIN_WORK_SET
+    huge = torch.zeros(1, 3, 1024, 1024)
+    assert default_work_set(huge, 128) == WORK_SET_BYTES // (huge.numel() * 4 * 8) < MIN_WORK_SET
