@@ -60,11 +60,16 @@ def work_set_field():
 #: Bytes of image state a default work set may hold (several copies of each image: current point, candidate, ...).
 WORK_SET_BYTES = 1 << 30
 
+#: Fewest samples a default work set holds (memory permitting), even when one model call holds fewer rows: an
+#: iteration's fixed Python cost is then shared by several model calls' worth of samples.
+MIN_WORK_SET = 1024
+
 
 def default_work_set(x: Tensor, rows_per_call: int) -> int:
-    """One full model call of samples (one query each per iteration), fewer for large images (memory)."""
+    """At least one full model call of samples (one query each per iteration) and at least :data:`MIN_WORK_SET`,
+    fewer for large images (memory)."""
     sample_bytes = max(1, x[:1].numel() * x.element_size() * 8)
-    return max(1, min(rows_per_call, WORK_SET_BYTES // sample_bytes))
+    return max(1, min(max(rows_per_call, MIN_WORK_SET), WORK_SET_BYTES // sample_bytes))
 
 
 # -- score-based -------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ when it lowers the true class's probability (untargeted) or raises the target's 
 image as soon as one candidate fools the model.
 
 Batched: the populations of all images in the batch form one tensor, so one forward pass per generation serves every
-candidate of every image (split into chunks of ``max_batch`` inputs only to bound memory). Each candidate costs its
-image one query: at most ``1 + population * (steps + 1)`` queries per image (the first checks the clean image).
+candidate of every image (split into model calls of ``max_batch`` inputs; by default a size per device chosen by
+measurement, :data:`attacks.sparse.AUTO_MAX_BATCH`). Each candidate costs its image one query: at most
+``1 + population * (steps + 1)`` queries per image (the first checks the clean image).
 
 >>> OnePixel(pixels=3)(model, x, y).success.float().mean()
 """
@@ -27,17 +28,19 @@ from attacks.base import MAX_QUERIES, Context, check_int, check_range
 from attacks.params import param
 from attacks.registry import register
 from attacks.rng import SampleRNG
-from attacks.sparse import PixelBudget, check_target, set_pixels
+from attacks.sparse import PixelBudget, check_target, set_pixels, set_pixels_
 from attacks.workset import WorkSet
 
 
-def perturb_pixels(x: Tensor, genes: Tensor) -> Tensor:
-    """Images ``x`` (``(M, C, H, W)``) with the pixels that ``genes`` (``(M, k, 2 + C)``) encode set.
+def perturb_pixels(x: Tensor, genes: Tensor, inplace: bool = False) -> Tensor:
+    """Images ``x`` (``(M, C, H, W)``) with the pixels that ``genes`` (``(M, k, 2 + C)``) encode set: a copy, or
+    ``x`` itself changed in place with ``inplace=True`` (``x`` must then be contiguous).
 
     A gene row is ``(row, column, value of channel 0, ..., value of channel C-1)``; coordinates are floored to
     pixel positions and must already lie inside the image, values inside [0, 1].
     """
-    return set_pixels(x, genes[..., 0].long() * x.shape[-1] + genes[..., 1].long(), genes[..., 2:])
+    pos = genes[..., 0].long() * x.shape[-1] + genes[..., 1].long()
+    return (set_pixels_ if inplace else set_pixels)(x, pos, genes[..., 2:])
 
 
 def _three_distinct(rng: SampleRNG, ids: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,7 +149,9 @@ class OnePixel(PixelBudget):
         parts = []
         for s in range(0, genes.shape[0], chunk):
             o = owner[s:s + chunk]
-            parts.append(ctx.logits(perturb_pixels(ctx.x[work.ids[o]], genes[s:s + chunk]), work.ids[o]))
+            rows = work.ids[o]
+            # indexing makes a fresh copy of the images: the candidates' pixels are set in it directly
+            parts.append(ctx.logits(perturb_pixels(ctx.x[rows].contiguous(), genes[s:s + chunk], inplace=True), rows))
         logits = torch.cat(parts).view(m, p, -1)
         probs = logits.softmax(dim=-1)
         y, t = ctx.label_of(work.ids)

@@ -27,10 +27,12 @@ from attacks.rng import SampleRNG
 
 ORACLE_KINDS = ("score", "decision")
 
-#: Most query rows per model call on a CPU, when the attack does not set ``rows_per_call``. Measured: a small CNN on
-#: a 2-core CPU runs about 2x more images per second at batch 128-256 than at 1,000-8,000 (cache effects), and the
-#: estimators' calls hold 32 probes per image (8,000 rows for 250 images). See docs/blackbox.md.
-CPU_ROWS_PER_CALL = 256
+#: Most query rows per model call on a CPU, when the attack does not set ``rows_per_call`` (the pixel and patch
+#: attacks use it too). Chosen by measurement (benchmarks/bench_floor.py prints the per-image time of a forward pass
+#: by batch size): the built-in CNNs run the most images per second, or within the noise of the most, at 64-128
+#: images per call on one thread, and 2-4x fewer at 1,024 (cache effects); a call this size still makes the per-call
+#: overhead negligible. See docs/benchmarks.md.
+CPU_ROWS_PER_CALL = 128
 #: On an accelerator larger calls win; this only bounds memory.
 ACCELERATOR_ROWS_PER_CALL = 16384
 

@@ -35,10 +35,18 @@ def _shr(x: Tensor, s: int) -> Tensor:
 
 
 def _mix(x: Tensor) -> Tensor:
-    """SplitMix64 finalizer: a bijective avalanche of 64-bit integers (multiplication wraps modulo 2**64)."""
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
+    """SplitMix64 finalizer: a bijective avalanche of 64-bit integers (multiplication wraps modulo 2**64).
+
+    Each stage works in place on one new tensor (the shifted copy), leaving ``x`` alone: the same integers as the
+    textbook ``x = (x ^ (x >>> 30)) * MIX1`` ..., with a quarter of the temporaries."""
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        t = x >> shift
+        t &= (1 << (64 - shift)) - 1  # logical shift: clear the bits the arithmetic one copied from the sign
+        t ^= x
+        if mult is not None:
+            t *= mult
+        x = t
+    return x
 
 
 def sample_keys(seed: int, indices: Tensor, stream: int = 0) -> Tensor:

@@ -16,20 +16,29 @@ from torch import Tensor
 from attacks.base import MAX_BATCH, Attack, check_int
 from attacks.losses import Objective
 from attacks.norms import get_norm
+from attacks.oracle import CPU_ROWS_PER_CALL
 from attacks.params import param
 
-#: Inputs per forward pass of the pixel attacks' candidate batches when their ``max_batch`` is None: a small CNN on a
-#: CPU is fastest in cache-sized batches.
-AUTO_MAX_BATCH = {"cpu": 1024, "cuda": 32768}
+#: Inputs per forward pass of the pixel and patch attacks' candidate batches when their ``max_batch`` is None. On a
+#: CPU this is :data:`attacks.oracle.CPU_ROWS_PER_CALL`, the size the black-box oracle uses: small CNNs run the most
+#: images per second in cache-sized calls (see docs/benchmarks.md, "Query attacks against their forward floor").
+AUTO_MAX_BATCH = {"cpu": CPU_ROWS_PER_CALL, "cuda": 32768}
 
 
 def set_pixels(x: Tensor, pos: Tensor, values: Tensor) -> Tensor:
     """A copy of ``x`` ``(M, C, H, W)`` with, in image ``i``, pixel ``pos[i, j]`` (an index into ``H * W``) set to
     ``values[i, j]`` (one value per channel) for every ``j``; ``pos`` is ``(M, k)``, ``values`` ``(M, k, C)``."""
+    return set_pixels_(x.clone(memory_format=torch.contiguous_format), pos, values)
+
+
+def set_pixels_(x: Tensor, pos: Tensor, values: Tensor) -> Tensor:
+    """:func:`set_pixels` in place on ``x``, which must be contiguous (e.g. a fresh copy made by indexing); returns
+    ``x``. Saves the copy when the caller owns the images already."""
+    if not x.is_contiguous():
+        raise ValueError("set_pixels_ needs a contiguous tensor")
     m, c, h, w = x.shape
-    out = x.reshape(m, c, h * w).clone()
-    out.scatter_(2, pos[:, None, :].expand(-1, c, -1), values.transpose(1, 2).to(x.dtype))
-    return out.reshape(m, c, h, w)
+    x.view(m, c, h * w).scatter_(2, pos[:, None, :].expand(-1, c, -1), values.transpose(1, 2).to(x.dtype))
+    return x
 
 
 def keep_changes(x: Tensor, x_adv: Tensor, kept: Tensor) -> Tensor:

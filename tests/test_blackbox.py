@@ -375,3 +375,36 @@ def test_decision_attacks_have_no_targeted_mode_and_score_attacks_do():
     assert all(not attacks.get(n).targeted for n in DECISION)
     assert all(attacks.get(n).targeted for n in SCORE)
     assert set(SCORE) == {"square", "simba", "nes", "spsa"} and set(DECISION) == {"hopskipjump", "boundary"}
+
+
+def test_default_work_set_spans_several_model_calls():
+    """The default work set holds at least MIN_WORK_SET samples (several CPU model calls' worth), at least one
+    call's rows when calls are larger, and fewer only when the images are too large for its memory bound."""
+    from attacks.blackbox import MIN_WORK_SET, WORK_SET_BYTES, default_work_set
+
+    small = torch.zeros(1, 1, 28, 28)
+    assert default_work_set(small, 128) == MIN_WORK_SET
+    assert default_work_set(small, 4 * MIN_WORK_SET) == 4 * MIN_WORK_SET
+    huge = torch.zeros(1, 3, 1024, 1024)
+    assert default_work_set(huge, 128) == WORK_SET_BYTES // (huge.numel() * 4 * 8) < MIN_WORK_SET
+
+
+def test_random_streams_match_splitmix64():
+    """The per-sample streams hash with the SplitMix64 finalizer, bit for bit (seeded results depend on it): checked
+    against a plain-Python SplitMix64 on edge and random 64-bit values, the input left untouched."""
+    from attacks.rng import _mix
+
+    def splitmix(v: int) -> int:
+        m = (1 << 64) - 1
+        v &= m
+        v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & m
+        v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & m
+        v ^= v >> 31
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    values = [0, 1, -1, -(1 << 63), (1 << 63) - 1] + torch.randint(-(1 << 62), 1 << 62, (50,),
+                                                                      generator=torch.Generator().manual_seed(0)).tolist()
+    x = torch.tensor(values, dtype=torch.long)
+    before = x.clone()
+    assert _mix(x).tolist() == [splitmix(v) for v in values]
+    assert torch.equal(x, before)

@@ -175,12 +175,13 @@ def test_pixel_enforce_keeps_the_k_largest_changes():
 
 
 def test_population_evolves_as_one_batch(task):
-    """One model call per generation serves every candidate of every image; chunking changes nothing else."""
+    """One model call per generation serves every candidate of every image (when ``max_batch`` holds them all);
+    chunking changes nothing else."""
     model, x, y = task
     calls = []
     hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
-        atk = attacks.OnePixel(pixels=1, population=20, steps=6)
+        atk = attacks.OnePixel(pixels=1, population=20, steps=6, max_batch=len(y) * 20)
         whole = atk(model, x, y, generator=_gen())
         n_whole = len(calls)
         calls.clear()
@@ -826,3 +827,40 @@ def test_more_lavan_locations_fool_more(task):
     assert (three.success | ~one.success).all()
     assert torch.equal(three.queries[one.success], one.queries[one.success])
     assert (three.queries[~one.success] > one.queries[~one.success]).all()
+
+
+def test_set_pixels_in_place_equals_the_copy():
+    """The in-place variant sets the same values in the caller's tensor; the copying one leaves its input alone."""
+    from attacks.sparse import set_pixels, set_pixels_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 5, 6, generator=g)
+    pos = torch.randint(0, 30, (4, 2), generator=g)
+    values = torch.rand(4, 2, 3, generator=g)
+    before = x.clone()
+    copy = set_pixels(x, pos, values)
+    assert torch.equal(x, before) and not torch.equal(copy, x)
+    target = x.clone()
+    assert set_pixels_(target, pos, values) is target and torch.equal(target, copy)
+    with pytest.raises(ValueError, match="contiguous"):
+        set_pixels_(x.transpose(2, 3), pos, values)
+
+
+def test_pixel_calls_default_to_the_cpu_call_size(task):
+    """Without ``max_batch``, candidate batches go to the model in calls of the measured CPU size, and the result
+    is the one of a single call per generation."""
+    import dataclasses
+
+    from attacks.oracle import CPU_ROWS_PER_CALL
+
+    model, x, y = task
+    calls = []
+    hook = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        small = attacks.OnePixel(pixels=1, population=2 * CPU_ROWS_PER_CALL // len(y) + 8, steps=2)
+        res = small(model, x, y, generator=_gen())
+    finally:
+        hook.remove()
+    assert max(calls) == CPU_ROWS_PER_CALL
+    whole = dataclasses.replace(small, max_batch=10 ** 6)(model, x, y, generator=_gen())
+    assert torch.equal(res.x_adv, whole.x_adv) and torch.equal(res.queries, whole.queries)
