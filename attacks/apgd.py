@@ -7,9 +7,10 @@ fewer than ``rho = 75 %`` of the steps since the last checkpoint raised the loss
 last checkpoint and the best loss has not moved since; after a halving the run continues from the best point.
 
 ``APGD`` maximizes cross-entropy (``loss="ce"``, APGD-CE) or the Difference of Logits Ratio (``loss="dlr"``).
-``APGDT`` is the targeted version with the targeted DLR loss: with no ``target`` it tries the ``n_target_classes``
-most likely wrong classes (from the ``first_target``-th) one after another (only on samples still unfooled) to reach an untargeted goal; with a
-``target`` it aims at that class. Paper defaults: 100 iterations, 1 restart, 9 target classes.
+``APGDT`` is the targeted version with the targeted DLR loss: with no ``target`` it tries ``n_target_classes`` wrong
+classes one after another (only on samples still unfooled; from the ``first_target``-th in the order ``rank`` gives:
+highest clean logit first, or nearest boundary first) to reach an untargeted goal; with a ``target`` it aims at that
+class. Paper defaults: 100 iterations, 1 restart, 9 target classes ranked by logit.
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ class APGDT(_APGDBase):
     name = "apgd-t"
     description = "Targeted Auto-PGD over the top wrong classes with the targeted DLR loss (Croce & Hein 2020)"
 
-    n_target_classes: int = param(9, "Untargeted: the most likely wrong classes aimed at in turn, each only for "
-                                     "the samples still unfooled.", fast=2)
+    n_target_classes: int = param(9, "Untargeted: how many wrong classes are aimed at in turn (in the order of "
+                                     "rank), each only for the samples still unfooled.", fast=2)
     first_target: int = param(1, "Untargeted: the rank among the wrong classes of the first one aimed at (1: the "
                                  "first; 4: skip the first three).")
     rank: str = param("logit", "Untargeted: how the wrong classes are ranked: logit (by clean logit, highest "

@@ -352,10 +352,11 @@ def cascade(model: nn.Module, x_all: Tensor, y_all: Tensor, attack_list: Sequenc
     the correctly classified ones) that no attack before it fooled: the per-sample worst case over the attacks.
 
     An :class:`attacks.suites.Escalation` runs only when the attack before it fooled enough samples; otherwise its
-    stage is empty and marked ``skipped``. ``names[i]`` names attack ``i`` in its statistics and progress. ``on_stage(i, stage)`` receives each attack's
-    :class:`StageResult` as soon as it ran (the cascade itself keeps only the masks). ``finished`` maps an attack's
-    index to the sample indices it fooled in an earlier run on the same samples: that attack is not run again and
-    the cascade goes on as if it had been, so a run resumed from saved stages ends exactly as an uninterrupted one.
+    stage is empty and marked ``skipped``. ``names[i]`` names attack ``i`` in its statistics and progress.
+    ``on_stage(i, stage)`` receives each attack's :class:`StageResult` as soon as it ran (the cascade itself keeps
+    only the masks). ``finished`` maps an attack's index to the sample indices it fooled in an earlier run on the
+    same samples: that attack is not run again and the cascade goes on as if it had been, so a run resumed from
+    saved stages ends exactly as an uninterrupted one.
     The model must already be in the mode it is to be attacked in.
     """
     robust = start.clone()

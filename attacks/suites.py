@@ -58,9 +58,6 @@ class Escalation:
     def __repr__(self) -> str:
         return f"Escalation({self.attack!r}, min_rate={self.min_rate})"
 
-    def config(self) -> dict:
-        return self.attack.config()
-
 
 #: Entries per suite, in cascade order.
 SUITES: dict[str, list[Entry]] = {

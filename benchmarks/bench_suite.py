@@ -4,13 +4,14 @@
                                      [--suites adaptive,standard] [--masked pgd] [--report] [--json FILE]
 
 For every model (a robustcnn checkpoint, or anything `robustcnn.load_model` reads), on its first N test images at
-Linf ``eps`` (or the model's own ``@EPS``), in one process and one after the other: each named suite through ``attacks.evaluate`` and
-torchattacks' ``AutoAttack(version="standard")`` (when installed: ``pip install torchattacks``, the ``bench``
-extra). Every method runs on the same model wrapped in one pass counter, so the forward passes (images through the
-model) and backward passes (input gradients) of both libraries are counted by the same instrument; the suites' own
-exact counts (``Report.passes``) are checked against it. Printed per model: robust accuracy, passes, wall time,
-ratios to AutoAttack, the samples one method fooled and the other did not, and a verdict for the default suite
-(robust accuracy no higher than AutoAttack's, at most a third of its time and of its passes).
+Linf ``eps`` (or the model's own ``@EPS``), in one process and one after the other: each named suite through
+``attacks.evaluate`` and torchattacks' ``AutoAttack(version="standard")`` (when installed: ``pip install
+torchattacks``, the ``bench`` extra). Every method runs on the same model wrapped in one pass counter, so the
+forward passes (images through the model) and backward passes (input gradients) of both libraries are counted by the
+same instrument; the suites' own exact counts (``Report.passes``) are checked against it. Printed per model: robust
+accuracy, passes, wall time, ratios to AutoAttack, the samples one method fooled and the other did not, and a
+verdict for the default suite (robust accuracy no higher than AutoAttack's, at most a third of its time and of its
+passes).
 
 torchattacks' AutoAttack runs its APGD, APGD-T and FAB for 10 iterations (its defaults), not the paper's 100;
 ``--paper-autoattack`` adds a row ``aa-100`` with the same four attacks at 100 iterations, the protocol that the
@@ -148,7 +149,8 @@ def main() -> None:
             models.append((name, model, x, y, eps or args.eps))
         if name == args.masked:
             models.append((f"{name}+masked", Rounded(model), x, y, eps or args.eps))
-    print(f"{args.n} test images, Linf eps {args.eps} unless given per model, seed {args.seed}, torch {torch.__version__}, "
+    print(f"{args.n} test images, Linf eps {args.eps} unless given per model, seed {args.seed}, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     out = {}
     for name, model, x, y, eps in models:
@@ -191,7 +193,8 @@ def _print_model(name: str, clean: float, rows: dict, whole) -> dict:
                 continue
             only_aa = int((~ref["robust"] & r["robust"]).sum())
             only_us = int((ref["robust"] & ~r["robust"]).sum())
-            print(f"   {method}: AutoAttack fooled {only_aa} sample(s) it did not; it fooled {only_us} AutoAttack did not")
+            print(f"   {method}: AutoAttack fooled {only_aa} sample(s) it did not; "
+                  f"it fooled {only_us} AutoAttack did not")
         d = summary[attacks.DEFAULT_SUITE] if attacks.DEFAULT_SUITE in summary else None
         if d is not None:
             ok = (d["robust_accuracy"] <= summary["autoattack"]["robust_accuracy"] + 1e-9,

@@ -55,7 +55,7 @@ def _table(doc: dict) -> Table:
                   f"{st['seconds']:.1f}s")
     total = doc.get("passes", {}).get("total")
     if total:
-        t.caption = (f"passes of the model in all (suite, each attack alone, sanity checks, clean): "
+        t.caption = (f"passes of the model in all (suite, sanity checks, clean pass, each attack alone if asked): "
                      f"{total['forward']:,} forward, {total['backward']:,} backward")
         t.caption_justify = "left"
     return t
