@@ -85,7 +85,7 @@ class CarliniWagner(MinNormAttack):
             with torch.enable_grad():
                 x_new = (torch.tanh(wg) + 1) / 2
                 logits = ctx.forward_graph(x_new, idx)
-                l2sq = (x_new - x).reshape(x.shape[0], -1).pow(2).sum(dim=1)
+                l2sq = (x_new - x).flatten(1).pow(2).sum(dim=1)
                 f = (-margin(logits, y, t)).clamp_min(-self.kappa)
                 loss = l2sq + c * f
                 (grad,) = torch.autograd.grad(loss.sum(), wg)

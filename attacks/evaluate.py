@@ -410,7 +410,7 @@ def sanity_warnings(model: nn.Module, x: Tensor, y: Tensor) -> list[str]:
     with torch.enable_grad():
         loss = nn.functional.cross_entropy(model(xg), y.long(), reduction="sum")
         (g,) = torch.autograd.grad(loss, xg)
-    zero = (g.reshape(g.shape[0], -1).abs().amax(dim=1) == 0).float().mean().item()
+    zero = (g.flatten(1).abs().amax(dim=1) == 0).float().mean().item()
     if zero > 0.5:
         out.append(f"the loss gradient is exactly zero for {zero:.0%} of clean samples (gradient masking?): "
                    "gradient attacks will look weak; add black-box attacks")

@@ -36,7 +36,7 @@ def _value_and_grad(ctx: Context, x: Tensor, ids: Tensor, objective: Objective, 
 
 
 def _l1_normalized(g: Tensor) -> Tensor:
-    return g / g.abs().reshape(g.shape[0], -1).sum(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (g.dim() - 1)))
+    return g / g.abs().flatten(1).sum(dim=1).clamp_min(1e-12).reshape(-1, *([1] * (g.dim() - 1)))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ def per_sample(value: float | Tensor, like: Tensor) -> Tensor | float:
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
+    """``(n, rest)``: one row per sample, also for no samples (``reshape(0, -1)`` is ambiguous)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _check_number(name: str, value) -> None:

@@ -305,6 +305,28 @@ def test_decision_attacks_stop_once_within_eps(name, trained):
     assert res.queries[res.success].float().mean() < 300, "successful samples kept querying"
 
 
+class Constant(nn.Module):
+    """Predicts class 0 whatever the input: no label can be changed."""
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], 3, device=x.device).index_fill_(1, torch.tensor([0]), 1.0)
+
+
+@pytest.mark.parametrize("name", BLACK_BOX)
+def test_a_model_that_cannot_be_fooled_is_reported_unfooled(name):
+    """No sample is fooled and none finds an adversarial start: a decision attack hands back the input itself."""
+    x = torch.rand(5, 1, 8, 8)
+    y = torch.zeros(5, dtype=torch.long)
+    atk = build(name, max_queries=50)
+    res = atk(Constant(), x, y, generator=gen())
+    assert not res.success.any()
+    assert (res.queries <= 50).all()
+    if name in DECISION:
+        assert torch.equal(res.x_adv, x)
+    else:
+        assert (res.norms <= atk.eps * (1 + 1e-6)).all()
+
+
 @pytest.mark.parametrize("name", SCORE)
 def test_more_queries_fool_at_least_as_many(name, trained):
     model, x, y = trained
