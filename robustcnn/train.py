@@ -79,6 +79,8 @@ class TrainConfig:
     arch_args: dict[str, Any] = field(default_factory=dict)
     # N(0, noise_sigma^2) added to every training image, not clamped (training for randomized smoothing); None: none
     noise_sigma: float | None = None
+    # decay of an exponential moving average of the weights, which becomes the run's model; None: the raw weights
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise values once, here
@@ -100,6 +102,10 @@ class TrainConfig:
                     or not math.isfinite(self.noise_sigma) or self.noise_sigma <= 0:
                 raise UsageError(f"--sigma must be a number > 0 for Gaussian noise, got {self.noise_sigma}")
             set_(self, "noise_sigma", float(self.noise_sigma))
+        if self.ema is not None:
+            if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0 < self.ema < 1:
+                raise UsageError(f"--ema must be a decay in (0, 1), e.g. 0.999, got {self.ema}")
+            set_(self, "ema", float(self.ema))
         if not (0 <= self.warmup < 1 and 0 <= self.label_smoothing < 1 and self.weight_decay >= 0 and self.momentum >= 0):
             raise UsageError("warmup and label smoothing must be in [0, 1), weight decay and momentum >= 0")
 
@@ -212,14 +218,43 @@ class _Run:
         # Adversarial runs keep the best epoch's model (what the checkpoint holds); `model` trains on.
         self.kept: nn.Module | None = None
         self.trainer: AdversarialTraining | None = None
+        # The moving average of the weights (config.ema) and how many steps it has taken in.
+        self.ema: nn.Module | None = None
+        self.ema_updates = 0
+        if config.ema is not None:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @property
+    def shipped(self) -> nn.Module:
+        """The weights the run stands for: the moving average when there is one, else the trained weights. They
+        are what validation measures, what an adversarial run keeps, and what the checkpoint holds."""
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """Move the average towards the current weights: ``avg += (1 - d) * (w - avg)`` for parameters and
+        floating-point buffers (batch-norm statistics), counters copied. ``d`` is ``config.ema``, lowered early in
+        the run to ``(1 + t) / (10 + t)`` after ``t`` steps so that the random initialisation is soon forgotten."""
+        assert self.ema is not None and self.config.ema is not None
+        t = self.ema_updates
+        weight = 1.0 - min(self.config.ema, (1 + t) / (10 + t))
+        avg = [a for a in (*self.ema.parameters(), *self.ema.buffers()) if a.is_floating_point()]
+        live = [w for w in (*self.model.parameters(), *self.model.buffers()) if w.is_floating_point()]
+        torch._foreach_lerp_(avg, live, weight)
+        for a, w in zip(self.ema.buffers(), self.model.buffers()):
+            if not a.is_floating_point():
+                a.copy_(w)
+        self.ema_updates = t + 1
 
     def resume_state(self, final: bool = False) -> dict[str, Any]:
         """What ``--resume`` needs; ``final``: for the finished run's file, without the adversarial training's
         per-image state (large, and nothing is left to train)."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "epoch": self.epochs_done}
-        if self.kept is not None:  # the checkpoint's weights are the kept epoch's: save the current ones here
+        if self.kept is not None or self.ema is not None:  # the checkpoint holds other weights: save the live ones
             state["model"] = self.model.state_dict()
+        if self.ema is not None:
+            state["ema"], state["ema_updates"] = self.ema.state_dict(), self.ema_updates
         if self.trainer is not None and not final:
             extra = self.trainer.state_dict()
             if extra:
@@ -231,6 +266,9 @@ class _Run:
         self.model.load_state_dict(state.get("model", doc["model"]))
         if self.kept is not None:
             self.kept.load_state_dict(doc["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema", doc["model"]))
+            self.ema_updates = int(state.get("ema_updates", 0))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epochs_done = int(state["epoch"])
@@ -254,6 +292,8 @@ class _Run:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self._update_ema()
         return loss.detach() * y.shape[0], (logits.detach().argmax(1) == y).sum()
 
 
@@ -482,7 +522,7 @@ def train(
             if trainer is not None:
                 _validate_epoch(run, trainer, stats)
             if checkpoint is not None and dist.is_main:
-                save_checkpoint(checkpoint, run.kept if run.kept is not None else run.model, run.meta,
+                save_checkpoint(checkpoint, run.kept if run.kept is not None else run.shipped, run.meta,
                                 run.resume_state())
             if on_epoch is not None:
                 on_epoch(stats)
@@ -492,20 +532,20 @@ def train(
 def _validate_epoch(run: _Run, trainer: AdversarialTraining, stats: dict[str, Any]) -> None:
     """Adversarial runs: add validation accuracies to the epoch's ``stats``, keep the model if it is the most robust
     so far (by ``trainer.kept_by``), and record catastrophic overfitting."""
-    stats.update(trainer.validate(run.model, run.device))
+    stats.update(trainer.validate(run.shipped, run.device))
     diagnosis = overfitting(run.meta["history"])
     stats["overfitting"] = diagnosis
     if diagnosis is not None:
         run.meta["overfitting"].append({"epoch": stats["epoch"], "message": diagnosis})
     kept, key = [h for h in run.meta["history"] if h["epoch"] == run.meta["kept_epoch"]], trainer.kept_by
     if not kept or stats[key] > kept[0][key]:
-        run.kept.load_state_dict(run.model.state_dict())
+        run.kept.load_state_dict(run.shipped.state_dict())
         run.meta["kept_epoch"] = stats["epoch"]
 
 
 def _finish(run: _Run, test_data: ImageData, checkpoint: Path | None, eval_batch_size: int) -> TrainResult:
     """Evaluate on the test set, store metrics and timing, write the final checkpoint."""
-    model = run.kept if run.kept is not None else run.model
+    model = run.kept if run.kept is not None else run.shipped
     result = evaluate(model, test_data, device=run.device, batch_size=eval_batch_size)
     history = run.meta["history"]
     last = history[-1] if history else {}

@@ -228,11 +228,12 @@ def test_same_seed_same_metrics_other_seed_other_metrics(data):
     assert other.meta["history"][0]["train_loss"] != runs[0].meta["history"][0]["train_loss"]
 
 
-@pytest.mark.parametrize("threat", [adv(method="mart", eps_warmup=1.5, val_count=64),
-                                    adv(method="fast", steps=None, init="prior", val_count=64)], ids=["mart", "prior"])
-def test_resume_of_an_adversarial_run_ends_like_an_uninterrupted_one(data, tmp_path, monkeypatch, threat):
+@pytest.mark.parametrize("threat,ema", [(adv(method="mart", eps_warmup=1.5, val_count=64), None),
+                                        (adv(method="fast", steps=None, init="prior", val_count=64), None),
+                                        (adv(method="pgd", val_count=64), 0.9)], ids=["mart", "prior", "pgd+ema"])
+def test_resume_of_an_adversarial_run_ends_like_an_uninterrupted_one(data, tmp_path, monkeypatch, threat, ema):
     train_data, test_data = data
-    cfg = config(epochs=3, limit=96)
+    cfg = config(epochs=3, limit=96, ema=ema)
     whole = train(cfg, train_data, test_data, adversarial=threat, checkpoint=tmp_path / "whole.pt")
 
     real_epoch = train_module._run_epoch
@@ -258,6 +259,8 @@ def test_resume_of_an_adversarial_run_ends_like_an_uninterrupted_one(data, tmp_p
     assert resumed.metrics == whole.metrics
     assert resumed.meta["history"][-1]["train_loss"] == whole.meta["history"][-1]["train_loss"]
     assert resumed.meta["kept_epoch"] == whole.meta["kept_epoch"]
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_a_prior_start_refuses_to_run_distributed(data):

@@ -82,6 +82,11 @@ BAD_TRAIN = {
     "zero lr": (["--lr", "0"], 2, "--lr must be > 0"),
     "cuda without gpu": (["--device", "cuda"], 2, "no CUDA GPU"),
     "not a number": (["--epochs", "many"], 2, "--epochs"),
+    "ema decay of one": (["--ema", "1"], 2, "--ema must be a decay in (0, 1)"),
+    "arch without value": (["--arch", "width"], 2, "--arch takes KEY=VALUE pairs"),
+    "arch not a number": (["--arch", "width=wide"], 2, "--arch width must be a number"),
+    "arch key the model lacks": (["--arch", "width=8"], 2, "model lenet5 has no argument(s) width"),
+    "label smoothing of one": (["--label-smoothing", "1"], 2, "label smoothing must be in [0, 1)"),
 }
 
 

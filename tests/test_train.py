@@ -10,7 +10,7 @@ import torch
 from robustcnn.checkpoint import read_checkpoint
 from robustcnn.errors import CheckpointError, UsageError
 from robustcnn.perf import keep_freed_memory
-from robustcnn.train import TrainConfig, _lr_factor, evaluate, train
+from robustcnn.train import TrainConfig, _lr_factor, _Run, evaluate, train
 from train_fixtures import shapes, tiny_config, tiny_train
 
 
@@ -68,8 +68,44 @@ def test_augmented_training_is_deterministic_too():
     assert tiny_train(augment=True, epochs=1).metrics == tiny_train(augment=True, epochs=1).metrics
 
 
-def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path):
-    config = tiny_config(epochs=3, augment=True)
+def test_moving_average_follows_the_weights_with_the_early_decay_and_averages_batch_norm_statistics():
+    run = _Run(tiny_config(model="vgg", ema=0.99), shapes(64, 1), torch.device("cpu"))
+    start = {k: v.clone() for k, v in run.ema.state_dict().items()}
+    with torch.no_grad():
+        for t in (*run.model.parameters(), *run.model.buffers()):
+            t.add_(1)
+    run._update_ema()  # first step: decay min(0.99, 1/10), so the average moves 9/10 of the way
+    ema, live = run.ema.state_dict(), run.model.state_dict()
+    for k, v in ema.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, start[k] + 0.9 * (live[k] - start[k]))
+        else:
+            assert torch.equal(v, live[k]), k  # counters are copied
+    assert any("running_mean" in k for k in ema), "the test needs batch-norm statistics"
+    before = {k: v.clone() for k, v in ema.items()}
+    run._update_ema()  # second: decay 2/11
+    torch.testing.assert_close(ema["head.3.weight"], before["head.3.weight"]
+                               + 9 / 11 * (live["head.3.weight"] - before["head.3.weight"]))
+    assert not any(p.requires_grad for p in run.ema.parameters())
+
+
+def test_a_run_with_a_moving_average_ships_the_average(tmp_path):
+    plain, ema = tiny_train(), tiny_train(checkpoint=tmp_path / "ema.pt", ema=0.9)
+    saved = read_checkpoint(tmp_path / "ema.pt")
+    for k, v in ema.model.state_dict().items():
+        assert torch.equal(saved["model"][k], v), k  # the checkpoint holds the average ...
+    assert not torch.equal(saved["resume"]["model"]["head.1.weight"], saved["model"]["head.1.weight"])  # ... apart
+    assert not torch.equal(plain.model.state_dict()["head.1.weight"], ema.model.state_dict()["head.1.weight"])
+    # a decay near zero: the average is the weights themselves, to the bit
+    nearly_none = tiny_train(ema=1e-12)
+    for (k, a), b in zip(plain.model.state_dict().items(), nearly_none.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert nearly_none.metrics == plain.metrics
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["weights", "moving average"])
+def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, ema):
+    config = tiny_config(epochs=3, augment=True, ema=ema)
     whole = train(config, shapes(192, 1), shapes(64, 2), checkpoint=tmp_path / "whole.pt")
 
     def stop_after_first_epoch(stats):

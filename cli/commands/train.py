@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -62,6 +63,17 @@ def train_command(
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (zero padding 2-4 px) and, where sensible, "
                                           "horizontal flips, applied per batch on the device.",
                                           rich_help_panel=TRAINING)] = False,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="The architecture's own settings as KEY=VALUE,... "
+                                                "(simple: width, hidden; vgg: width, convs, dropout; resnet: width, "
+                                                "blocks), e.g. width=64.", rich_help_panel=TRAINING,
+                                                show_default=False)] = None,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average of the weights "
+                                                 "with this decay (e.g. 0.999) and make it the trained model: it "
+                                                 "is what is validated, kept and saved.", rich_help_panel=TRAINING,
+                                                 show_default=False)] = None,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the "
+                                                   "cross-entropy, in [0, 1).",
+                                                   rich_help_panel=TRAINING)] = TrainConfig.label_smoothing,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N training images only "
                                                  "(quick tries). Default: all.", rich_help_panel=TRAINING)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the checkpoint, saved as "
@@ -125,11 +137,36 @@ def train_command(
         epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
     with session(device) as (ctx, dev):
         config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer,
-                             augment=augment, seed=seed, limit=limit,
+                             augment=augment, seed=seed, limit=limit, arch_args=parse_arch(arch), ema=ema,
+                             label_smoothing=label_smoothing,
                              batch_size=batch_size or default_batch_size(dev, training=True), noise_sigma=noise_sigma)
         suffix = f"-{adversarial.method}" if adversarial is not None else ("-gaussian" if noise_sigma else "")
         _train(ctx, dev, config, adversarial, checkpoint=out / f"{config.dataset}-{config.model}{suffix}.pt",
                resume=resume, data_dir=data_dir, json_mode=json_mode)
+
+
+def parse_arch(text: str | None) -> dict[str, Any]:
+    """``--arch width=64,convs=2`` as ``{"width": 64, "convs": 2}`` (integers, else decimals); usage errors for
+    anything else. Which keys the architecture has is checked when the config is built."""
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UsageError(f"--arch takes KEY=VALUE pairs separated by commas, got {item.strip()!r}")
+        try:
+            number: int | float = int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                raise UsageError(f"--arch {key} must be a number, got {value!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise UsageError(f"--arch {key} must be a finite number >= 0, got {value!r}")
+        out[key] = number
+    return out
 
 
 def _noise_sigma(noise: str | None, sigma: float | None, adversarial: AdvConfig | None) -> float | None:
@@ -259,6 +296,8 @@ def _report_training(meta: dict[str, Any], path: Path, json_mode: bool) -> None:
         table.add_row("adversarial training", _threat_model(adv))
     if meta["config"].get("noise_sigma"):
         table.add_row("noise", f"gaussian, sigma {meta['config']['noise_sigma']:g} (for randomized smoothing)")
+    if meta["config"].get("ema"):
+        table.add_row("weights", f"moving average, decay {meta['config']['ema']:g}")
     table.add_row("test accuracy", _percent(metrics["test_accuracy"]))
     if adv is not None:
         table.add_row("robust accuracy", f"{_percent(metrics['val_robust_accuracy'])} (PGD-{adv['val_steps']} on "
