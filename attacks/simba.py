@@ -30,7 +30,7 @@ from torch import Tensor
 from attacks.base import check_choice, check_range
 from attacks.blackbox import ScoreAttack, ScoreSearch
 from attacks.losses import LOSSES, Objective
-from attacks.norms import L2, Linf
+from attacks.norms import L2, Linf, per_sample
 from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
@@ -96,7 +96,8 @@ class SimBA(ScoreAttack):
             v = torch.arange(w, device=key.device)[None, :]
             key = key + torch.maximum(u, v).flatten().repeat(c)
         order = key.argsort(dim=1).to(x0.device)
-        return search.start(x0, ids, order=order)
+        # k: the direction each sample is at; plus: whether its next query is the second half (x + q) of it
+        return search.start(x0, ids, order=order, k=torch.zeros_like(ids), plus=torch.zeros_like(ids, dtype=torch.bool))
 
     def _direction(self, coord: Tensor, like: Tensor) -> Tensor:
         """Basis images for the flat coordinates ``coord`` (one per sample), ``step_size`` long in the norm."""
@@ -112,9 +113,14 @@ class SimBA(ScoreAttack):
         return self.norm_obj.rescale(out, self.step_size)
 
     def _step(self, search: ScoreSearch, work: WorkSet) -> None:
+        """One query per sample, the next of its own walk: ``x - q`` for a new direction ``q``; where that does
+        not improve the objective, ``x + q`` at the sample's next step; then the next direction. Samples at either
+        half share one model call, so every call serves the whole work set (each sample's queries are those of
+        the sequential walk)."""
         x0 = search.oracle.x[work.ids]
         order = work.order
-        q = self._direction(order.gather(1, (work.it % order.shape[1])[:, None])[:, 0], x0)
-        moved = search.accept(work, search.clip(x0, work.x - q))
-        retry = ~moved & ~work.fooled & (search.oracle.remaining(work.ids) >= 1)
-        search.accept(work, search.clip(x0, work.x + q), retry)
+        q = self._direction(order.gather(1, (work.k % order.shape[1])[:, None])[:, 0], x0)
+        sign = per_sample(torch.where(work.plus, 1.0, -1.0), q)
+        moved = search.accept(work, search.clip(x0, work.x + sign * q))
+        work.k = work.k + (work.plus | moved).long()
+        work.plus = ~work.plus & ~moved
