@@ -102,11 +102,15 @@ def test_model_must_end_in_a_linear_layer():
                             torch.tensor([0]), 0.1)
 
 
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 16, 4))
+
+
 @pytest.fixture(scope="module")
 def ibp_trained():
     """A small conv net trained with IBP at eps 0.08 on the blobs task (a few seconds), with held-out test images."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 16, 4))
+    model = _small_net()
     x, y = make_blobs(256, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for step in range(40):
@@ -120,13 +124,32 @@ def ibp_trained():
     return model, xt, yt
 
 
-def test_verified_samples_are_never_fooled(ibp_trained):
-    model, x, y = ibp_trained
-    eps = 0.12  # above the training budget: most samples verified, a few fooled
+@pytest.fixture(scope="module")
+def pgd_trained():
+    """The same net trained with PGD at eps 0.08 instead: its interval bounds are much looser."""
+    model = _small_net()
+    x, y = make_blobs(256, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    pgd = attacks.PGD(eps=0.08, norm="linf", steps=5)
+    for step in range(40):
+        x_adv = pgd.perturb(model.eval(), x, y, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        F.cross_entropy(model.train()(x_adv), y).backward()
+        opt.step()
+    model.eval()
+    xt, yt = make_blobs(128, seed=2)
+    return model, xt, yt
+
+
+@pytest.mark.parametrize("trained,least", [("ibp_trained", 64), ("pgd_trained", 16)], ids=["ibp", "pgd"])
+def test_verified_samples_are_never_fooled(trained, least, request):
+    """At a budget where some samples are verified and some are fooled, no sample is both."""
+    model, x, y = request.getfixturevalue(trained)
+    eps = 0.12  # above the training budget: some samples verified, some fooled
     proven = verified(model, x, y, eps)
     with torch.no_grad():
         right = model(x).argmax(1) == y
-    assert proven.sum() >= 64, f"only {int(proven.sum())} of {len(y)} verified: the fixture did not learn"
+    assert proven.sum() >= least, f"only {int(proven.sum())} of {len(y)} verified: the fixture did not learn"
     assert not (proven & ~right).any()  # verified implies correctly classified
     any_fooled = torch.zeros_like(proven)
     for attack in (attacks.PGD(eps=eps, norm="linf", steps=40, restarts=3),
