@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from robustcnn.fsutil import HTML_GENERATOR, atomic_write
-from robustcnn.report import _num, _pct
+from robustcnn.report import NO_ATTACK_AT_ZERO, _num, _pct
 
 HTML_FILE = "report.html"
 
@@ -108,6 +108,9 @@ def _results(doc: dict) -> str:
              "samples still robust after the attacks before it. Passes are forward and backward passes of the model "
              "per sample seen.</p>"]
     for i, r in enumerate(doc["results"]):
+        if not r["attacks"]:
+            parts.append(f'<div id="eps-{i}"><h3>eps = {r["eps"]:g}</h3><p>{_e(NO_ATTACK_AT_ZERO)}</p></div>')
+            continue
         rows = [[_e(st["name"]), _e(st["kind"]), "skipped" if st.get("skipped") else str(st["seen"]),
                  _pct(st["success_rate"]), _pct(after), _pct(alone),
                  f"{_num(st['queries_mean'])} / {_num(st['queries_median'])}", _num(st.get("gradients_mean")),

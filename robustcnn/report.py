@@ -128,6 +128,10 @@ class _Saver:
             atomic_write(self.path, lambda f: torch.save(self.state, f))
 
 
+#: What the report says for a budget of 0, where no attack runs.
+NO_ATTACK_AT_ZERO = "No perturbation is allowed at eps 0: no attack runs, and robust accuracy is clean accuracy."
+
+
 def _stage_key(eps_i: int, attack_i: int) -> str:
     return f"{eps_i}:{attack_i}"
 
@@ -247,8 +251,9 @@ class _Run:
                          device=self.device, seed=self.request.seed, progress=self.progress, shard=self.shard)
 
     def budget(self, ei: int, eps: float, clean: Tensor) -> dict:
-        """The cascade of the bounded attacks at ``eps`` (the ``ei``-th budget), and each attack alone."""
-        bounded = [a for a in self._suite(eps) if a.kind not in OTHER_THREAT_MODELS]
+        """The cascade of the bounded attacks at ``eps`` (the ``ei``-th budget), and each attack alone. At eps 0
+        no perturbation is allowed: no attack runs and robust accuracy is clean accuracy."""
+        bounded = [a for a in self._suite(eps) if a.kind not in OTHER_THREAT_MODELS] if eps > 0 else []
         keys = [_stage_key(ei, ai) for ai in range(len(bounded))]
 
         def save(ai: int, stage: StageResult) -> None:
@@ -490,6 +495,9 @@ def render_markdown(doc: dict) -> str:
     if reason:
         lines += ["", f"IBP certification not available: {reason}."]
     for r in doc["results"]:
+        if not r["attacks"]:
+            lines += ["", f"## eps = {r['eps']:g}", "", NO_ATTACK_AT_ZERO]
+            continue
         lines += ["", f"## eps = {r['eps']:g} (cascade: each attack sees only the samples still robust)", "",
                   "| attack | kind | seen | success rate | accuracy after | accuracy alone | queries mean / median "
                   "| passes forward / backward | max norm | time |",

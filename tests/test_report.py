@@ -35,6 +35,9 @@ def test_report_files_and_worst_case(newest, tmp_path):
     # the worst case is at most the accuracy under every single attack, each run alone on all samples; the
     # report's own "alone" numbers are exactly those stand-alone runs
     for r in doc["results"]:
+        if r["eps"] == 0:  # nothing may be perturbed: no attack runs
+            assert r["attacks"] == [] and r["robust_accuracy"] == doc["clean_accuracy"]
+            continue
         for i, name in enumerate(("fgsm", "pgd")):
             alone = json.loads(run_cli("attack", "--method", name, "--eps", str(r["eps"]), "--n", "48",
                                        "--json").stdout)["results"][0]["robust_accuracy"]
@@ -42,6 +45,17 @@ def test_report_files_and_worst_case(newest, tmp_path):
             assert r["accuracy_alone"][i] == pytest.approx(alone)
     assert "worst-case robust accuracy" in (out / "report.md").read_text()
     assert doc["request"]["checkpoint_sha256"] and "torch" in doc["versions"]
+
+
+def test_a_budget_of_zero_runs_no_attack_even_in_a_suite_that_needs_a_positive_one(newest, tmp_path):
+    out = tmp_path / "rep"
+    result = run_cli("report", "--eps", "0,0.05", "--n", "16", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.stderr
+    zero, five = sorted(json.loads(result.stdout)["results"], key=lambda r: r["eps"])
+    assert zero["attacks"] == [] and zero["robust_accuracy"] == json.loads(result.stdout)["clean_accuracy"]
+    assert [a["name"] for a in five["attacks"]][:2] == ["apgd", "apgd-t"]
+    assert "no attack runs" in (out / "report.md").read_text()
+    assert "no attack runs" in (out / "report.html").read_text()
 
 
 def test_l2_report_accepts_budgets_above_one(newest, tmp_path):

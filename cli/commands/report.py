@@ -42,7 +42,8 @@ def _table(doc: dict) -> Table:
                       f"{st['queries_mean']:.4g} / {st['queries_median']:.4g}" if st["seen"] else "-",
                       f"{st['forward_passes']:,} / {st['backward_passes']:,}",
                       f"{st['max_norm']:.4g}", f"{st['seconds']:.1f}s")
-        t.add_row("", "[bold]worst case[/]", "", "", "", f"[bold]{r['robust_accuracy']:.2%}[/]", "", "", "", "",
+        t.add_row("" if r["attacks"] else f"{r['eps']:g}", "[bold]worst case[/]", "", "", "",
+                  f"[bold]{r['robust_accuracy']:.2%}[/]", "", "", "", "",
                   end_section=r.get("certified_accuracy") is None)
         if r.get("certified_accuracy") is not None:
             errors = f"[red]{len(r['soundness_errors'])} soundness error(s)[/]" if r["soundness_errors"] else ""
@@ -113,8 +114,8 @@ def report_cmd(
         datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
         model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
         eps_list = parse_eps_list(eps if eps is not None else usual_eps(data.name, norm), norm)
-        try:  # every usage error before any work
-            for e in eps_list:
+        try:  # every usage error before any work (at eps 0 no attack runs: a small budget checks the names)
+            for e in [e for e in eps_list if e > 0] or [1 / 255]:
                 attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
