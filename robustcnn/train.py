@@ -238,11 +238,11 @@ class _Run:
         assert self.ema is not None and self.config.ema is not None
         t = self.ema_updates
         weight = 1.0 - min(self.config.ema, (1 + t) / (10 + t))
-        avg = [a for a in (*self.ema.parameters(), *self.ema.buffers()) if a.is_floating_point()]
-        live = [w for w in (*self.model.parameters(), *self.model.buffers()) if w.is_floating_point()]
-        torch._foreach_lerp_(avg, live, weight)
-        for a, w in zip(self.ema.buffers(), self.model.buffers()):
-            if not a.is_floating_point():
+        pairs = zip((*self.ema.parameters(), *self.ema.buffers()), (*self.model.parameters(), *self.model.buffers()))
+        for a, w in pairs:
+            if a.is_floating_point():
+                a.lerp_(w, weight)
+            else:
                 a.copy_(w)
         self.ema_updates = t + 1
 
