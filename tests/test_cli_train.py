@@ -58,6 +58,17 @@ def test_eval_uses_the_newest_run_and_reproduces_its_accuracy(trained):
     assert set(ev["per_class_accuracy"]) == {"circle", "square", "triangle", "cross", "ring", "diamond"}
 
 
+def test_architecture_settings_and_a_moving_average_reach_the_checkpoint(isolated):
+    result, _ = train_run_via_cli(isolated, *QUICK, "--model", "simple", "--arch", "width=4,hidden=16", "--ema",
+                                  "0.9", "--label-smoothing", "0.1")
+    doc = json.loads(result.stdout)
+    assert doc["config"]["arch_args"] == {"width": 4, "hidden": 16}
+    assert doc["config"]["ema"] == 0.9 and doc["config"]["label_smoothing"] == 0.1
+    evaluated = run_cli("eval", "-c", doc["checkpoint"], "--json")  # rebuilt from the stored settings
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(doc["metrics"]["test_accuracy"])
+
+
 def test_human_output_is_a_table_on_stdout(trained):
     _, checkpoint, _ = trained
     result = run_cli("eval", "--checkpoint", str(checkpoint), "--batch-size", "500")
@@ -86,6 +97,7 @@ BAD_TRAIN = {
     "arch without value": (["--arch", "width"], 2, "--arch takes KEY=VALUE pairs"),
     "arch not a number": (["--arch", "width=wide"], 2, "--arch width must be a number"),
     "arch key the model lacks": (["--arch", "width=8"], 2, "model lenet5 has no argument(s) width"),
+    "arch key twice": (["--arch", "width=8,width=16"], 2, "--arch width is given twice"),
     "label smoothing of one": (["--label-smoothing", "1"], 2, "label smoothing must be in [0, 1)"),
 }
 

@@ -156,6 +156,8 @@ def parse_arch(text: str | None) -> dict[str, Any]:
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise UsageError(f"--arch takes KEY=VALUE pairs separated by commas, got {item.strip()!r}")
+        if key in out:
+            raise UsageError(f"--arch {key} is given twice")
         try:
             number: int | float = int(value)
         except ValueError:
