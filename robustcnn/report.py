@@ -132,6 +132,14 @@ class _Saver:
 NO_ATTACK_AT_ZERO = "No perturbation is allowed at eps 0: no attack runs, and robust accuracy is clean accuracy."
 
 
+def report_suite(suite: Optional[str], names: Optional[list[str]], eps: float, norm: str) -> list[attacks.Attack]:
+    """The attacks a report runs at budget ``eps``: the suite (or ``names``) from :func:`attacks.build_suite`. At
+    eps 0 nothing may be perturbed, so only the attacks not bounded by eps remain (built at a small budget, which
+    they ignore, so that names are still checked); raises ``ValueError`` like ``build_suite``."""
+    built = attacks.build_suite(suite, attack_names=names, eps=eps if eps > 0 else 1 / 255, norm=norm)
+    return built if eps > 0 else [a for a in built if a.kind in OTHER_THREAT_MODELS]
+
+
 def _stage_key(eps_i: int, attack_i: int) -> str:
     return f"{eps_i}:{attack_i}"
 
@@ -243,8 +251,7 @@ class _Run:
         return notes, passes
 
     def _suite(self, eps: float) -> list[attacks.Attack]:
-        return attacks.build_suite(self.request.suite, attack_names=self.request.attacks, eps=eps,
-                                   norm=self.request.norm)
+        return report_suite(self.request.suite, self.request.attacks, eps, self.request.norm)
 
     def _stage(self, atk: attacks.Attack, idx: Tensor) -> StageResult:
         return run_stage(self.model, self.x, self.y, idx, atk, atk.name, batch_size=self.batch_size,
@@ -253,7 +260,7 @@ class _Run:
     def budget(self, ei: int, eps: float, clean: Tensor) -> dict:
         """The cascade of the bounded attacks at ``eps`` (the ``ei``-th budget), and each attack alone. At eps 0
         no perturbation is allowed: no attack runs and robust accuracy is clean accuracy."""
-        bounded = [a for a in self._suite(eps) if a.kind not in OTHER_THREAT_MODELS] if eps > 0 else []
+        bounded = [a for a in self._suite(eps) if a.kind not in OTHER_THREAT_MODELS]
         keys = [_stage_key(ei, ai) for ai in range(len(bounded))]
 
         def save(ai: int, stage: StageResult) -> None:

@@ -56,6 +56,12 @@ def test_a_budget_of_zero_runs_no_attack_even_in_a_suite_that_needs_a_positive_o
     assert [a["name"] for a in five["attacks"]][:2] == ["apgd", "apgd-t"]
     assert "no attack runs" in (out / "report.md").read_text()
     assert "no attack runs" in (out / "report.html").read_text()
+    only_zero = run_cli("report", "--eps", "0", "--n", "16", "--out", str(tmp_path / "zero"), "--json")
+    assert only_zero.exit_code == 0, only_zero.stderr
+    (row,) = json.loads(only_zero.stdout)["results"]
+    assert row["attacks"] == [] and row["robust_accuracy"] == json.loads(only_zero.stdout)["clean_accuracy"]
+    bad = run_cli("report", "--suite", "nosuch", "--eps", "0", "--n", "16", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2  # names are checked even where no attack runs
 
 
 def test_l2_report_accepts_budgets_above_one(newest, tmp_path):

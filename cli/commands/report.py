@@ -105,7 +105,7 @@ def report_cmd(
     Writes report.json, report.md, accuracy_vs_eps.png and gallery.png into the report folder. An interrupted
     report resumes from the attacks already finished when the same command is run again.
     """
-    from robustcnn.report import ReportRequest, default_folder, hold_folder, usual_eps
+    from robustcnn.report import ReportRequest, default_folder, hold_folder, report_suite, usual_eps
 
     names = _check_options(suite=suite, attack_list=attack_list, norm=norm, n=n, batch_size=batch_size,
                            fail_under=fail_under, out=out)
@@ -114,9 +114,9 @@ def report_cmd(
         datas = DataChoice(data, split, image_size, grayscale, classes, data_dir)
         model, meta, data = load_sources(models, datas, dev, limit=n, main_first=ctx.main_first)
         eps_list = parse_eps_list(eps if eps is not None else usual_eps(data.name, norm), norm)
-        try:  # every usage error before any work (at eps 0 no attack runs: a small budget checks the names)
-            for e in [e for e in eps_list if e > 0] or [1 / 255]:
-                attacks.build_suite(None if names else suite, attack_names=names, eps=e, norm=norm)
+        try:  # every usage error before any work
+            for e in eps_list:
+                report_suite(None if names else suite, names, e, norm)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         count = min(n, len(data))
