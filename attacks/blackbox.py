@@ -410,8 +410,17 @@ class DecisionSearch:
             high[pos] = torch.where(adv, mid, high[pos])
             low[pos] = torch.where(adv, low[pos], mid)
 
-    def offer(self, work: WorkSet, cand: Tensor, mask: Optional[Tensor] = None) -> None:
-        """Make the known-adversarial ``cand`` each sample's ``best`` where it is closer (and ``mask`` holds)."""
+    def offer(self, work: WorkSet, cand: Tensor, mask: Optional[Tensor] = None, at: Optional[Tensor] = None) -> None:
+        """Make the known-adversarial ``cand`` each sample's ``best`` where it is closer (and ``mask`` holds).
+
+        ``cand`` has a row per sample of the work set, or, with ``at``, a row for each work-set position in ``at``."""
+        if at is not None:
+            if at.numel():
+                dist = self.distance(cand, work.ids[at])
+                better = dist < work.dist[at]
+                won = at[better]
+                work.best[won], work.dist[won] = cand[better], dist[better]
+            return
         dist = self.distance(cand, work.ids)
         better = dist < work.dist
         if mask is not None:

@@ -23,13 +23,12 @@ import torch
 
 from attacks.base import check_int, check_range
 from attacks.blackbox import DecisionAttack, DecisionSearch
-from attacks.norms import L2, per_sample
 from attacks.params import param
 from attacks.registry import register
 from attacks.workset import WorkSet
 
 _CONVERGED = 1e-7
-_L2 = L2()  # the walk's geometry: spheres around the clean input
+_TINY = 1e-12  # floor of a distance that divides
 
 
 @register
@@ -68,27 +67,34 @@ class Boundary(DecisionAttack):
                 self._adapt(work)
 
     def _walk(self, search: DecisionSearch, work: WorkSet) -> None:
-        """One orthogonal step, and a step towards the clean input where the orthogonal point is adversarial."""
-        ids, cur = work.ids, work.best
-        x0 = search.oracle.x[ids]
-        to_x = x0 - cur
-        dist = _L2.measure(to_x)
-        unit = _L2.normalize(to_x)
-        eta = search.oracle.rng.normal(ids, cur.shape[1:]).to(cur)
-        eta = eta - per_sample((eta * unit).flatten(1).sum(dim=1), eta) * unit
-        eta = _L2.rescale(eta, work.spherical * dist)
-        sphere = (x0 + (cur + eta - x0) / per_sample((1 + work.spherical ** 2).sqrt(), eta)).clamp(0.0, 1.0)
-        sph_adv = search.oracle.is_adversarial(sphere, ids)
+        """One orthogonal step, and a step towards the clean input where the orthogonal point is adversarial.
 
-        back = x0 - sphere
-        back_norm = _L2.measure(back).clamp_min(1e-12)
-        length = (work.source * dist + back_norm - dist).clamp_min(0.0)  # corrects for leaving the sphere
-        cand = (sphere + _L2.rescale(back, length)).clamp(0.0, 1.0)
+        Works on flattened rows in place: the draw is made orthogonal to ``x - x_adv`` by subtracting its
+        component along it, so no unit vector is formed, and the step towards ``x`` is a linear interpolation."""
+        ids, cur = work.ids, work.best
+        n, shape = cur.shape[0], cur.shape[1:]
+        x0 = search.oracle.x[ids].reshape(n, -1)
+        to_x = x0 - cur.reshape(n, -1)
+        dist = to_x.norm(dim=1)
+        eta = search.oracle.rng.normal(ids, shape).to(cur).reshape(n, -1)
+        along = torch.linalg.vecdot(eta, to_x) / (dist * dist).clamp_min(_TINY)
+        eta.addcmul_(to_x, along[:, None], value=-1.0)
+        eta.mul_((work.spherical * dist / eta.norm(dim=1).clamp_min(_TINY))[:, None])
+        # the orthogonal point x0 + (x_adv + eta - x0) / sqrt(1 + s^2), on the sphere of radius dist around x0
+        sphere = eta.sub_(to_x).div_((1 + work.spherical ** 2).sqrt()[:, None]).add_(x0).clamp_(0.0, 1.0)
+        sph_adv = search.oracle.is_adversarial(sphere.reshape(n, *shape), ids)
+
         pos = (sph_adv & (search.oracle.remaining(ids) >= 1)).nonzero()[:, 0]
         adv = torch.zeros_like(sph_adv)
         if pos.numel():
-            adv[pos] = search.oracle.is_adversarial(cand[pos], ids[pos])
-        search.offer(work, cand, mask=adv)
+            # towards x0 by source * dist, measured from the sphere (the orthogonal step left it slightly)
+            back_norm = (x0[pos] - sphere[pos]).norm(dim=1).clamp_min(_TINY)
+            length = (work.source[pos] * dist[pos] + back_norm - dist[pos]).clamp_min(0.0)
+            cand = torch.lerp(sphere[pos], x0[pos], (length / back_norm)[:, None]).clamp_(0.0, 1.0)
+            cand = cand.reshape(-1, *shape)
+            won = search.oracle.is_adversarial(cand, ids[pos])
+            adv[pos] = won
+            search.offer(work, cand[won], at=pos[won])
         work.trials += 1
         work.sph_ok += sph_adv.to(cur.dtype)
         work.src_ok += adv.to(cur.dtype)

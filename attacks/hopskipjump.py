@@ -109,31 +109,47 @@ class HopSkipJump(DecisionAttack):
 
     # -- 1. the boundary normal ----------------------------------------------------------------------------------
     def _normal(self, search: DecisionSearch, work: WorkSet, delta: Tensor, evals: Tensor) -> Tensor:
-        """Monte-Carlo estimate of the boundary normal at ``work.x``, ``evals[i]`` labels for sample ``i``."""
+        """Monte-Carlo estimate of the boundary normal at ``work.x``, ``evals[i]`` labels for sample ``i``.
+
+        Each model call takes up to :data:`PROBES_PER_CALL` probes of every sample that still needs some, laid out
+        as ``(samples, probes, pixels)``, so the probes' two sums (of the directions, and of the directions weighted by
+        the labels' signs) are reductions over the middle axis, in an order that does not depend on the batch."""
         cur, ids = work.x, work.ids
-        n = cur.shape[0]
+        n, d = cur.shape[0], cur[0].numel()
         rng = search.oracle.rng
-        sums = {k: torch.zeros_like(cur) for k in ("rv", "phi_rv")}
+        flat = cur.reshape(n, d)
+        sums = torch.zeros(n, 2, d, dtype=cur.dtype, device=cur.device)  # sum of rv, and of phi * rv
         phi_sum = torch.zeros(n, dtype=cur.dtype, device=cur.device)
-        for first in range(0, int(evals.max()), PROBES_PER_CALL):
-            k = min(PROBES_PER_CALL, int(evals.max()) - first)
+        most = int(evals.max()) if n else 0
+        for first in range(0, most, PROBES_PER_CALL):
+            k = min(PROBES_PER_CALL, most - first)
             need = (evals > first).nonzero()[:, 0]  # samples drawing in this call
             valid = torch.arange(first, first + k, device=cur.device)[None, :] < evals[need, None]  # (len(need), k)
-            pos = need[:, None].expand(-1, k)[valid]
-            shape = (k, *cur.shape[1:])
-            rv = _L2.normalize(self.geometry.probes(rng, ids[need], shape).to(cur)[valid])
-            step = per_sample(delta[pos], rv)
-            probe = (cur[pos] + step * rv).clamp(0.0, 1.0)
-            rv = (probe - cur[pos]) / step
-            phi = search.oracle.is_adversarial(probe, ids[pos]).to(cur.dtype) * 2 - 1
-            phi_sum.index_add_(0, pos, phi)
-            sums["rv"].index_add_(0, pos, rv)
-            sums["phi_rv"].index_add_(0, pos, per_sample(phi, rv) * rv)
+            full = bool(valid.all())
+            rv = self.geometry.probes(rng, ids[need], (k, *cur.shape[1:])).to(cur).reshape(need.numel(), k, d)
+            rv /= rv.norm(dim=2, keepdim=True).clamp_min(1e-12)
+            here = flat[need, None]
+            step = delta[need].reshape(-1, 1, 1)
+            probe = torch.addcmul(here, rv, step).clamp_(0.0, 1.0)
+            torch.sub(probe, here, out=rv).div_(step)  # the direction actually probed, after clamping
+            rows = ids[need, None].expand(-1, k)
+            if full:
+                adv = search.oracle.is_adversarial(probe.reshape(-1, *cur.shape[1:]), rows.reshape(-1))
+                phi = adv.reshape(need.numel(), k).to(cur.dtype) * 2 - 1
+            else:  # the samples whose budget ends inside this call: their later probes are drawn, never queried
+                adv = search.oracle.is_adversarial(probe[valid].reshape(-1, *cur.shape[1:]), rows[valid])
+                phi = torch.zeros(valid.shape, dtype=cur.dtype, device=cur.device)
+                phi[valid] = adv.to(cur.dtype) * 2 - 1
+            if not full:
+                rv *= valid[:, :, None]
+            sums[need, 0] += rv.sum(dim=1)
+            sums[need, 1] += rv.mul_(phi[:, :, None]).sum(dim=1)
+            phi_sum[need] += phi.sum(dim=1)
         count = evals.clamp_min(1).to(cur.dtype)
-        mean_phi = per_sample(phi_sum / count, cur)
-        mean_rv = sums["rv"] / per_sample(count, cur)
-        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums["phi_rv"] / per_sample(count, cur) - mean_phi * mean_rv)
-        return self.geometry.direction(grad)
+        mean_phi = (phi_sum / count)[:, None]
+        mean_rv = sums[:, 0] / count[:, None]
+        grad = torch.where(mean_phi.abs() == 1, mean_phi * mean_rv, sums[:, 1] / count[:, None] - mean_phi * mean_rv)
+        return self.geometry.direction(grad.reshape(cur.shape))
 
     # -- 2. the step and 3. the bisection back to the boundary ----------------------------------------------------
     def _jump(self, search: DecisionSearch, work: WorkSet, update: Tensor, t: int, theta: float) -> None:

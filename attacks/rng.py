@@ -88,11 +88,18 @@ class SampleRNG:
         return u.reshape(len(idx), *shape)
 
     def normal(self, idx: Tensor, shape: tuple[int, ...]) -> Tensor:
-        """Standard normal floats (Box-Muller) of shape ``(len(idx), *shape)``."""
+        """Standard normal floats of shape ``(len(idx), *shape)`` (float32).
+
+        Box-Muller on both halves of each hash: its top 24 bits give the radius, the next 24 the angle, and the pair
+        gives two neighbouring values (the cosine and the sine), so a draw of ``m`` values hashes ``ceil(m / 2)``
+        integers. As with :meth:`uniform`, a sample's first values do not depend on how many are drawn."""
         per = math.prod(shape)
-        u = self.uniform(idx, (2, per))
-        r = torch.sqrt(-2.0 * torch.log1p(-u[:, 0]))  # 1 - u in (0, 1]
-        return (r * torch.cos(2 * math.pi * u[:, 1])).reshape(len(idx), *shape)
+        bits = self._bits(idx, (per + 1) // 2)
+        scale = 1.0 / (1 << 24)
+        radius = _shr(bits, 40).to(torch.float32).mul_(-scale).log1p_().mul_(-2.0).sqrt_()  # 1 - u in (0, 1]
+        angle = ((bits >> 16) & 0xFFFFFF).to(torch.float32).mul_(2 * math.pi * scale)
+        out = torch.stack([angle.cos().mul_(radius), angle.sin_().mul_(radius)], dim=2).reshape(len(idx), -1)
+        return (out if out.shape[1] == per else out[:, :per]).reshape(len(idx), *shape)
 
     def integers(self, idx: Tensor, high: int | Tensor, shape: tuple[int, ...] = ()) -> Tensor:
         """Integers in ``[0, high)`` (``high`` an int or per-sample tensor) of shape ``(len(idx), *shape)``."""

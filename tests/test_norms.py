@@ -149,3 +149,26 @@ def test_attacks_check_the_budget_when_built_and_against_the_image_when_called()
         attacks.get("pgd").build(eps=1.5)
     with pytest.raises(ValueError, match="eps must be > 0"):
         attacks.get("square").build(eps=0.0)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal"])
+def test_a_samples_first_draws_do_not_depend_on_how_many_are_drawn_or_on_the_batch(kind):
+    """A draw of m values starts with the values a smaller draw gives, and a sample's draws are its own: attacks
+    that draw as many values as the neediest sample of their batch still give each sample the same values."""
+    keys = torch.arange(6) * 7919
+    small = getattr(SampleRNG(keys), kind)(torch.tensor([2, 4]), (3, 5))
+    large = getattr(SampleRNG(keys), kind)(torch.arange(6), (4, 5))
+    assert torch.equal(large[[2, 4], :3], small)
+    odd = getattr(SampleRNG(keys), kind)(torch.arange(6), (7,))  # an odd count: the last pair is cut in half
+    assert torch.equal(odd, large.flatten(1)[:, :7])
+
+
+def test_normal_draws_are_standard_normal_and_independent():
+    """Mean 0, variance 1, the tails of a normal, and no correlation between the two values one hash gives."""
+    v = SampleRNG(torch.arange(50)).normal(torch.arange(50), (4000,))
+    assert abs(v.mean().item()) < 0.01 and abs(v.std().item() - 1) < 0.01
+    assert abs((v.abs() > 1.96).float().mean().item() - 0.05) < 0.003
+    pairs = v.reshape(-1, 2)
+    assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 0.01
+    flat = v.flatten()  # neighbours from two different hashes
+    assert abs(torch.corrcoef(torch.stack([flat[1:-1:2], flat[2::2]]))[0, 1].item()) < 0.01
