@@ -318,7 +318,7 @@ def test_a_model_that_cannot_be_fooled_is_reported_unfooled(name):
     x = torch.rand(5, 1, 8, 8)
     y = torch.zeros(5, dtype=torch.long)
     atk = build(name, max_queries=50)
-    res = atk(Constant(), x, y, generator=gen())
+    res = atk(Constant().eval(), x, y, generator=gen())
     assert not res.success.any()
     assert (res.queries <= 50).all()
     if name in DECISION:

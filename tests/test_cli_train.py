@@ -69,6 +69,27 @@ def test_architecture_settings_and_a_moving_average_reach_the_checkpoint(isolate
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(doc["metrics"]["test_accuracy"])
 
 
+def test_adversarial_training_defaults_to_its_recipe_and_the_old_defaults_stay_reachable(isolated):
+    """`--adv pgd` alone trains the measured recipe (model and its settings, optimizer, average of the weights,
+    epochs); naming the model drops the recipe's architecture settings only; --ema 0 turns the average off."""
+    from robustcnn.advtrain import RECIPES
+
+    quick = ("--dataset", "shapes", "--limit", "64", "--batch-size", "32", "--device", "cpu", "--adv", "pgd",
+             "--adv-val", "16", "--adv-steps", "1")
+    recipe = RECIPES["pgd"]
+    result, _ = train_run_via_cli(isolated, *quick, "--epochs", "1", "--arch", "hidden=8")
+    config = json.loads(result.stdout)["config"]
+    assert (config["model"], config["optimizer"], config["ema"]) == (recipe.model, recipe.optimizer, recipe.ema)
+    assert config["arch_args"] == {**recipe.arch, "hidden": 8}  # --arch on top of the recipe's settings
+    assert recipe.ema is not None and recipe.model != "vgg"  # the test needs a recipe that differs from the old one
+
+    old, _ = train_run_via_cli(isolated, *quick, "--model", "lenet5", "--optimizer", "sgd", "--ema", "0",
+                               "--epochs", "1")
+    config = json.loads(old.stdout)["config"]
+    assert (config["model"], config["optimizer"], config["ema"]) == ("lenet5", "sgd", None)
+    assert config["arch_args"] == {}
+
+
 def test_human_output_is_a_table_on_stdout(trained):
     _, checkpoint, _ = trained
     result = run_cli("eval", "--checkpoint", str(checkpoint), "--batch-size", "500")

@@ -16,7 +16,7 @@ from cli.distributed import refuse_distributed, session, sigterm_interrupts
 from cli.options import BatchSize, Checkpoint, DataDir, Device, Json, Seed, parse_eps, positive
 from cli.sources import (Classes, DataChoice, DataSpec, Grayscale, ImageSize, LogitsFromProbs, Mean, ModelChoice,
                          ModelSpec, OutputIndex, Split, Std, Weights, load_sources, model_label)
-from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, AdvConfig
+from robustcnn.advtrain import DEFAULT_EPOCHS, DEFAULT_STEPS, METHODS, RECIPES, AdvConfig, Recipe
 from robustcnn.checkpoint import record_latest
 from robustcnn.data import DATASETS, load_dataset
 from robustcnn.device import default_batch_size, resolve_device
@@ -47,19 +47,33 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
+#: What a run without --adv trains with where the options are not given.
+_PLAIN = Recipe(TrainConfig.model, TrainConfig.optimizer, TrainConfig.epochs)
+_PGD = RECIPES["pgd"]
+
+
+def _arch_text(arch: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in arch.items())
+
+
 def train_command(
-    model: Annotated[str, typer.Option("--model", "-m", help=f"Architecture: {', '.join(MODELS)}.",
-                                       rich_help_panel=TRAINING)] = TrainConfig.model,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=f"Architecture: {', '.join(MODELS)}. Default: "
+                                                 f"{TrainConfig.model}; with --adv pgd {_PGD.model} "
+                                                 f"({_arch_text(_PGD.arch)}).", rich_help_panel=TRAINING,
+                                                 show_default=False)] = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"Dataset: {', '.join(DATASETS)}.",
                                          rich_help_panel=TRAINING)] = TrainConfig.dataset,
     epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help=f"Passes over the training set. Default: "
                                                   f"{TrainConfig.epochs}; with --adv pgd {DEFAULT_EPOCHS['pgd']}, "
-                                                  f"other methods {DEFAULT_EPOCHS['fast']}.",
+                                                  f"ibp {DEFAULT_EPOCHS['ibp']}, other methods "
+                                                  f"{DEFAULT_EPOCHS['fast']}.",
                                                   rich_help_panel=TRAINING, show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 0.05 for sgd, 0.002 for adam).",
                                                 rich_help_panel=TRAINING)] = None,
-    optimizer: Annotated[str, typer.Option("--optimizer", help=f"Optimizer: {', '.join(OPTIMIZERS)}.",
-                                           rich_help_panel=TRAINING)] = TrainConfig.optimizer,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help=f"Optimizer: {', '.join(OPTIMIZERS)}. "
+                                                     f"Default: {TrainConfig.optimizer}; with --adv pgd "
+                                                     f"{_PGD.optimizer}.", rich_help_panel=TRAINING,
+                                                     show_default=False)] = None,
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (zero padding 2-4 px) and, where sensible, "
                                           "horizontal flips, applied per batch on the device.",
                                           rich_help_panel=TRAINING)] = False,
@@ -69,7 +83,8 @@ def train_command(
                                                 show_default=False)] = None,
     ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average of the weights "
                                                  "with this decay (e.g. 0.999) and make it the trained model: it "
-                                                 "is what is validated, kept and saved.", rich_help_panel=TRAINING,
+                                                 "is what is validated, kept and saved. 0: none. Default: none; "
+                                                 f"with --adv pgd {_PGD.ema}.", rich_help_panel=TRAINING,
                                                  show_default=False)] = None,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the "
                                                    "cross-entropy, in [0, 1).",
@@ -133,11 +148,18 @@ def train_command(
     adversarial = _adversarial_config(dataset, method=adv, eps=eps, norm=adv_norm, steps=adv_steps, alpha=adv_alpha,
                                       beta=beta, warmup=eps_warmup, val=adv_val, init=adv_init)
     noise_sigma = _noise_sigma(noise, sigma, adversarial)
-    if epochs is None:
-        epochs = DEFAULT_EPOCHS[adversarial.method] if adversarial is not None else TrainConfig.epochs
+    recipe = RECIPES[adversarial.method] if adversarial is not None else _PLAIN
+    arch_args = parse_arch(arch)
+    if model is None:  # the recipe's architecture, with its own settings under those given
+        model, arch_args = recipe.model, {**recipe.arch, **arch_args}
+    if ema is None:
+        ema = recipe.ema
+    elif ema == 0:
+        ema = None
     with session(device) as (ctx, dev):
-        config = TrainConfig(model=model, dataset=dataset, epochs=epochs, lr=lr, optimizer=optimizer,
-                             augment=augment, seed=seed, limit=limit, arch_args=parse_arch(arch), ema=ema,
+        config = TrainConfig(model=model, dataset=dataset, epochs=epochs or recipe.epochs, lr=lr,
+                             optimizer=optimizer or recipe.optimizer, augment=augment, seed=seed, limit=limit,
+                             arch_args=arch_args, ema=ema,
                              label_smoothing=label_smoothing,
                              batch_size=batch_size or default_batch_size(dev, training=True), noise_sigma=noise_sigma)
         suffix = f"-{adversarial.method}" if adversarial is not None else ("-gaussian" if noise_sigma else "")
